@@ -1,0 +1,117 @@
+r"""Benchmark the real train step of a config.
+
+  python -m clipjax.bench --config=configs/clip_vitb32.py:local
+  python -m clipjax.bench --config=configs/clip_vitb32.py --config.batch_size=32 --steps=5
+
+Times the jitted train step on synthetic inputs of the config's shapes, after compilation,
+and prints the median over `--steps` steps. The last line is one JSON object:
+  samples_per_s, step_s        median step time and the throughput it gives
+  flops_per_sample             XLA's cost analysis of the compiled step (flops_source says so)
+  mfu                          achieved flop rate / matmul peak measured here, all devices
+  matmul_peak_flops_per_s      per device: median of a jitted float32 matmul
+  compile_s                    XLA compile time of the train step
+  temp_bytes_per_device        scratch memory of the compiled step (memory analysis)
+"""
+
+import json
+import statistics
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from clipjax import config as config_lib
+from clipjax import sharding, train
+
+config_flags.DEFINE_config_file("config", None, "Config file (`path.py[:arg]`).", lock_config=True)
+flags.DEFINE_integer("steps", 10, "Timed steps after the first (compiling) one.")
+flags.mark_flags_as_required(["config"])
+FLAGS = flags.FLAGS
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_peak(size: int = 2048, repeats: int = 10) -> float:
+    """Float32 matmul flop/s of one device, median over repeats."""
+    a = jax.device_put(jnp.ones((size, size), jnp.float32), jax.devices()[0])
+    matmul = jax.jit(lambda x: x @ x)
+    jax.block_until_ready(matmul(a))
+    return 2 * size**3 / _median_seconds(lambda: matmul(a), repeats)
+
+
+def synthetic_batch(config, mesh) -> dict:
+    """Random images and captions of the config's shapes, as global arrays on the mesh."""
+    rng = np.random.default_rng(0)
+    n, size = config.batch_size, config.model.image.size
+    length, vocab = config.model.text.context_length, config.model.text.vocab_size
+    batch = {
+        "image": rng.normal(size=(n, size, size, 3)).astype(np.float32),
+        "text": rng.integers(4, vocab, size=(n, length)).astype(np.int32),
+    }
+    per_process = n // jax.process_count()
+    start = jax.process_index() * per_process
+    return sharding.to_global({k: v[start : start + per_process] for k, v in batch.items()}, mesh)
+
+
+def benchmark(config, steps: int) -> dict:
+    mesh = sharding.make_mesh(config.mesh)
+    data_parallel = sharding.data_parallel_size(mesh)
+    if config.batch_size % data_parallel:
+        raise config_lib.ConfigError(
+            f"config.batch_size={config.batch_size} does not split over {data_parallel} devices."
+        )
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+        _, init, _, step_fn = train.build(config, mesh)
+        state = init(jax.random.PRNGKey(config.seed))
+        batch = synthetic_batch(config, mesh)
+
+        start = time.perf_counter()
+        compiled = step_fn.lower(state, batch).compile()
+        compile_s = time.perf_counter() - start
+
+        state, _ = compiled(state, batch)  # warm-up
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            state, metrics = compiled(state, batch)
+            jax.block_until_ready((state, metrics))
+            times.append(time.perf_counter() - start)
+
+    step_s = statistics.median(times)
+    # The compiled module is one device's program: its flops are per device.
+    flops_per_step = compiled.cost_analysis()["flops"] * jax.device_count()
+    peak = matmul_peak()
+    return {
+        "config_batch_size": config.batch_size,
+        "devices": jax.device_count(),
+        "samples_per_s": config.batch_size / step_s,
+        "step_s": step_s,
+        "flops_per_sample": flops_per_step / config.batch_size,
+        "flops_source": "xla_cost_analysis",
+        "mfu": flops_per_step / step_s / (peak * jax.device_count()),
+        "matmul_peak_flops_per_s": peak,
+        "compile_s": compile_s,
+        "temp_bytes_per_device": compiled.memory_analysis().temp_size_in_bytes,
+    }
+
+
+def main(argv) -> None:
+    del argv
+    result = benchmark(FLAGS.config, FLAGS.steps)
+    logging.info("%s", result)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,100 @@
+"""Orbax checkpoints of the whole training state plus the Grain iterator position.
+
+`workdir/checkpoints/<step>/` holds two items: `state` (parameters, optimizer, objective state,
+step, RNG) and `data` (the input iterator's state), so a resumed run sees exactly the batches
+the uninterrupted run would have. Saves are asynchronous and atomic: a step directory appears
+only once it is complete.
+"""
+
+import os
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+from clipjax.config import ConfigError
+
+
+class Checkpointer:
+    def __init__(self, workdir: str, *, every: int, keep: int):
+        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "data": grain.checkpoint.CheckpointHandler(),
+            },
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep, save_interval_steps=every, enable_async_checkpointing=True
+            ),
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def check_compatible(self, abstract_state) -> None:
+        """Raise ConfigError if the latest checkpoint's arrays differ from `abstract_state`."""
+        step = self.latest_step()
+        if step is None:
+            return
+        saved = self.manager.item_metadata(step)["state"]
+        # The model is its parameters plus the objective's state (e.g. a feature queue).
+        saved_shapes = _shapes({k: saved.get(k, {}) for k in ("params", "objective_state")})
+        wanted_shapes = _shapes(
+            {"params": abstract_state.params, "objective_state": abstract_state.objective_state}
+        )
+        for path in sorted(set(saved_shapes) | set(wanted_shapes)):
+            have, want = saved_shapes.get(path), wanted_shapes.get(path)
+            if have != want:
+                raise ConfigError(
+                    f"{self.directory} holds a checkpoint (step {step}) from an incompatible "
+                    f"model: {path} is {have or 'absent'} there but {want or 'absent'} in this "
+                    "config. Use a new --workdir, or the config the checkpoint was made with "
+                    "(saved as config.json next to it)."
+                )
+
+    def restore(self, abstract_state, data_iterator):
+        """Restore the latest checkpoint onto `abstract_state`'s shardings; None if none.
+
+        The data iterator's position is restored in place.
+        """
+        step = self.latest_step()
+        if step is None:
+            return None
+        logging.info("Resuming from %s/%d", self.directory, step)
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state),
+                data=grain.checkpoint.CheckpointRestore(data_iterator),
+            ),
+        )
+        return restored.state
+
+    def save(self, step: int, state, data_iterator, *, force: bool = False) -> None:
+        """Save if `step` is on the configured interval (or `force`); returns at once."""
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=grain.checkpoint.CheckpointSave(data_iterator),
+            ),
+            force=force,
+        )
+
+    def close(self) -> None:
+        """Wait for pending saves; an async save is lost if the process exits first."""
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def _shapes(tree) -> dict[str, tuple]:
+    """Leaf shapes by '/'-joined key names, alike for saved metadata and live pytrees."""
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    return {
+        "/".join(
+            str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path
+        ): tuple(leaf.shape)
+        for path, leaf in leaves
+    }

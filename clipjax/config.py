@@ -1,0 +1,136 @@
+"""Every config field the trainer reads, with its default, and the checks run before compiling.
+
+Config files in `configs/` start from `base_config()` and change values; a field that is not
+here is a typo, and `validate` names it before anything runs.
+"""
+
+import difflib
+import os
+import tempfile
+
+import ml_collections
+
+from clipjax.models.vit import vit_size
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message names the field and the fix."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """CLIP ViT-B/32 at open_clip's ViT-B-32 shapes, on the built-in dataset."""
+    c = ml_collections.ConfigDict()
+    c.objective = "clip"
+    c.seed = 0
+
+    c.batch_size = 32_768  # global, over all devices
+    c.total_steps = 100_000
+    c.log_every = 100
+    c.eval_every = 2_000
+    c.ckpt_every = 2_000
+    c.keep_ckpts = 3
+
+    # Mesh axis sizes; -1 takes every device left. Pure data parallel by default.
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "model": 1})
+
+    c.model = ml_collections.ConfigDict()
+    c.model.embed_dim = 512
+    c.model.dtype = "float32"  # compute dtype; "bfloat16" on TPU/GPU
+    c.model.image = ml_collections.ConfigDict()
+    c.model.image.variant = "B/32"
+    c.model.image.size = 224
+    c.model.image.depth = -1  # -1: the variant's own depth
+    c.model.text = ml_collections.ConfigDict()
+    c.model.text.width = 512
+    c.model.text.depth = 12
+    c.model.text.heads = 8
+    c.model.text.context_length = 77
+    c.model.text.vocab_size = 49_408
+
+    c.data = ml_collections.ConfigDict()
+    c.data.train = "shapes"  # source spec string
+    c.data.num_workers = 8  # Grain decode processes; 0 decodes in the training process
+    c.data.crop_scale = (0.9, 1.0)  # RandomResizedCrop area range (open_clip's default)
+    c.data.tokenizer = ml_collections.ConfigDict()
+    c.data.tokenizer.path = ""  # a sentencepiece .model; "" trains one into the workdir
+    c.data.tokenizer.vocab_size = 512  # only used when training a tokenizer
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 5e-4  # peak, after linear warm-up from 0; cosine decay to 0 at total_steps
+    c.optim.warmup_steps = 2_000
+    c.optim.weight_decay = 0.2  # not on biases, norms or the logit scale
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.98
+    c.optim.eps = 1e-6
+    c.optim.grad_clip = 1.0  # global-norm clip; 0 disables
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.source = "shapes"  # built-in held-out split, with class labels and captions
+    c.eval.num_examples = 2_048
+    c.eval.batch_size = 256
+    return c
+
+
+def _fields(config, prefix="config") -> dict[str, object]:
+    out = {}
+    for key, value in config.items():
+        name = f"{prefix}.{key}"
+        if isinstance(value, ml_collections.ConfigDict):
+            out.update(_fields(value, name))
+        else:
+            out[name] = value
+    return out
+
+
+def unknown_field_error(name: str) -> ConfigError | None:
+    """A ConfigError if `name` ("config.optim.lr") is not a config field, else None."""
+    known = _fields(base_config())
+    if name in known:
+        return None
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f" Did you mean {close[0]}?" if close else ""
+    return ConfigError(f"{name} is not a clipjax config field.{hint}")
+
+
+def _check_known_fields(config) -> None:
+    for name in _fields(config):
+        if error := unknown_field_error(name):
+            raise error
+
+
+def _check_workdir(workdir: str) -> None:
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=workdir):
+            pass
+    except OSError as e:
+        raise ConfigError(
+            f"--workdir={workdir} is not writable ({e.strerror}); pass a directory you can "
+            "write to."
+        ) from None
+
+
+def validate(config, workdir: str, data_parallel: int) -> None:
+    """Raise ConfigError naming the field and the fix; run before anything compiles."""
+    _check_known_fields(config)
+    if config.batch_size % data_parallel:
+        raise ConfigError(
+            f"config.batch_size={config.batch_size} does not split over the {data_parallel} "
+            f"data-parallel devices; use a multiple of {data_parallel}."
+        )
+    try:
+        patch = vit_size(config.model.image.variant)[-1]
+    except ValueError as e:
+        raise ConfigError(f"config.model.image.variant: {e}") from None
+    if config.model.image.size % patch:
+        raise ConfigError(
+            f"config.model.image.size={config.model.image.size} is not divisible by the patch "
+            f"size {patch} of variant {config.model.image.variant!r}; use a multiple of {patch}."
+        )
+    path = config.data.tokenizer.path
+    if path and not os.path.exists(path):
+        raise ConfigError(
+            f"config.data.tokenizer.path: no sentencepiece model at {path!r}. Point it at an "
+            "existing .model file, or set it to '' to train one from the training captions."
+        )
+    _check_workdir(workdir)

@@ -1,0 +1,122 @@
+"""SentencePiece tokenizer: load one, or train a small one on the training captions."""
+
+import io
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import sentencepiece as spm
+
+MASK_PIECE = "[MASK]"
+_WORKDIR_MODEL = "tokenizer.model"
+
+
+class Tokenizer:
+    """A serialized sentencepiece model with CLIP-style fixed-length encoding.
+
+    Ids: pad 0, unk 1, bos 2, eos 3 (for models trained here); `mask_id` is the `[MASK]` piece,
+    or None if the model has none. Pickles as the model bytes (Grain workers are spawned).
+    """
+
+    def __init__(self, model_proto: bytes):
+        self.model_proto = model_proto
+        self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+
+    def __getstate__(self) -> dict:
+        return {"model_proto": self.model_proto}
+
+    def __setstate__(self, state: dict):
+        self.__init__(state["model_proto"])
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.get_piece_size()
+
+    @property
+    def pad_id(self) -> int:
+        return self._sp.pad_id()
+
+    @property
+    def bos_id(self) -> int:
+        return self._sp.bos_id()
+
+    @property
+    def eos_id(self) -> int:
+        return self._sp.eos_id()
+
+    @property
+    def mask_id(self) -> int | None:
+        piece_id = self._sp.piece_to_id(MASK_PIECE)
+        return None if piece_id == self._sp.unk_id() else piece_id
+
+    def encode(self, texts: Sequence[str], context_length: int) -> np.ndarray:
+        """Texts -> int32 (len(texts), context_length), rows `BOS tokens EOS PAD...`.
+
+        Too-long texts lose their last tokens, so EOS always ends the row's non-pad tokens.
+        """
+        tokens = np.full((len(texts), context_length), self.pad_id, np.int32)
+        for row, ids in enumerate(self._sp.encode(list(texts))):
+            ids = [self.bos_id, *ids[: context_length - 2], self.eos_id]
+            tokens[row, : len(ids)] = ids
+        return tokens
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """One row of token ids -> text, ignoring BOS, PAD and everything after EOS."""
+        ids = [int(i) for i in ids]
+        if self.eos_id in ids:
+            ids = ids[: ids.index(self.eos_id)]
+        return self._sp.decode([i for i in ids if i not in (self.bos_id, self.pad_id)])
+
+
+def train(captions: Iterable[str], vocab_size: int) -> Tokenizer:
+    """Trains a unigram sentencepiece model in memory (lower-cased; `[MASK]` reserved).
+
+    `vocab_size` is an upper bound: small corpora such as `shapes` give fewer pieces.
+    """
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(captions),
+        model_writer=model,
+        vocab_size=vocab_size,
+        hard_vocab_limit=False,
+        model_type="unigram",
+        normalization_rule_name="nmt_nfkc_cf",
+        character_coverage=1.0,
+        pad_id=0,
+        unk_id=1,
+        bos_id=2,
+        eos_id=3,
+        user_defined_symbols=[MASK_PIECE],
+        minloglevel=2,
+    )
+    return Tokenizer(model.getvalue())
+
+
+def load_or_train(tokenizer_config, workdir: str, captions: Iterable[str]) -> Tokenizer:
+    """The tokenizer of a run (`tokenizer_config` is `config.data.tokenizer`).
+
+    - `path` set: load that model.
+    - `path` empty: reuse `workdir/tokenizer.model` if present (a resumed run), else train one
+      with `vocab_size` on `captions` and save it there.
+    """
+    path = tokenizer_config.path
+    if path:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"config.data.tokenizer.path: no sentencepiece model at {path!r}. Point it at an "
+                "existing .model file, or set it to '' to train one from the training captions."
+            )
+        with open(path, "rb") as f:
+            return Tokenizer(f.read())
+    saved = os.path.join(workdir, _WORKDIR_MODEL)
+    if os.path.isfile(saved):
+        with open(saved, "rb") as f:
+            return Tokenizer(f.read())
+    tokenizer = train(captions, tokenizer_config.vocab_size)
+    os.makedirs(workdir, exist_ok=True)
+    # Written to a temporary file first so that a crash never leaves a truncated model behind.
+    with tempfile.NamedTemporaryFile(dir=workdir, suffix=".tmp", delete=False) as f:
+        f.write(tokenizer.model_proto)
+    os.replace(f.name, saved)
+    return tokenizer

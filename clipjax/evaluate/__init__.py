@@ -1,0 +1,1 @@
+"""Evaluations: zero-shot classification and image↔text retrieval."""

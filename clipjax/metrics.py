@@ -1,0 +1,75 @@
+"""One metrics path: `metrics.jsonl`, TensorBoard event files and a console progress line."""
+
+import json
+import os
+import time
+
+import jax
+from absl import logging
+from tensorboardX import SummaryWriter
+
+
+class MetricsWriter:
+    """Writes scalars to `workdir/metrics.jsonl` and TensorBoard files (process 0 only).
+
+    Each JSONL line is `{"step": int, "<name>": float, ...}`. Appending keeps the history of an
+    interrupted run, so a resumed run continues the same file.
+    """
+
+    def __init__(self, workdir: str):
+        self.enabled = jax.process_index() == 0
+        if self.enabled:
+            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        scalars = {name: float(value) for name, value in scalars.items()}
+        self._jsonl.write(json.dumps({"step": int(step), **scalars}) + "\n")
+        self._jsonl.flush()
+        for name, value in scalars.items():
+            self._tb.add_scalar(name, value, step)
+        self._tb.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._jsonl.close()
+            self._tb.close()
+
+
+def read_jsonl(workdir: str) -> list[dict]:
+    """All lines of `workdir/metrics.jsonl` as dicts."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class Progress:
+    """Console line with step, loss, samples/s and ETA, measured between calls."""
+
+    def __init__(self, total_steps: int, batch_size: int, first_step: int):
+        self.total_steps, self.batch_size = total_steps, batch_size
+        self._last_step, self._last_time = first_step, time.perf_counter()
+
+    def rate(self, step: int) -> tuple[float, float]:
+        """Samples/s since the last call, and the seconds left at that rate."""
+        now = time.perf_counter()
+        steps_per_s = (step - self._last_step) / max(now - self._last_time, 1e-9)
+        self._last_step, self._last_time = step, now
+        eta = (self.total_steps - step) / max(steps_per_s, 1e-9)
+        return steps_per_s * self.batch_size, eta
+
+    def line(self, step: int, loss: float, samples_per_s: float, eta_s: float) -> str:
+        minutes, seconds = divmod(int(eta_s), 60)
+        hours, minutes = divmod(minutes, 60)
+        width = len(str(self.total_steps))
+        return (
+            f"step {step:>{width}}/{self.total_steps}  loss {loss:.4f}  "
+            f"{samples_per_s:,.0f} samples/s  ETA {hours:d}:{minutes:02d}:{seconds:02d}"
+        )
+
+    def log(self, step: int, loss: float) -> float:
+        """Log the progress line; returns samples/s for the metrics."""
+        samples_per_s, eta = self.rate(step)
+        logging.info(self.line(step, loss, samples_per_s, eta))
+        return samples_per_s

@@ -1,0 +1,78 @@
+"""The device mesh and the one table that maps logical axis names onto it.
+
+Model code names logical axes ("batch", "embed", "mlp", ...); these rules place them on the mesh
+axes `data`, `fsdp` and `model`. Pure data parallel, FSDP and tensor parallel differ only in the
+mesh sizes in the config.
+"""
+
+import math
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "model")
+# The batch is split over every axis that holds a different slice of the data.
+BATCH_AXES = ("data", "fsdp")
+
+LOGICAL_RULES = (
+    ("batch", BATCH_AXES),
+    ("embed", "fsdp"),
+    ("mlp", "model"),
+    ("heads", "model"),
+    ("vocab", "model"),
+    ("kv", None),
+    ("joint", None),
+    ("length", None),
+)
+
+
+def make_mesh(mesh_config, devices=None) -> Mesh:
+    """A (data, fsdp, model) mesh; one size of -1 takes all devices left over."""
+    devices = jax.devices() if devices is None else devices
+    sizes = {axis: int(mesh_config[axis]) for axis in MESH_AXES}
+    free = [axis for axis, size in sizes.items() if size == -1]
+    if len(free) > 1:
+        raise ValueError(f"config.mesh: at most one axis may be -1, got {sizes}.")
+    fixed = math.prod(size for size in sizes.values() if size != -1)
+    if free:
+        if len(devices) % fixed:
+            raise ValueError(
+                f"config.mesh: {len(devices)} devices do not split into {sizes}; "
+                f"the fixed axes' product {fixed} must divide the device count."
+            )
+        sizes[free[0]] = len(devices) // fixed
+    if math.prod(sizes.values()) != len(devices):
+        raise ValueError(
+            f"config.mesh: axis sizes {sizes} use {math.prod(sizes.values())} devices but "
+            f"{len(devices)} are present; set one axis to -1 to take the rest."
+        )
+    grid = np.asarray(devices).reshape([sizes[axis] for axis in MESH_AXES])
+    # Auto axes: logically-annotated layers let XLA place intermediate collectives.
+    return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    """Number of distinct batch slices: the product of the batch axes' sizes."""
+    return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
+
+
+def logical_sharding(mesh: Mesh, logical_specs):
+    """NamedShardings for a pytree of logical PartitionSpecs."""
+    return nn.logical_to_mesh_sharding(logical_specs, mesh, LOGICAL_RULES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading dimension over the batch axes, the rest replicated."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def to_global(batch, mesh: Mesh):
+    """Place this process's slice of a batch (dict of numpy arrays) as global arrays."""
+    sharding = batch_sharding(mesh)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)

@@ -1,0 +1,206 @@
+"""The trainer: one loop and one jitted step for every objective.
+
+Sections: config checks → mesh → objective and model → tokenizer and input → state (sharded at
+init) → restore → compile → loop (step, metrics, evals, checkpoints).
+"""
+
+import functools
+import json
+import os
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from absl import logging
+
+from clipjax import checkpoint, objectives, sharding
+from clipjax import config as config_lib
+from clipjax.data import pipeline, shapes
+from clipjax.data import tokenizer as tokenizer_lib
+from clipjax.evaluate.evaluator import Evaluator
+from clipjax.metrics import MetricsWriter, Progress
+from clipjax.models.two_tower import TwoTower
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # number of updates applied
+    params: Any
+    opt_state: Any
+    objective_state: Any  # e.g. DeCLIP's feature queue; {} for CLIP
+    rng: jax.Array  # base key; step keys are fold_in(rng, step)
+
+
+def make_schedule(optim, total_steps: int) -> optax.Schedule:
+    """Linear warm-up from 0 to `optim.lr`, then cosine decay to 0 at `total_steps`."""
+    return optax.warmup_cosine_decay_schedule(
+        0.0, optim.lr, optim.warmup_steps, max(total_steps, optim.warmup_steps + 1)
+    )
+
+
+def make_optimizer(optim, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """AdamW with decay on matrices only: none on biases, norms or the logit scale."""
+    decay_mask = functools.partial(jax.tree.map, lambda p: p.ndim >= 2)
+    adamw = optax.adamw(
+        schedule,
+        b1=optim.b1,
+        b2=optim.b2,
+        eps=optim.eps,
+        weight_decay=optim.weight_decay,
+        mask=decay_mask,
+    )
+    if optim.grad_clip > 0:
+        return optax.chain(optax.clip_by_global_norm(optim.grad_clip), adamw)
+    return adamw
+
+
+def train_step(state: TrainState, batch, *, objective, optimizer, schedule):
+    """One update. Returns the new state and this step's scalar metrics."""
+    rng = jax.random.fold_in(state.rng, state.step)
+    grad_fn = jax.value_and_grad(objective.loss, has_aux=True)
+    (loss, (metrics, objective_state)), grads = grad_fn(
+        state.params, batch, state.objective_state, rng
+    )
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=optax.apply_updates(state.params, updates),
+        opt_state=opt_state,
+        objective_state=objective_state,
+    )
+    metrics = {
+        "train/loss": loss,
+        "train/lr": schedule(state.step),
+        "train/grad_norm": optax.global_norm(grads),
+        **metrics,
+    }
+    return new_state, metrics
+
+
+def build(config, mesh):
+    """Model, objective, optimizer, the state's init function, abstract state and shardings."""
+    model = TwoTower.from_config(config.model)
+    objective = objectives.get(config.objective)(config, model, mesh)
+    schedule = make_schedule(config.optim, config.total_steps)
+    optimizer = make_optimizer(config.optim, schedule)
+    size, length = config.model.image.size, config.model.text.context_length
+
+    def init_boxed(rng):
+        params_rng, objective_rng, state_rng = jax.random.split(rng, 3)
+        images = jnp.zeros((1, size, size, 3), jnp.float32)
+        tokens = jnp.zeros((1, length), jnp.int32)
+        params = model.init(params_rng, images, tokens)["params"]
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=optimizer.init(params),
+            objective_state=objective.init_state(objective_rng),
+            rng=state_rng,
+        )
+
+    abstract_boxed = jax.eval_shape(init_boxed, jax.random.PRNGKey(0))
+    state_sharding = sharding.logical_sharding(mesh, nn.get_partition_spec(abstract_boxed))
+    init = jax.jit(lambda rng: nn.meta.unbox(init_boxed(rng)), out_shardings=state_sharding)
+    abstract_state = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        nn.meta.unbox(abstract_boxed),
+        state_sharding,
+    )
+    step_fn = jax.jit(
+        functools.partial(train_step, objective=objective, optimizer=optimizer, schedule=schedule),
+        in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+        out_shardings=(state_sharding, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
+    return objective, init, abstract_state, step_fn
+
+
+def _save_config(config, workdir: str) -> None:
+    if jax.process_index() == 0:
+        path = os.path.join(workdir, "config.json")
+        with open(path + ".tmp", "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+        os.replace(path + ".tmp", path)
+
+
+def run(config, workdir: str, *, stop_at: int | None = None) -> None:
+    """Train (or resume) in `workdir` until `config.total_steps`, or until step `stop_at`."""
+    # ---- Config checks, before anything compiles ----
+    mesh = sharding.make_mesh(config.mesh)
+    config_lib.validate(config, workdir, sharding.data_parallel_size(mesh))
+    if config.data.train.split(":")[0] == "shapes" and config.batch_size > 1024:
+        logging.info(
+            "Training on the built-in 'shapes' dataset. For real data set --config.data.train "
+            "to a source spec (see the README)."
+        )
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+        # ---- Model, objective, state shapes ----
+        objective, init, abstract_state, step_fn = build(config, mesh)
+        ckpt = checkpoint.Checkpointer(workdir, every=config.ckpt_every, keep=config.keep_ckpts)
+        ckpt.check_compatible(abstract_state)
+        _save_config(config, workdir)
+
+        # ---- Tokenizer and input ----
+        tokenizer = tokenizer_lib.load_or_train(
+            config.data.tokenizer, workdir, shapes.captions(config.data.train)
+        )
+        if tokenizer.vocab_size > config.model.text.vocab_size:
+            raise config_lib.ConfigError(
+                f"config.model.text.vocab_size={config.model.text.vocab_size} is smaller than "
+                f"the tokenizer's {tokenizer.vocab_size} pieces; raise it to at least "
+                f"{tokenizer.vocab_size}."
+            )
+        train_data = pipeline.train_dataset(
+            config.data,
+            tokenizer=tokenizer,
+            image_size=config.model.image.size,
+            context_length=config.model.text.context_length,
+            global_batch_size=config.batch_size,
+            seed=config.seed,
+        )
+        train_iter = iter(train_data)
+        evaluator = Evaluator(
+            config.eval,
+            objective=objective,
+            tokenizer=tokenizer,
+            mesh=mesh,
+            image_size=config.model.image.size,
+            context_length=config.model.text.context_length,
+        )
+
+        # ---- State: restored, or initialised directly in its shardings ----
+        state = ckpt.restore(abstract_state, train_iter)
+        if state is None:
+            state = init(jax.random.PRNGKey(config.seed))
+        first_step = int(state.step)
+
+        # ---- Loop ----
+        writer = MetricsWriter(workdir)
+        last_step = min(config.total_steps, stop_at or config.total_steps)
+        progress = Progress(config.total_steps, config.batch_size, first_step)
+        try:
+            for step in range(first_step + 1, last_step + 1):
+                batch = sharding.to_global(next(train_iter), mesh)
+                state, metrics = step_fn(state, batch)
+                if step == first_step + 1:
+                    jax.block_until_ready(state)
+                    progress = Progress(config.total_steps, config.batch_size, step)
+                    logging.info("Compiled and ran the first step.")
+                if step % config.log_every == 0 or step == last_step:
+                    metrics = jax.device_get(metrics)
+                    metrics["train/samples_per_s"] = progress.log(step, metrics["train/loss"])
+                    writer.write(step, metrics)
+                if step % config.eval_every == 0 or step == config.total_steps:
+                    results = evaluator(state.params)
+                    logging.info("step %d  %s", step, json.dumps(results))
+                    writer.write(step, results)
+                ckpt.save(step, state, train_iter, force=step == last_step)
+        finally:
+            ckpt.close()
+            writer.close()
+            if hasattr(train_iter, "close"):
+                train_iter.close()

@@ -1,0 +1,117 @@
+"""Configs: the B/32 shapes, and one clear error line for each kind of bad input."""
+
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from clipjax import config as config_lib
+from clipjax.models.two_tower import TwoTower
+from configs.clip_vitb32 import get_config
+
+
+def _count(tree):
+    return sum(x.size for x in jax.tree.leaves(tree))
+
+
+def test_default_config_is_open_clip_vit_b32():
+    c = get_config()
+    model = TwoTower.from_config(c.model)
+    images = jnp.zeros((1, 224, 224, 3))
+    tokens = jnp.zeros((1, 77), jnp.int32)
+    params = jax.eval_shape(model.init, jax.random.PRNGKey(0), images, tokens)
+    assert _count(params) == 151_277_313
+
+
+def _validate(config, tmp_path, data_parallel=8):
+    config_lib.validate(config, str(tmp_path), data_parallel)
+
+
+def test_local_config_is_valid(tmp_path):
+    _validate(get_config("local"), tmp_path)
+
+
+def test_unknown_field(tmp_path):
+    c = get_config("local")
+    c.optim.learning_rate = 1e-3
+    with pytest.raises(config_lib.ConfigError) as e:
+        _validate(c, tmp_path)
+    assert str(e.value) == (
+        "config.optim.learning_rate is not a clipjax config field. Did you mean config.optim.lr?"
+    )
+
+
+def test_batch_not_divisible(tmp_path):
+    c = get_config("local")
+    c.batch_size = 12
+    with pytest.raises(config_lib.ConfigError) as e:
+        _validate(c, tmp_path)
+    assert str(e.value) == (
+        "config.batch_size=12 does not split over the 8 data-parallel devices; use a multiple of 8."
+    )
+
+
+def test_image_size_not_divisible_by_patch(tmp_path):
+    c = get_config("local")
+    c.model.image.size = 30
+    with pytest.raises(config_lib.ConfigError) as e:
+        _validate(c, tmp_path)
+    assert str(e.value) == (
+        "config.model.image.size=30 is not divisible by the patch size 8 of variant 'Ti/8'; "
+        "use a multiple of 8."
+    )
+
+
+def test_missing_tokenizer_file(tmp_path):
+    c = get_config("local")
+    c.data.tokenizer.path = str(tmp_path / "missing.model")
+    with pytest.raises(config_lib.ConfigError) as e:
+        _validate(c, tmp_path)
+    assert str(e.value) == (
+        f"config.data.tokenizer.path: no sentencepiece model at '{tmp_path}/missing.model'. "
+        "Point it at an existing .model file, or set it to '' to train one from the training "
+        "captions."
+    )
+
+
+def test_unwritable_workdir(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(config_lib.ConfigError) as e:
+        config_lib.validate(get_config("local"), str(blocker / "workdir"), 8)
+    assert str(e.value) == (
+        f"--workdir={blocker}/workdir is not writable (Not a directory); "
+        "pass a directory you can write to."
+    )
+
+
+def test_command_line_errors_are_one_line(tmp_path):
+    """An unknown override and a bad value each exit with status 2 and one clear line.
+
+    The subprocess inherits conftest's XLA_FLAGS, so it also sees 8 devices.
+    """
+    base = [
+        sys.executable,
+        "-m",
+        "clipjax.main",
+        "--config=configs/clip_vitb32.py:local",
+        f"--workdir={tmp_path}",
+    ]
+    unknown = subprocess.run(
+        base + ["--config.optim.learning_rate=1e-3"], capture_output=True, text=True, timeout=120
+    )
+    assert unknown.returncode == 2
+    assert unknown.stderr.strip().splitlines()[-1] == (
+        "clipjax: --config.optim.learning_rate is not a clipjax config field. "
+        "Did you mean config.optim.lr?"
+    )
+    odd_batch = subprocess.run(
+        base + ["--config.batch_size=100"], capture_output=True, text=True, timeout=120
+    )
+    assert odd_batch.returncode == 2
+    assert odd_batch.stderr.strip().splitlines()[-1] == (
+        "clipjax: config.batch_size=100 does not split over the 8 data-parallel devices; "
+        "use a multiple of 8."
+    )

@@ -1,0 +1,117 @@
+"""The trainer on 8 fake devices: exact resume, the optimizer's masks, incompatible checkpoints."""
+
+import os
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from clipjax import train
+from clipjax.config import ConfigError
+from clipjax.metrics import read_jsonl
+from configs.clip_vitb32 import get_config
+
+
+def tiny_config(**overrides):
+    c = get_config("local")
+    c.batch_size = 16
+    c.total_steps = 6
+    c.log_every = 1
+    c.eval_every = 1_000  # evaluated once, at the last step
+    c.ckpt_every = 3
+    c.model.embed_dim = 16
+    c.model.image.size = 16
+    c.model.image.depth = 1
+    c.model.text.width = 32
+    c.model.text.depth = 1
+    c.model.text.heads = 2
+    c.model.text.context_length = 16
+    c.data.num_workers = 0
+    c.eval.num_examples = 32
+    c.eval.batch_size = 16
+    for key, value in overrides.items():
+        c[key] = value
+    return c
+
+
+def _losses(workdir):
+    return {row["step"]: row["train/loss"] for row in read_jsonl(workdir) if "train/loss" in row}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """An uninterrupted run, and one stopped at step 3 then resumed in a fresh `run` call."""
+    config = tiny_config()
+    straight = str(tmp_path_factory.mktemp("straight"))
+    train.run(config, straight)
+    resumed = str(tmp_path_factory.mktemp("resumed"))
+    train.run(config, resumed, stop_at=3)
+    stopped_losses = _losses(resumed)
+    train.run(config, resumed)
+    return straight, resumed, stopped_losses
+
+
+def test_resume_reproduces_every_step_loss(runs):
+    straight, resumed, stopped_losses = runs
+    assert sorted(stopped_losses) == [1, 2, 3]
+    want, got = _losses(straight), _losses(resumed)
+    assert sorted(want) == list(range(1, 7))
+    assert got == want  # exactly, not approximately
+    assert len(set(want.values())) == 6
+
+
+def test_workdir_contents(runs):
+    straight, _, _ = runs
+    assert sorted(os.listdir(os.path.join(straight, "checkpoints"))) == ["3", "6"]
+    assert {"config.json", "metrics.jsonl", "tokenizer.model", "tensorboard"} <= set(
+        os.listdir(straight)
+    )
+    rows = read_jsonl(straight)
+    assert {"train/loss", "train/logit_scale", "train/lr", "train/samples_per_s"} <= set(rows[0])
+    evals = [row for row in rows if "eval/shapes/zeroshot_top1" in row]
+    assert [row["step"] for row in evals] == [6]
+    for metric in ("zeroshot_top5", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r10"):
+        assert 0.0 <= evals[0][f"eval/shapes/{metric}"] <= 1.0
+
+
+def test_loss_decreases(runs):
+    straight, _, _ = runs
+    losses = _losses(straight)
+    assert losses[6] < losses[1]
+
+
+def test_incompatible_checkpoint_is_refused(runs):
+    straight, _, _ = runs
+    config = tiny_config()
+    config.model.embed_dim = 24
+    with pytest.raises(ConfigError, match=r"incompatible model: params/.* Use a new --workdir"):
+        train.run(config, straight)
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    optim = tiny_config().optim
+    optim.warmup_steps = 10
+    schedule = train.make_schedule(optim, total_steps=100)
+    assert schedule(0) == 0.0
+    np.testing.assert_allclose(schedule(5), optim.lr / 2, rtol=1e-6)
+    np.testing.assert_allclose(schedule(10), optim.lr, rtol=1e-6)
+    np.testing.assert_allclose(schedule(55), optim.lr / 2, rtol=1e-5)
+    np.testing.assert_allclose(schedule(100), 0.0, atol=1e-9)
+
+
+def test_weight_decay_skips_biases_norms_and_logit_scale():
+    optim = tiny_config().optim
+    optim.grad_clip = 0.0
+    optim.weight_decay = 0.5
+    tx = train.make_optimizer(optim, optax.constant_schedule(1.0))
+    params = {
+        "kernel": np.ones((2, 2), np.float32),
+        "bias": np.ones(2, np.float32),
+        "logit_scale": np.ones((), np.float32),
+    }
+    zero_grads = jax.tree.map(np.zeros_like, params)
+    updates, _ = tx.update(zero_grads, tx.init(params), params)
+    np.testing.assert_allclose(updates["kernel"], -0.5 * params["kernel"])
+    np.testing.assert_allclose(updates["bias"], 0.0)
+    np.testing.assert_allclose(updates["logit_scale"], 0.0)
