@@ -18,7 +18,7 @@ from absl import logging
 
 from clipjax import checkpoint, objectives, sharding
 from clipjax import config as config_lib
-from clipjax.data import pipeline, shapes
+from clipjax.data import pipeline, sources
 from clipjax.data import tokenizer as tokenizer_lib
 from clipjax.evaluate.evaluator import Evaluator
 from clipjax.metrics import MetricsWriter, Progress
@@ -146,7 +146,7 @@ def run(config, workdir: str, *, stop_at: int | None = None) -> None:
 
         # ---- Tokenizer and input ----
         tokenizer = tokenizer_lib.load_or_train(
-            config.data.tokenizer, workdir, shapes.captions(config.data.train)
+            config.data.tokenizer, workdir, sources.captions(config.data.train)
         )
         if tokenizer.vocab_size > config.model.text.vocab_size:
             raise config_lib.ConfigError(

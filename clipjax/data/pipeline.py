@@ -77,7 +77,8 @@ def train_dataset(
     ds = ds.random_map(_AugmentImage(image_size, crop_scale))
     ds = ds.map(_Tokenize(tokenizer, context_length))
     ds = ds.batch(global_batch_size // process_count, drop_remainder=True)
-    # Elements are whole batches here: a small buffer bounds host memory.
+    # Elements are whole batches here: a small buffer bounds host memory. Two threads overlap
+    # the numpy/PIL work that releases the GIL; more only contend for it.
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
     if data_config.num_workers > 0:
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_config.num_workers))

@@ -29,7 +29,7 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "black": (15, 15, 15),
 }
 SHAPES = ("circle", "square", "triangle", "star", "hexagon", "cross")
-PLURALS = {"cross": "crosses"}
+_PLURALS = {"cross": "crosses"}
 CLASS_NAMES: list[str] = [f"{color} {shape}" for color in COLORS for shape in SHAPES]
 PROMPT_TEMPLATES: list[str] = [
     "a photo of a {}.",
@@ -146,11 +146,11 @@ def _caption(scene: _Scene, rng: np.random.Generator) -> str:
         text = _pick(rng, _ONE).format(_with_article(_describe(objects[0], rng)))
     elif objects[0].shape == objects[1].shape and rng.random() < 0.5:
         colors = [_with_article(f"{o.color} one") for o in objects]
-        plural = PLURALS.get(objects[0].shape, objects[0].shape + "s")
+        plural = _PLURALS.get(objects[0].shape, objects[0].shape + "s")
         text = f"two {plural}: {colors[0]} and {colors[1]}"
     elif objects[0].color == objects[1].color and rng.random() < 0.5:
-        shapes = [_with_article(_describe(o, rng, with_color=False)) for o in objects]
-        text = f"two {objects[0].color} shapes, {shapes[0]} and {shapes[1]}"
+        nouns = [_with_article(_describe(o, rng, with_color=False)) for o in objects]
+        text = f"two {objects[0].color} shapes, {nouns[0]} and {nouns[1]}"
     else:
         phrases = [_with_article(_describe(o, rng)) for o in objects]
         text = _pick(rng, _TWO).format(*phrases)

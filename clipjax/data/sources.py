@@ -6,6 +6,8 @@ yields the first `num` captions cheaply (for training a tokenizer). Evaluation s
 `label` (int32) to each example and `class_names` / `prompt_templates` attributes.
 """
 
+from collections.abc import Iterator
+
 from clipjax.data import shapes
 
 _SHAPES_EVAL_SIZE = 2048
@@ -34,3 +36,8 @@ def make_source(spec: str, split: str, *, seed: int = 0):
             "(e.g. 'shapes' or 'shapes:50000')."
         )
     return _SCHEMES[scheme](arg, split, seed)
+
+
+def captions(spec: str, num: int = 20_000) -> Iterator[str]:
+    """The first `num` training captions of `spec`, generated lazily (to train a tokenizer)."""
+    return make_source(spec, "train").captions(num)

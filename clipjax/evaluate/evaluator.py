@@ -5,7 +5,6 @@ import numpy as np
 
 from clipjax import sharding
 from clipjax.data import pipeline
-from clipjax.data.shapes import PROMPT_TEMPLATES
 from clipjax.evaluate.retrieval import recall_at_k
 from clipjax.evaluate.zeroshot import class_embeddings, topk_accuracy
 
@@ -24,7 +23,7 @@ class Evaluator:
         )
         self.images, self.captions, self.labels = data["image"], data["text"], data["label"]
         self.num_classes = len(data["class_names"])
-        prompts = [t.format(c) for c in data["class_names"] for t in PROMPT_TEMPLATES]
+        prompts = [t.format(c) for c in data["class_names"] for t in data["prompt_templates"]]
         self.prompts = tokenizer.encode(prompts, context_length)
         self.mesh = mesh
         # A multiple of the data-parallel size, so every chunk splits over the batch axes.
