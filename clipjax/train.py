@@ -106,7 +106,11 @@ def build(config, mesh):
     init = jax.jit(lambda rng: nn.meta.unbox(init_boxed(rng)), out_shardings=state_sharding)
     abstract_state = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        nn.meta.unbox(abstract_boxed),
+        jax.tree.map(
+            lambda x: x.value if isinstance(x, nn.Partitioned) else x,
+            abstract_boxed,
+            is_leaf=lambda x: isinstance(x, nn.Partitioned),
+        ),
         state_sharding,
     )
     step_fn = jax.jit(

@@ -12,6 +12,9 @@ LN_EPS = 1e-5  # CLIP's LayerNorm epsilon (Flax defaults to 1e-6)
 
 ACTIVATION_AXES = ("batch", "length", "embed")
 DENSE_INIT = nn.initializers.xavier_uniform()
+# Xavier over the fused head axes, as for a (width, heads * head_dim) matrix.
+QKV_INIT = nn.initializers.xavier_uniform(in_axis=0, out_axis=(1, 2))
+OUT_INIT = nn.initializers.xavier_uniform(in_axis=(0, 1), out_axis=2)
 
 
 def layer_norm(dtype, name: str) -> nn.LayerNorm:
@@ -38,11 +41,14 @@ class Attention(nn.Module):
             raise ValueError(f"Width {width} is not divisible by {self.heads} attention heads.")
         head_dim = width // self.heads
 
+        # Einsum kernels keep their (embed, heads, kv) shape from init on, so the logical
+        # axis names apply to the array as created (DenseGeneral initialises it flat).
         def project(name):  # (B, L, W) -> (B, L, heads, head_dim)
-            return nn.DenseGeneral(
-                (self.heads, head_dim),
+            return nn.Einsum(
+                (width, self.heads, head_dim),
+                "BLW,WHD->BLHD",
                 dtype=self.dtype,
-                kernel_init=nn.with_logical_partitioning(DENSE_INIT, ("embed", "heads", "kv")),
+                kernel_init=nn.with_logical_partitioning(QKV_INIT, ("embed", "heads", "kv")),
                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "kv")),
                 name=name,
             )(x)
@@ -51,11 +57,11 @@ class Attention(nn.Module):
         out = jax.nn.dot_product_attention(
             project("query"), project("key"), project("value"), is_causal=self.causal
         )
-        return nn.DenseGeneral(
-            width,
-            axis=(-2, -1),
+        return nn.Einsum(
+            (self.heads, head_dim, width),
+            "BLHD,HDW->BLW",
             dtype=self.dtype,
-            kernel_init=nn.with_logical_partitioning(DENSE_INIT, ("heads", "kv", "embed")),
+            kernel_init=nn.with_logical_partitioning(OUT_INIT, ("heads", "kv", "embed")),
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
             name="out",
         )(out)

@@ -1,0 +1,61 @@
+"""CLIP's causal text transformer; the caption feature is the state at the end-of-text token."""
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from clipjax.models.layers import Transformer, layer_norm
+
+PAD_ID = 0
+
+
+class TextTransformer(nn.Module):
+    """Tokens (B, L) int32, rows `BOS ... EOS PAD...` with pad id 0, L <= context_length.
+
+    Returns `(pooled, states)`: `states` (B, L, width) are the final-LayerNorm token states and
+    `pooled` (B, width) is the state at the end-of-text token, the last non-pad position.
+    """
+
+    vocab_size: int
+    context_length: int
+    width: int
+    depth: int
+    heads: int
+    mlp_ratio: int = 4
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens):
+        length = tokens.shape[1]
+        if length > self.context_length:
+            raise ValueError(
+                f"Token sequences of length {length} exceed model.text.context_length="
+                f"{self.context_length}."
+            )
+        x = nn.Embed(
+            self.vocab_size,
+            self.width,
+            dtype=self.dtype,
+            # CLIP's initial scales: 0.02 for tokens, 0.01 for positions.
+            embedding_init=nn.with_logical_partitioning(
+                nn.initializers.normal(0.02), ("vocab", "embed")
+            ),
+            name="token_embed",
+        )(tokens)
+        pos_embed = self.param(
+            "pos_embed",
+            nn.with_logical_partitioning(nn.initializers.normal(0.01), (None, "embed")),
+            (self.context_length, self.width),
+        )
+        x = x + pos_embed[:length].astype(self.dtype)
+        x = Transformer(
+            self.depth,
+            self.heads,
+            self.mlp_ratio * self.width,
+            causal=True,
+            dtype=self.dtype,
+            name="transformer",
+        )(x)
+        states = layer_norm(self.dtype, "ln_final")(x)
+        eot = jnp.sum(tokens != PAD_ID, axis=1) - 1  # (B,)
+        pooled = jnp.take_along_axis(states, eot[:, None, None], axis=1)[:, 0]
+        return nn.with_logical_constraint(pooled, ("batch", "embed")), states

@@ -1,0 +1,187 @@
+"""Tests for clipjax/models: shapes, parameter count, pooling, causality, logical axis names."""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from clipjax import sharding
+from clipjax.models.text import TextTransformer
+from clipjax.models.two_tower import TwoTower
+from clipjax.models.vit import VisionTransformer, vit_size
+
+
+def model_config(**overrides) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.embed_dim = 512
+    c.dtype = "float32"
+    c.image = ml_collections.ConfigDict({"variant": "B/32", "size": 224, "depth": -1})
+    c.text = ml_collections.ConfigDict(
+        {"width": 512, "depth": 12, "heads": 8, "context_length": 77, "vocab_size": 49_408}
+    )
+    c.update_from_flattened_dict(overrides)
+    return c
+
+
+TINY = {
+    "embed_dim": 32,
+    "image.variant": "Ti/8",
+    "image.size": 32,
+    "image.depth": 1,
+    "text.width": 64,
+    "text.depth": 1,
+    "text.heads": 4,
+    "text.context_length": 12,
+    "text.vocab_size": 100,
+}
+
+
+def inputs(config, batch=2):
+    size, length = config.image.size, config.text.context_length
+    images = jax.random.normal(jax.random.key(1), (batch, size, size, 3))
+    tokens = np.zeros((batch, length), np.int32)
+    for i, n in enumerate(range(5, 5 + batch)):  # BOS, 3+i words, EOS, pads
+        tokens[i, :n] = [2, *range(10, 10 + n - 2), 3]
+    return images, jnp.asarray(tokens)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    config = model_config(**TINY)
+    model = TwoTower.from_config(config)
+    images, tokens = inputs(config)
+    variables = jax.jit(model.init)(jax.random.key(0), images, tokens)
+    return model, nn.unbox(variables), images, tokens
+
+
+def test_vitb32_parameter_count_matches_open_clip():
+    config = model_config()
+    model = TwoTower.from_config(config)
+    images, tokens = inputs(config, batch=1)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), images, tokens)
+    count = sum(math.prod(x.shape) for x in jax.tree.leaves(nn.unbox(shapes)))
+    assert count == 151_277_313
+
+
+def test_vit_size_table():
+    assert vit_size("Ti/16") == (192, 12, 768, 3, 16)
+    assert vit_size("S/16") == (384, 12, 1536, 6, 16)
+    assert vit_size("M/32") == (512, 12, 2048, 8, 32)
+    assert vit_size("B/32") == (768, 12, 3072, 12, 32)
+    assert vit_size("L/14") == (1024, 24, 4096, 16, 14)
+    assert vit_size("H/14") == (1280, 32, 5120, 16, 14)
+    assert vit_size("Ti/8") == (192, 12, 768, 3, 8)
+
+
+@pytest.mark.parametrize("variant", ["X/16", "B", "B/", "B/0", "B/x", "b/32"])
+def test_vit_size_rejects_unknown_variant(variant):
+    with pytest.raises(ValueError, match="Unknown ViT variant"):
+        vit_size(variant)
+
+
+def test_vit_rejects_image_size_not_divisible_by_patch():
+    with pytest.raises(ValueError, match=r"model\.image\.size=30x30 .* patch size 8"):
+        VisionTransformer("Ti/8", depth=1).init(jax.random.key(0), jnp.zeros((1, 30, 30, 3)))
+
+
+def test_vit_depth_override_and_pooled_shape():
+    model = VisionTransformer("Ti/8", depth=1)
+    variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+    params = nn.unbox(variables)["params"]
+    assert list(params["transformer"]) == ["block_00"]
+    assert params["pos_embed"].shape == (1 + 4, 192)  # class token + 2x2 patches
+    pooled = jax.eval_shape(model.apply, variables, jnp.zeros((3, 16, 16, 3)))
+    assert pooled.shape == (3, 192)
+
+
+def test_text_pools_the_end_of_text_state(tiny):
+    model, variables, _, tokens = tiny
+    out = model.apply(variables, tokens, method=TwoTower.encode_text)
+    lengths = np.asarray((tokens != 0).sum(axis=1))
+    for i, n in enumerate(lengths):
+        np.testing.assert_array_equal(out["features"][i], out["states"][i, n - 1])
+    # A token before the end of text changes the feature.
+    changed = model.apply(variables, tokens.at[:, 1].set(50), method=TwoTower.encode_text)
+    assert not np.allclose(changed["features"], out["features"], atol=1e-4)
+
+
+def test_text_attention_is_causal():
+    model = TextTransformer(vocab_size=100, context_length=8, width=32, depth=2, heads=2)
+    tokens = jnp.asarray([[2, 11, 12, 13, 14, 15, 16, 3]])
+    variables = model.init(jax.random.key(0), tokens)
+    apply = jax.jit(model.apply)
+    _, states = apply(variables, tokens)
+    _, changed = apply(variables, tokens.at[:, 4:].set(40))
+    np.testing.assert_allclose(changed[:, :4], states[:, :4], atol=1e-6)
+    assert not np.allclose(changed[:, 4:], states[:, 4:], atol=1e-4)
+
+
+def test_two_tower_outputs(tiny):
+    model, variables, images, tokens = tiny
+    out = model.apply(variables, images, tokens)
+    assert out["image"]["features"].shape == (2, 192)
+    assert out["text"]["features"].shape == (2, 64)
+    assert out["text"]["states"].shape == (2, 12, 64)
+    for tower in ("image", "text"):
+        assert out[tower]["embed"].shape == (2, 32)
+        np.testing.assert_allclose(jnp.linalg.norm(out[tower]["embed"], axis=-1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(out["logit_scale"], 1 / 0.07, rtol=1e-5)
+
+
+def test_logit_scale_is_capped_at_100(tiny):
+    model, variables, images, tokens = tiny
+    variables = {"params": {**variables["params"], "logit_scale": jnp.asarray(10.0)}}
+    assert model.apply(variables, images, tokens)["logit_scale"] == 100.0
+
+
+def test_bfloat16_compute_keeps_float32_params_and_outputs():
+    config = model_config(**TINY, dtype="bfloat16")
+    model = TwoTower.from_config(config)
+    images, tokens = inputs(config)
+    variables = jax.jit(model.init)(jax.random.key(0), images, tokens)
+    assert {x.dtype for x in jax.tree.leaves(nn.unbox(variables))} == {jnp.dtype(jnp.float32)}
+    out = jax.jit(model.apply)(variables, images, tokens)
+    assert {x.dtype for x in jax.tree.leaves(out)} == {jnp.dtype(jnp.float32)}
+
+
+def test_every_parameter_has_one_logical_name_per_dimension():
+    config = model_config(**TINY)
+    model = TwoTower.from_config(config)
+    boxed = jax.eval_shape(model.init, jax.random.key(0), *inputs(config))["params"]
+    leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    assert leaves
+    for leaf in leaves:
+        assert isinstance(leaf, nn.LogicallyPartitioned)
+        assert len(leaf.names) == leaf.value.ndim
+    specs = nn.get_partition_spec(boxed)
+    assert specs["image_tower"]["transformer"]["block_00"]["attn"]["query"]["kernel"] == (
+        jax.sharding.PartitionSpec("embed", "heads", "kv")
+    )
+    assert specs["text_tower"]["token_embed"]["embedding"] == (
+        jax.sharding.PartitionSpec("vocab", "embed")
+    )
+    assert specs["text_projection"]["kernel"] == jax.sharding.PartitionSpec("embed", "joint")
+
+
+def test_sharded_over_a_mesh_matches_unsharded():
+    # Every logical name must resolve under the real rules (data, fsdp and model axes all > 1).
+    config = model_config(**{**TINY, "image.variant": "S/8"})  # 6 heads split over model=2
+    model = TwoTower.from_config(config)
+    images, tokens = inputs(config, batch=4)
+    variables = nn.unbox(jax.jit(model.init)(jax.random.key(0), images, tokens))
+    expected = jax.jit(model.apply)(variables, images, tokens)
+    mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": 2, "fsdp": 2, "model": 2}))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+        boxed = jax.eval_shape(model.init, jax.random.key(0), images, tokens)
+        shardings = sharding.logical_sharding(mesh, nn.get_partition_spec(boxed))
+        variables = jax.jit(model.init, out_shardings=shardings)(jax.random.key(0), images, tokens)
+        kernel = variables["params"]["image_tower"]["transformer"]["block_00"]["mlp"]["fc_in"]
+        assert kernel["kernel"].value.sharding.spec == jax.sharding.PartitionSpec("fsdp", "model")
+        batch = jax.device_put((images, tokens), sharding.batch_sharding(mesh))
+        out = jax.jit(model.apply)(variables, *batch)
+    for tower in ("image", "text"):
+        np.testing.assert_allclose(out[tower]["embed"], expected[tower]["embed"], atol=1e-5)
