@@ -17,7 +17,7 @@ from clipjax.config import ConfigError
 
 
 class Checkpointer:
-    def __init__(self, workdir: str, *, every: int, keep: int):
+    def __init__(self, workdir: str, *, keep: int):
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
         self.manager = ocp.CheckpointManager(
             self.directory,
@@ -25,9 +25,7 @@ class Checkpointer:
                 "state": ocp.StandardCheckpointHandler(),
                 "data": grain.checkpoint.CheckpointHandler(),
             },
-            options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep, save_interval_steps=every, enable_async_checkpointing=True
-            ),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True),
         )
 
     def latest_step(self) -> int | None:
@@ -72,15 +70,15 @@ class Checkpointer:
         )
         return restored.state
 
-    def save(self, step: int, state, data_iterator, *, force: bool = False) -> None:
-        """Save if `step` is on the configured interval (or `force`); returns at once."""
+    def save(self, step: int, state, data_iterator) -> None:
+        """Start an asynchronous save of `state` and the iterator position; returns at once."""
         self.manager.save(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
                 data=grain.checkpoint.CheckpointSave(data_iterator),
             ),
-            force=force,
+            force=True,  # the trainer decides when; orbax would also save the first step
         )
 
     def close(self) -> None:

@@ -144,7 +144,7 @@ def run(config, workdir: str, *, stop_at: int | None = None) -> None:
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
         # ---- Model, objective, state shapes ----
         objective, init, abstract_state, step_fn = build(config, mesh)
-        ckpt = checkpoint.Checkpointer(workdir, every=config.ckpt_every, keep=config.keep_ckpts)
+        ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_ckpts)
         ckpt.check_compatible(abstract_state)
         _save_config(config, workdir)
 
@@ -202,7 +202,8 @@ def run(config, workdir: str, *, stop_at: int | None = None) -> None:
                     results = evaluator(state.params)
                     logging.info("step %d  %s", step, json.dumps(results))
                     writer.write(step, results)
-                ckpt.save(step, state, train_iter, force=step == last_step)
+                if step % config.ckpt_every == 0 or step == last_step:
+                    ckpt.save(step, state, train_iter)
         finally:
             ckpt.close()
             writer.close()
