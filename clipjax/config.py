@@ -10,6 +10,7 @@ import tempfile
 
 import ml_collections
 
+from clipjax.data import sources
 from clipjax.models.vit import vit_size
 
 
@@ -127,6 +128,14 @@ def validate(config, workdir: str, data_parallel: int) -> None:
             f"config.model.image.size={config.model.image.size} is not divisible by the patch "
             f"size {patch} of variant {config.model.image.variant!r}; use a multiple of {patch}."
         )
+    for field, spec, split in (
+        ("config.data.train", config.data.train, "train"),
+        ("config.eval.source", config.eval.source, "eval"),
+    ):
+        try:
+            sources.make_source(spec, split)
+        except ValueError as e:
+            raise ConfigError(f"{field}: {e}") from None
     path = config.data.tokenizer.path
     if path and not os.path.exists(path):
         raise ConfigError(

@@ -64,6 +64,17 @@ def test_image_size_not_divisible_by_patch(tmp_path):
     )
 
 
+def test_unknown_data_source(tmp_path):
+    c = get_config("local")
+    c.data.train = "parquet:/data/x"
+    with pytest.raises(config_lib.ConfigError) as e:
+        _validate(c, tmp_path)
+    assert str(e.value) == (
+        "config.data.train: unknown data source 'parquet:/data/x'; known schemes: shapes "
+        "(e.g. 'shapes' or 'shapes:50000')."
+    )
+
+
 def test_missing_tokenizer_file(tmp_path):
     c = get_config("local")
     c.data.tokenizer.path = str(tmp_path / "missing.model")
