@@ -37,11 +37,10 @@ class Checkpointer:
         if step is None:
             return
         saved = self.manager.item_metadata(step)["state"]
-        # The model is its parameters plus the objective's state (e.g. a feature queue).
-        saved_shapes = _shapes({k: saved.get(k, {}) for k in ("params", "objective_state")})
-        wanted_shapes = _shapes(
-            {"params": abstract_state.params, "objective_state": abstract_state.objective_state}
-        )
+        # The model is its parameters and statistics, plus the objective's state (a queue).
+        parts = ("params", "model_state", "objective_state")
+        saved_shapes = _shapes({k: saved.get(k, {}) for k in parts})
+        wanted_shapes = _shapes({k: getattr(abstract_state, k) for k in parts})
         for path in sorted(set(saved_shapes) | set(wanted_shapes)):
             have, want = saved_shapes.get(path), wanted_shapes.get(path)
             if have != want:

@@ -5,12 +5,14 @@ here is a typo, and `validate` names it before anything runs.
 """
 
 import difflib
+import math
 import os
 import tempfile
 
 import ml_collections
 
 from clipjax.data import sources
+from clipjax.models.resnet import resnet_size
 from clipjax.models.vit import vit_size
 
 
@@ -36,11 +38,13 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.embed_dim = 512
+    c.model.projection = "linear"  # tower → joint space; "mi_block" for CLIP-Lite's critic
     c.model.dtype = "float32"  # compute dtype; "bfloat16" on TPU/GPU
     c.model.image = ml_collections.ConfigDict()
-    c.model.image.variant = "B/32"
+    c.model.image.variant = "B/32"  # ViT "<size>/<patch>", or ResNet "RN50", "RN101", ...
     c.model.image.size = 224
-    c.model.image.depth = -1  # -1: the variant's own depth
+    c.model.image.depth = -1  # ViT depth; -1: the variant's own
+    c.model.image.width = -1  # ResNet stem width; -1: the variant's own
     c.model.text = ml_collections.ConfigDict()
     c.model.text.width = 512
     c.model.text.depth = 12
@@ -57,6 +61,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.tokenizer.vocab_size = 512  # only used when training a tokenizer
 
     c.optim = ml_collections.ConfigDict()
+    c.optim.name = "adamw"  # or "sgd_lookahead" (SGD + momentum inside Lookahead)
     c.optim.lr = 5e-4  # peak, after linear warm-up from 0; cosine decay to 0 at total_steps
     c.optim.warmup_steps = 2_000
     c.optim.weight_decay = 0.2  # not on biases, norms or the logit scale
@@ -64,11 +69,52 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.b2 = 0.98
     c.optim.eps = 1e-6
     c.optim.grad_clip = 1.0  # global-norm clip; 0 disables
+    c.optim.momentum = 0.9  # sgd_lookahead only
+    c.optim.lookahead_steps = 5  # sgd_lookahead: sync period k
+    c.optim.lookahead_alpha = 0.5  # sgd_lookahead: slow step size
+
+    # Objective-specific fields, read only when config.objective names them.
+    c.siglip = ml_collections.ConfigDict()
+    c.siglip.chunked = True  # ring over devices: at most (B/k)² logits per device
+    c.siglip.scale_init = math.log(10.0)  # t' with t = exp(t')
+    c.siglip.bias_init = -10.0
+    c.cliplite = ml_collections.ConfigDict()
+    c.cliplite.prior_weight = 0.1  # total = (1 - w) · cross + w · prior
+    c.cliplite.image_prior = True
+    c.cliplite.text_prior = False
 
     c.eval = ml_collections.ConfigDict()
     c.eval.source = "shapes"  # built-in held-out split, with class labels and captions
     c.eval.num_examples = 2_048
     c.eval.batch_size = 256
+    return c
+
+
+def apply_local(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The `:local` sizes shared by every config: a tiny ViT and text tower, 32-px images,
+    batch 128 and 600 steps, so a laptop CPU trains one in minutes and methods compare at
+    equal steps."""
+    c.batch_size = 128
+    c.total_steps = 600
+    c.log_every = 25
+    c.eval_every = 200
+    c.ckpt_every = 200
+
+    c.model.embed_dim = 64
+    c.model.image.variant = "Ti/8"
+    c.model.image.size = 32
+    c.model.image.depth = 4
+    c.model.text.width = 128
+    c.model.text.depth = 2
+    c.model.text.heads = 4
+    c.model.text.context_length = 24
+    c.model.text.vocab_size = 512
+
+    c.data.num_workers = 1
+    c.optim.lr = 2e-3
+    c.optim.warmup_steps = 50
+    c.optim.weight_decay = 0.1
+    c.eval.num_examples = 512
     return c
 
 
@@ -119,14 +165,20 @@ def validate(config, workdir: str, data_parallel: int) -> None:
             f"config.batch_size={config.batch_size} does not split over the {data_parallel} "
             f"data-parallel devices; use a multiple of {data_parallel}."
         )
+    image = config.model.image
     try:
-        patch = vit_size(config.model.image.variant)[-1]
+        if image.variant.startswith("RN"):
+            resnet_size(image.variant)
+            patch = 32  # the ResNet downsamples by 32
+        else:
+            patch = vit_size(image.variant)[-1]
     except ValueError as e:
         raise ConfigError(f"config.model.image.variant: {e}") from None
-    if config.model.image.size % patch:
+    if image.size % patch:
+        kind = "patch size" if not image.variant.startswith("RN") else "downsampling factor"
         raise ConfigError(
-            f"config.model.image.size={config.model.image.size} is not divisible by the patch "
-            f"size {patch} of variant {config.model.image.variant!r}; use a multiple of {patch}."
+            f"config.model.image.size={image.size} is not divisible by the {kind} {patch} of "
+            f"variant {image.variant!r}; use a multiple of {patch}."
         )
     for field, spec, split in (
         ("config.data.train", config.data.train, "train"),

@@ -1,9 +1,9 @@
 """Losses as pure functions of embeddings: no model inside, collectives explicit.
 
 A loss that needs the global batch takes each device's local slice plus the name of the mesh
-axes the batch is split over, and all-gathers itself. The same body therefore runs under
-`jax.shard_map` (see `on_batch_shards`) and under `jax.pmap` with that axis name; with
-`axis_name=None` it is the single-device loss.
+axes the batch is split over, and all-gathers itself (or passes chunks around the device ring).
+The same body therefore runs under `jax.shard_map` (see `on_batch_shards`) and under `jax.pmap`
+with that axis name; with `axis_name=None` it is the single-device loss.
 """
 
 from collections.abc import Callable
@@ -53,6 +53,131 @@ def clip_loss(
         + optax.softmax_cross_entropy_with_integer_labels(text_to_image, labels).mean()
     )
     return _mean(local, axis_name)
+
+
+def _sigmoid_sums(image_embed, text_embed, scale, bias, positive):
+    """Σ −log σ(z·logit) and Σ logit over the pairs image_embed × text_embed.
+
+    `positive` (a boolean mask broadcastable to the (b, c) logits) marks z = +1; every other
+    pair is a negative, z = −1.
+    """
+    logits = scale * image_embed @ text_embed.T + bias
+    signs = jnp.where(positive, 1.0, -1.0).astype(logits.dtype)
+    return -jax.nn.log_sigmoid(signs * logits).sum(), logits.sum()
+
+
+def _sigmoid_metrics(image_embed, text_embed, scale, bias, logit_sum, global_batch, axis_name):
+    """Means of the positive and of the negative logits over the global batch."""
+    positives = scale * jnp.sum(image_embed * text_embed, axis=-1) + bias
+    b = image_embed.shape[0]
+    negative_sum = logit_sum - positives.sum()
+    return {
+        "pos_logit_mean": _mean(positives.mean(), axis_name),
+        "neg_logit_mean": _mean(negative_sum / (b * (global_batch - 1)), axis_name),
+    }
+
+
+def sigmoid_loss(
+    image_embed: jax.Array, text_embed: jax.Array, scale: jax.Array, bias: jax.Array, axis_name=None
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """SigLIP's pairwise sigmoid loss over the global batch, each device holding (b, B) logits.
+
+    Args:
+      image_embed: (b, d) this device's image embeddings, L2-normalised.
+      text_embed: (b, d) the paired text embeddings, L2-normalised.
+      scale: scalar `t` (already exponentiated) multiplying the cosine similarities.
+      bias: scalar `b` added to every logit.
+      axis_name: mesh axis (or tuple of axes) the batch is split over; None on one device.
+
+    Returns:
+      (loss, metrics): −(1/B) Σ_i Σ_j log σ(z_ij (t·⟨x_i, y_j⟩ + b)) with z = +1 on the
+      diagonal and −1 elsewhere, and `pos_logit_mean` / `neg_logit_mean`, the means of the
+      diagonal and off-diagonal logits; all identical on every device.
+    """
+    all_texts, offset = _gather(text_embed, axis_name)
+    b, global_batch = image_embed.shape[0], all_texts.shape[0]
+    positive = (offset + jnp.arange(b))[:, None] == jnp.arange(global_batch)[None, :]
+    local_sum, logit_sum = _sigmoid_sums(image_embed, all_texts, scale, bias, positive)
+    # pmean of (local sum / b) is the global sum divided by the global batch B.
+    loss = _mean(local_sum / b, axis_name)
+    metrics = _sigmoid_metrics(
+        image_embed, text_embed, scale, bias, logit_sum, global_batch, axis_name
+    )
+    return loss, metrics
+
+
+def sigmoid_loss_ring(
+    image_embed: jax.Array, text_embed: jax.Array, scale: jax.Array, bias: jax.Array, axis_name
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """`sigmoid_loss` computed in chunks: text embeddings travel around the device ring.
+
+    In k − 1 hops (k devices along `axis_name`) each device passes its current text chunk to the
+    next device and scores its images against the chunk it receives, so no device ever holds
+    more than (b, b) logits, b = B/k. Only the first block, the device's own captions, holds
+    positives. Arguments and result as in `sigmoid_loss`, which it equals, gradients included.
+    """
+    if axis_name is None:
+        return sigmoid_loss(image_embed, text_embed, scale, bias)
+    devices = jax.lax.axis_size(axis_name)
+    b = image_embed.shape[0]
+    to_next = [(i, (i + 1) % devices) for i in range(devices)]
+    texts = text_embed
+    own = jnp.eye(b, dtype=bool)
+    local_sum, logit_sum = _sigmoid_sums(image_embed, texts, scale, bias, own)
+    for _ in range(devices - 1):
+        texts = jax.lax.ppermute(texts, axis_name, to_next)
+        block_sum, block_logit_sum = _sigmoid_sums(image_embed, texts, scale, bias, False)
+        local_sum += block_sum
+        logit_sum += block_logit_sum
+    loss = _mean(local_sum / b, axis_name)
+    metrics = _sigmoid_metrics(
+        image_embed, text_embed, scale, bias, logit_sum, b * devices, axis_name
+    )
+    return loss, metrics
+
+
+def jsd_cross_loss(
+    image_embed: jax.Array, text_embed: jax.Array, temperature: jax.Array, axis_name=None
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """CLIP-Lite's Jensen–Shannon MI bound with one negative caption per image.
+
+    Args:
+      image_embed: (b, d) this device's image critic embeddings, L2-normalised.
+      text_embed: (b, d) the paired text critic embeddings, L2-normalised.
+      temperature: scalar exp(τ), unclamped; the critic is T(x, y) = temperature·⟨x, y⟩.
+      axis_name: mesh axis (or tuple of axes) the batch is split over; None on one device.
+
+    Returns:
+      (loss, metrics): mean_i softplus(−T(x_i, y_i)) + mean_i softplus(T(x_i, y_{i+1})), the
+      negative y_{i+1} taken cyclically within this device's batch and the means over the
+      global batch; `critic_pos` / `critic_neg` are the mean critic values. Identical on every
+      device.
+    """
+    critic_pos = temperature * jnp.sum(image_embed * text_embed, axis=-1)
+    # The next caption of the same device's batch: no cross-device traffic.
+    critic_neg = temperature * jnp.sum(image_embed * jnp.roll(text_embed, -1, axis=0), axis=-1)
+    loss = jnp.mean(jax.nn.softplus(-critic_pos)) + jnp.mean(jax.nn.softplus(critic_neg))
+    metrics = {
+        "critic_pos": _mean(critic_pos.mean(), axis_name),
+        "critic_neg": _mean(critic_neg.mean(), axis_name),
+    }
+    return _mean(loss, axis_name), metrics
+
+
+def prior_loss(real_logits: jax.Array, prior_logits: jax.Array, axis_name=None) -> jax.Array:
+    """Deep InfoMax's prior term from discriminator logits (pre-sigmoid).
+
+    Args:
+      real_logits: (b,) or (b, 1) discriminator logits on this device's features.
+      prior_logits: (b,) or (b, 1) discriminator logits on samples of the prior U[0, 1)^d.
+      axis_name: mesh axis (or tuple of axes) the batch is split over; None on one device.
+
+    Returns:
+      −(mean log D(prior) + mean log(1 − D(real))) with D = σ(logits), means over the global
+      batch; computed as mean softplus(−prior_logits) + mean softplus(real_logits).
+    """
+    loss = jnp.mean(jax.nn.softplus(-prior_logits)) + jnp.mean(jax.nn.softplus(real_logits))
+    return _mean(loss, axis_name)
 
 
 def on_batch_shards(loss_body: Callable, mesh: Mesh, num_batched: int) -> Callable:

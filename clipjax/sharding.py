@@ -23,6 +23,8 @@ LOGICAL_RULES = (
     ("heads", "model"),
     ("vocab", "model"),
     ("kv", None),
+    ("conv_in", None),
+    ("conv_out", "fsdp"),
     ("joint", None),
     ("length", None),
 )

@@ -16,58 +16,36 @@ import jax.numpy as jnp
 import optax
 from absl import logging
 
-from clipjax import checkpoint, objectives, sharding
+from clipjax import checkpoint, objectives, optimizers, sharding
 from clipjax import config as config_lib
 from clipjax.data import pipeline, sources
 from clipjax.data import tokenizer as tokenizer_lib
 from clipjax.evaluate.evaluator import Evaluator
 from clipjax.metrics import MetricsWriter, Progress
-from clipjax.models.two_tower import TwoTower
 
 
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array  # number of updates applied
     params: Any
+    model_state: Any  # non-parameter model collections (BatchNorm statistics); {} for a ViT
     opt_state: Any
     objective_state: Any  # e.g. DeCLIP's feature queue; {} for CLIP
     rng: jax.Array  # base key; step keys are fold_in(rng, step)
-
-
-def make_schedule(optim, total_steps: int) -> optax.Schedule:
-    """Linear warm-up from 0 to `optim.lr`, then cosine decay to 0 at `total_steps`."""
-    return optax.warmup_cosine_decay_schedule(
-        0.0, optim.lr, optim.warmup_steps, max(total_steps, optim.warmup_steps + 1)
-    )
-
-
-def make_optimizer(optim, schedule: optax.Schedule) -> optax.GradientTransformation:
-    """AdamW with decay on matrices only: none on biases, norms or the logit scale."""
-    decay_mask = functools.partial(jax.tree.map, lambda p: p.ndim >= 2)
-    adamw = optax.adamw(
-        schedule,
-        b1=optim.b1,
-        b2=optim.b2,
-        eps=optim.eps,
-        weight_decay=optim.weight_decay,
-        mask=decay_mask,
-    )
-    if optim.grad_clip > 0:
-        return optax.chain(optax.clip_by_global_norm(optim.grad_clip), adamw)
-    return adamw
 
 
 def train_step(state: TrainState, batch, *, objective, optimizer, schedule):
     """One update. Returns the new state and this step's scalar metrics."""
     rng = jax.random.fold_in(state.rng, state.step)
     grad_fn = jax.value_and_grad(objective.loss, has_aux=True)
-    (loss, (metrics, objective_state)), grads = grad_fn(
-        state.params, batch, state.objective_state, rng
+    (loss, (metrics, model_state, objective_state)), grads = grad_fn(
+        state.params, state.model_state, batch, state.objective_state, rng
     )
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     new_state = state.replace(
         step=state.step + 1,
         params=optax.apply_updates(state.params, updates),
+        model_state=model_state,
         opt_state=opt_state,
         objective_state=objective_state,
     )
@@ -82,20 +60,21 @@ def train_step(state: TrainState, batch, *, objective, optimizer, schedule):
 
 def build(config, mesh):
     """Model, objective, optimizer, the state's init function, abstract state and shardings."""
-    model = TwoTower.from_config(config.model)
-    objective = objectives.get(config.objective)(config, model, mesh)
-    schedule = make_schedule(config.optim, config.total_steps)
-    optimizer = make_optimizer(config.optim, schedule)
+    objective = objectives.get(config.objective)(config, mesh)
+    schedule = optimizers.make_schedule(config.optim, config.total_steps)
+    optimizer = optimizers.make_optimizer(config.optim, schedule)
     size, length = config.model.image.size, config.model.text.context_length
 
     def init_boxed(rng):
         params_rng, objective_rng, state_rng = jax.random.split(rng, 3)
         images = jnp.zeros((1, size, size, 3), jnp.float32)
         tokens = jnp.zeros((1, length), jnp.int32)
-        params = model.init(params_rng, images, tokens)["params"]
+        variables = objective.model.init(params_rng, images, tokens)
+        params = variables.pop("params")
         return TrainState(
             step=jnp.zeros((), jnp.int32),
             params=params,
+            model_state=variables,
             opt_state=optimizer.init(params),
             objective_state=objective.init_state(objective_rng),
             rng=state_rng,
@@ -199,7 +178,7 @@ def run(config, workdir: str, *, stop_at: int | None = None) -> None:
                     metrics["train/samples_per_s"] = progress.log(step, metrics["train/loss"])
                     writer.write(step, metrics)
                 if step % config.eval_every == 0 or step == config.total_steps:
-                    results = evaluator(state.params)
+                    results = evaluator(state.params, state.model_state)
                     logging.info("step %d  %s", step, json.dumps(results))
                     writer.write(step, results)
                 if step % config.ckpt_every == 0 or step == last_step:

@@ -35,11 +35,12 @@ def test_local_config_is_valid(tmp_path):
 
 def test_unknown_field(tmp_path):
     c = get_config("local")
-    c.optim.learning_rate = 1e-3
+    c.optim.weight_deacy = 1e-3
     with pytest.raises(config_lib.ConfigError) as e:
         _validate(c, tmp_path)
     assert str(e.value) == (
-        "config.optim.learning_rate is not a clipjax config field. Did you mean config.optim.lr?"
+        "config.optim.weight_deacy is not a clipjax config field. "
+        "Did you mean config.optim.weight_decay?"
     )
 
 
@@ -111,12 +112,12 @@ def test_command_line_errors_are_one_line(tmp_path):
         f"--workdir={tmp_path}",
     ]
     unknown = subprocess.run(
-        base + ["--config.optim.learning_rate=1e-3"], capture_output=True, text=True, timeout=120
+        base + ["--config.optim.warmup_step=10"], capture_output=True, text=True, timeout=120
     )
     assert unknown.returncode == 2
     assert unknown.stderr.strip().splitlines()[-1] == (
-        "clipjax: --config.optim.learning_rate is not a clipjax config field. "
-        "Did you mean config.optim.lr?"
+        "clipjax: --config.optim.warmup_step is not a clipjax config field. "
+        "Did you mean config.optim.warmup_steps?"
     )
     odd_batch = subprocess.run(
         base + ["--config.batch_size=100"], capture_output=True, text=True, timeout=120

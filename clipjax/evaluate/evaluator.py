@@ -33,15 +33,15 @@ class Evaluator:
         whole = sharding.replicated(mesh)
 
         def embed(fn):
-            def run(params, x):
-                return fn(params, jax.lax.with_sharding_constraint(x, spread))
+            def run(params, model_state, x):
+                return fn(params, model_state, jax.lax.with_sharding_constraint(x, spread))
 
             return jax.jit(run, out_shardings=whole)
 
         self._embed_images = embed(objective.embed_images)
         self._embed_texts = embed(objective.embed_texts)
 
-    def _embed(self, fn, params, inputs: np.ndarray) -> np.ndarray:
+    def _embed(self, fn, params, model_state, inputs: np.ndarray) -> np.ndarray:
         whole = sharding.replicated(self.mesh)
         out = []
         for start in range(0, len(inputs), self.batch_size):
@@ -50,13 +50,13 @@ class Evaluator:
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
             # Every process holds the whole chunk: valid for any process layout.
             chunk = jax.make_array_from_process_local_data(whole, chunk)
-            out.append(np.asarray(fn(params, chunk))[: self.batch_size - pad])
+            out.append(np.asarray(fn(params, model_state, chunk))[: self.batch_size - pad])
         return np.concatenate(out).astype(np.float64)
 
-    def __call__(self, params) -> dict[str, float]:
-        images = self._embed(self._embed_images, params, self.images)
-        captions = self._embed(self._embed_texts, params, self.captions)
-        prompts = self._embed(self._embed_texts, params, self.prompts)
+    def __call__(self, params, model_state) -> dict[str, float]:
+        images = self._embed(self._embed_images, params, model_state, self.images)
+        captions = self._embed(self._embed_texts, params, model_state, self.captions)
+        prompts = self._embed(self._embed_texts, params, model_state, self.prompts)
         accuracy = topk_accuracy(images, class_embeddings(prompts, self.num_classes), self.labels)
         metrics = {f"zeroshot_top{k}": v for k, v in accuracy.items()}
         metrics.update(recall_at_k(images, captions))

@@ -1,15 +1,17 @@
-"""The CLIP two-tower model: image and text towers, linear projections and the logit scale."""
+"""The two-tower model: image and text towers, projections, the logit scale and objective heads."""
 
+import functools
 import math
 
 import flax.linen as nn
 import jax.numpy as jnp
 
+from clipjax.models.heads import MIBlock, PriorDiscriminator
+from clipjax.models.resnet import ModifiedResNet, resnet_size
 from clipjax.models.text import TextTransformer
-from clipjax.models.vit import VisionTransformer
+from clipjax.models.vit import VisionTransformer, vit_size
 
 LOGIT_SCALE_INIT = math.log(1 / 0.07)
-LOGIT_SCALE_MAX = 100.0
 
 
 def _projection(embed_dim: int, name: str) -> nn.Dense:
@@ -30,10 +32,14 @@ def _normalize(x):
 
 
 class TwoTower(nn.Module):
-    """CLIP: `encode_image`, `encode_text` and `__call__` (both) via `model.apply(..., method=)`.
+    """Image and text towers mapped into one joint space, plus what the objectives add.
 
-    Parameters: image_tower, text_tower, image_projection, text_projection, logit_scale.
-    Build it from `config.model` with `TwoTower.from_config`.
+    Parameters: image_tower, text_tower, image_projection, text_projection, log_scale (θ, the
+    logit scale in log space; each objective maps it to s = exp(θ) with its own clamp), and
+    optionally `bias` (SigLIP) and `image_prior` / `text_prior` discriminators (CLIP-Lite).
+    The image tower is a ModifiedResNet for variants named "RN..." (its BatchNorm statistics in
+    `batch_stats`), else a VisionTransformer. The projections are linear maps ("linear") or
+    CLIP-Lite's MI blocks ("mi_block"). Build it from `config.model` with `from_config`.
     """
 
     embed_dim: int
@@ -43,30 +49,46 @@ class TwoTower(nn.Module):
     text_width: int
     text_depth: int
     text_heads: int
-    image_depth: int = -1
-    image_model: str = "vit"  # the only image tower so far
+    image_depth: int = -1  # ViT only
+    image_width: int = -1  # ResNet only
+    projection: str = "linear"
+    log_scale_init: float = LOGIT_SCALE_INIT
+    bias_init: float | None = None  # a learned logit bias when set (SigLIP)
+    priors: tuple[str, ...] = ()  # prior discriminators on "image" / "text" features
     dtype: jnp.dtype = jnp.float32
 
     @classmethod
-    def from_config(cls, model_config) -> "TwoTower":
-        """From the `config.model` ConfigDict (see `clipjax/config.py`)."""
+    def from_config(cls, model_config, **objective_fields) -> "TwoTower":
+        """From the `config.model` ConfigDict (see `clipjax/config.py`); objectives add their
+        own fields (`log_scale_init`, `bias_init`, `priors`)."""
         image, text = model_config.image, model_config.text
         return cls(
             embed_dim=model_config.embed_dim,
             image_variant=image.variant,
             image_depth=image.depth,
+            image_width=image.width,
             text_vocab_size=text.vocab_size,
             text_context_length=text.context_length,
             text_width=text.width,
             text_depth=text.depth,
             text_heads=text.heads,
+            projection=model_config.projection,
             dtype=jnp.dtype(model_config.dtype),
+            **objective_fields,
         )
 
+    @property
+    def image_features_dim(self) -> int:
+        """Width of the image tower's pooled feature: the ViT width or the ResNet output."""
+        if self.image_variant.startswith("RN"):
+            return resnet_size(self.image_variant)[3]
+        return vit_size(self.image_variant)[0]
+
     def setup(self):
-        if self.image_model != "vit":
-            raise ValueError(f"Unknown image tower {self.image_model!r}; expected 'vit'.")
-        self.image_tower = VisionTransformer(self.image_variant, self.image_depth, self.dtype)
+        if self.image_variant.startswith("RN"):
+            self.image_tower = ModifiedResNet(self.image_variant, self.image_width, self.dtype)
+        else:
+            self.image_tower = VisionTransformer(self.image_variant, self.image_depth, self.dtype)
         self.text_tower = TextTransformer(
             self.text_vocab_size,
             self.text_context_length,
@@ -75,21 +97,47 @@ class TwoTower(nn.Module):
             self.text_heads,
             dtype=self.dtype,
         )
-        self.image_projection = _projection(self.embed_dim, "image_projection")
-        self.text_projection = _projection(self.embed_dim, "text_projection")
-        self.logit_scale = self.param(
-            "logit_scale",
-            nn.with_logical_partitioning(nn.initializers.constant(LOGIT_SCALE_INIT), ()),
-            (),
+        if self.projection == "linear":
+            self.image_projection = _projection(self.embed_dim, "image_projection")
+            self.text_projection = _projection(self.embed_dim, "text_projection")
+        elif self.projection == "mi_block":
+            self.image_projection = MIBlock(self.embed_dim)
+            self.text_projection = MIBlock(self.embed_dim)
+        else:
+            raise ValueError(
+                f"model.projection={self.projection!r} is unknown; use 'linear' or 'mi_block'."
+            )
+        scalar = functools.partial(nn.with_logical_partitioning, names=())
+        self.log_scale = self.param(
+            "log_scale", scalar(nn.initializers.constant(self.log_scale_init)), ()
         )
+        if self.bias_init is not None:
+            self.bias = self.param("bias", scalar(nn.initializers.constant(self.bias_init)), ())
+        self.image_prior = PriorDiscriminator() if "image" in self.priors else None
+        self.text_prior = PriorDiscriminator() if "text" in self.priors else None
 
-    def encode_image(self, images):
+    def _project(self, projection, features, train):
+        if self.projection == "mi_block":
+            return _normalize(projection(features, train=train))
+        return _normalize(projection(features))
+
+    def encode_image(self, images, train: bool = False):
         """Images (B, H, W, 3) -> features (B, width_v) before projection, embed (B, embed_dim)
-        L2-normalised; both float32."""
-        features = self.image_tower(images).astype(jnp.float32)
-        return {"features": features, "embed": _normalize(self.image_projection(features))}
+        L2-normalised; both float32. width_v is the ViT width or the ResNet's output_dim.
 
-    def encode_text(self, tokens):
+        `train` puts BatchNorm (ResNet, MI block) in training mode (apply with
+        `mutable=["batch_stats"]`)."""
+        if isinstance(self.image_tower, ModifiedResNet):
+            features = self.image_tower(images, train=train)
+        else:
+            features = self.image_tower(images)
+        features = features.astype(jnp.float32)
+        return {
+            "features": features,
+            "embed": self._project(self.image_projection, features, train),
+        }
+
+    def encode_text(self, tokens, train: bool = False):
         """Tokens (B, L) -> features (B, width_t) at end-of-text, states (B, L, width_t)
         final-LN token states, embed (B, embed_dim) L2-normalised; all float32."""
         pooled, states = self.text_tower(tokens)
@@ -97,13 +145,23 @@ class TwoTower(nn.Module):
         return {
             "features": features,
             "states": states.astype(jnp.float32),
-            "embed": _normalize(self.text_projection(features)),
+            "embed": self._project(self.text_projection, features, train),
         }
 
-    def __call__(self, images, tokens):
-        """Both encodings and the logit scale exp(logit_scale), capped at 100."""
-        return {
-            "image": self.encode_image(images),
-            "text": self.encode_text(tokens),
-            "logit_scale": jnp.minimum(jnp.exp(self.logit_scale), LOGIT_SCALE_MAX),
+    def discriminate(self, kind: str, features):
+        """Prior-discriminator logits (B,) of the "image" or "text" prior on features (B, d)."""
+        return {"image": self.image_prior, "text": self.text_prior}[kind](features)
+
+    def __call__(self, images, tokens, train: bool = False):
+        """Both encodings, `log_scale` θ, and where the model has them the logit `bias` and the
+        prior discriminators' logits on the tower features (`prior_logits`, by kind)."""
+        out = {
+            "image": self.encode_image(images, train=train),
+            "text": self.encode_text(tokens, train=train),
+            "log_scale": self.log_scale,
         }
+        if self.bias_init is not None:
+            out["bias"] = self.bias
+        if self.priors:
+            out["prior_logits"] = {k: self.discriminate(k, out[k]["features"]) for k in self.priors}
+        return out

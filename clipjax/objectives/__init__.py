@@ -1,14 +1,13 @@
 """Training objectives. Each computes its loss from model outputs and keeps its own state.
 
-An objective is built as `Objective(config, model, mesh)` and offers:
-  init_state(rng) -> pytree            extra training state (e.g. a feature queue), may be {}
-  loss(params, batch, state, rng) -> (loss, (metrics, new_state))
-  embed_images(params, images) / embed_texts(params, tokens) -> (n, d) unit vectors for evals
+An objective is built as `Objective(config, mesh)`; see `base.Objective` for what it offers.
 """
 
 from clipjax.objectives.clip import Clip
+from clipjax.objectives.cliplite import ClipLite
+from clipjax.objectives.siglip import SigLip
 
-OBJECTIVES = {"clip": Clip}
+OBJECTIVES = {"clip": Clip, "siglip": SigLip, "cliplite": ClipLite}
 
 
 def get(name: str):

@@ -1,30 +1,24 @@
 """CLIP (Radford et al. 2021): symmetric InfoNCE over the global batch, learned temperature."""
 
+import jax.numpy as jnp
+
 from clipjax import losses
 from clipjax.models.two_tower import TwoTower
+from clipjax.objectives.base import Objective
+
+MAX_LOGIT_SCALE = 100.0
 
 
-class Clip:
+class Clip(Objective):
     """One image view and one plain caption per example; no extra state."""
 
-    def __init__(self, config, model: TwoTower, mesh):
-        del config  # CLIP has no objective-specific fields
-        self.model = model
+    def __init__(self, config, mesh):
+        self.model = TwoTower.from_config(config.model)
         self._contrastive = losses.on_batch_shards(losses.clip_loss, mesh, num_batched=2)
 
-    def init_state(self, rng):
-        del rng
-        return {}
-
-    def loss(self, params, batch, state, rng):
+    def loss(self, params, model_state, batch, state, rng):
         del rng  # deterministic given the batch
-        out = self.model.apply({"params": params}, batch["image"], batch["text"])
-        loss = self._contrastive(out["image"]["embed"], out["text"]["embed"], out["logit_scale"])
-        return loss, ({"train/logit_scale": out["logit_scale"]}, state)
-
-    def embed_images(self, params, images):
-        out = self.model.apply({"params": params}, images, method=TwoTower.encode_image)
-        return out["embed"]
-
-    def embed_texts(self, params, tokens):
-        return self.model.apply({"params": params}, tokens, method=TwoTower.encode_text)["embed"]
+        out, model_state = self.forward(params, model_state, batch["image"], batch["text"])
+        scale = jnp.minimum(jnp.exp(out["log_scale"]), MAX_LOGIT_SCALE)
+        loss = self._contrastive(out["image"]["embed"], out["text"]["embed"], scale)
+        return loss, ({"train/logit_scale": scale}, model_state, state)

@@ -1,0 +1,42 @@
+"""What every objective shares: its model, training-mode forward passes and eval embeddings."""
+
+from clipjax.models.two_tower import TwoTower
+
+
+class Objective:
+    """Base of the objectives. Subclasses set `model` (a TwoTower, with the heads they need)
+    and implement `loss`.
+
+    Interface used by the trainer:
+      init_state(rng) -> pytree of extra training state (e.g. a feature queue); {} by default
+      loss(params, model_state, batch, state, rng)
+          -> (loss, (metrics, new_model_state, new_state))
+      embed_images(params, model_state, images), embed_texts(params, model_state, tokens)
+          -> (n, d) unit vectors used by the evaluations
+    `model_state` holds the model's non-parameter collections (BatchNorm statistics).
+    """
+
+    model: TwoTower
+
+    def init_state(self, rng):
+        del rng
+        return {}
+
+    def forward(self, params, model_state, *args, method=None):
+        """`model.apply` in training mode; returns (outputs, updated model_state)."""
+        out, updates = self.model.apply(
+            {"params": params, **model_state},
+            *args,
+            train=True,
+            method=method,
+            mutable=list(model_state),
+        )
+        return out, {**model_state, **updates}
+
+    def embed_images(self, params, model_state, images):
+        variables = {"params": params, **model_state}
+        return self.model.apply(variables, images, method=TwoTower.encode_image)["embed"]
+
+    def embed_texts(self, params, model_state, tokens):
+        variables = {"params": params, **model_state}
+        return self.model.apply(variables, tokens, method=TwoTower.encode_text)["embed"]
