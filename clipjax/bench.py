@@ -11,6 +11,13 @@ and prints the median over `--steps` steps. The last line is one JSON object:
   matmul_peak_flops_per_s      per device: median of a jitted float32 matmul
   compile_s                    XLA compile time of the train step
   temp_bytes_per_device        scratch memory of the compiled step (memory analysis)
+
+With `--loss_only`, only the contrastive losses are compiled (value and gradient with respect
+to the embeddings, `config.model.embed_dim` wide) at each of `--batch_sizes`, and the JSON maps
+each loss to its `temp_bytes_per_device` per global batch, next to the logits floors
+(B/k)·B·4 bytes (all-gather) and (B/k)²·4 bytes (ring). For 8 devices on one CPU:
+
+  python -m clipjax.bench --config=configs/siglip_vitb16.py --loss_only --fake_devices=8
 """
 
 import json
@@ -25,10 +32,13 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from clipjax import config as config_lib
-from clipjax import sharding, train
+from clipjax import losses, sharding, train
 
 config_flags.DEFINE_config_file("config", None, "Config file (`path.py[:arg]`).", lock_config=True)
 flags.DEFINE_integer("steps", 10, "Timed steps after the first (compiling) one.")
+flags.DEFINE_bool("loss_only", False, "Compile only the losses on embeddings; report memory.")
+flags.DEFINE_list("batch_sizes", ["4096", "8192", "16384", "32768"], "Global batches, loss_only.")
+flags.DEFINE_integer("fake_devices", 0, "On CPU, split the host into this many devices.")
 flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 
@@ -106,9 +116,50 @@ def benchmark(config, steps: int) -> dict:
     }
 
 
+# name -> (loss body, its replicated scalar arguments: scale, and bias for the sigmoid)
+LOSSES = {
+    "clip_allgather": (losses.clip_loss, (10.0,)),
+    "sigmoid_allgather": (losses.sigmoid_loss, (10.0, -10.0)),
+    "sigmoid_ring": (losses.sigmoid_loss_ring, (10.0, -10.0)),
+}
+
+
+def loss_memory(config, batch_sizes: list[int]) -> dict:
+    """temp_bytes_per_device of each loss's value and embedding gradients, per global batch."""
+    mesh = sharding.make_mesh(config.mesh)
+    k = sharding.data_parallel_size(mesh)
+    dim = config.model.embed_dim
+    result = {"devices": k, "embed_dim": dim, "batch_sizes": batch_sizes}
+    result["floor_allgather_bytes"] = [b // k * b * 4 for b in batch_sizes]
+    result["floor_ring_bytes"] = [(b // k) ** 2 * 4 for b in batch_sizes]
+    for name, (body, scalars) in LOSSES.items():
+        loss = losses.on_batch_shards(body, mesh, num_batched=2)
+
+        def value_and_grads(u, v, loss=loss, scalars=scalars):
+            def scalar_loss(u, v):
+                out = loss(u, v, *scalars)
+                return out[0] if isinstance(out, tuple) else out
+
+            return jax.value_and_grad(scalar_loss, argnums=(0, 1))(u, v)
+
+        result[name] = []
+        for b in batch_sizes:
+            embeds = jax.ShapeDtypeStruct(
+                (b, dim), jnp.float32, sharding=sharding.batch_sharding(mesh)
+            )
+            compiled = jax.jit(value_and_grads).lower(embeds, embeds).compile()
+            result[name].append(compiled.memory_analysis().temp_size_in_bytes)
+    return result
+
+
 def main(argv) -> None:
     del argv
-    result = benchmark(FLAGS.config, FLAGS.steps)
+    if FLAGS.fake_devices:
+        jax.config.update("jax_num_cpu_devices", FLAGS.fake_devices)
+    if FLAGS.loss_only:
+        result = loss_memory(FLAGS.config, [int(b) for b in FLAGS.batch_sizes])
+    else:
+        result = benchmark(FLAGS.config, FLAGS.steps)
     logging.info("%s", result)
     print(json.dumps(result))
 

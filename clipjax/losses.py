@@ -121,12 +121,15 @@ def sigmoid_loss_ring(
     devices = jax.lax.axis_size(axis_name)
     b = image_embed.shape[0]
     to_next = [(i, (i + 1) % devices) for i in range(devices)]
+    # Rematerialised: the backward pass recomputes each block's logits from its text chunk,
+    # instead of keeping all k blocks (b × B logits in all) alive as residuals.
+    block_sums = jax.checkpoint(_sigmoid_sums)
     texts = text_embed
     own = jnp.eye(b, dtype=bool)
-    local_sum, logit_sum = _sigmoid_sums(image_embed, texts, scale, bias, own)
+    local_sum, logit_sum = block_sums(image_embed, texts, scale, bias, own)
     for _ in range(devices - 1):
         texts = jax.lax.ppermute(texts, axis_name, to_next)
-        block_sum, block_logit_sum = _sigmoid_sums(image_embed, texts, scale, bias, False)
+        block_sum, block_logit_sum = block_sums(image_embed, texts, scale, bias, False)
         local_sum += block_sum
         logit_sum += block_logit_sum
     loss = _mean(local_sum / b, axis_name)
