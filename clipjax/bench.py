@@ -11,6 +11,8 @@ and prints the median over `--steps` steps. The last line is one JSON object:
   matmul_peak_flops_per_s      per device: median of a jitted float32 matmul
   compile_s                    XLA compile time of the train step
   temp_bytes_per_device        scratch memory of the compiled step (memory analysis)
+For DeCLIP it adds CLIP's step on the same backbone and batch (`step_ratio_vs_clip`) and the
+time of the two nearest-neighbour queue lookups alone (`nn_lookup_s`, `nn_lookup_share`).
 
 With `--loss_only`, only the contrastive losses are compiled (value and gradient with respect
 to the embeddings, `config.model.embed_dim` wide) at each of `--batch_sizes`, and the JSON maps
@@ -29,10 +31,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
+from jax.sharding import PartitionSpec
 from ml_collections import config_flags
 
 from clipjax import config as config_lib
-from clipjax import losses, sharding, train
+from clipjax import losses, nn_queue, sharding, train
+from clipjax.data.pipeline import Views
 
 config_flags.DEFINE_config_file("config", None, "Config file (`path.py[:arg]`).", lock_config=True)
 flags.DEFINE_integer("steps", 10, "Timed steps after the first (compiling) one.")
@@ -60,31 +64,33 @@ def matmul_peak(size: int = 2048, repeats: int = 10) -> float:
     return 2 * size**3 / _median_seconds(lambda: matmul(a), repeats)
 
 
-def synthetic_batch(config, mesh) -> dict:
-    """Random images and captions of the config's shapes, as global arrays on the mesh."""
+def synthetic_batch(config, mesh, views: Views) -> dict:
+    """Random inputs with the keys and shapes the pipeline makes for `views`, on the mesh."""
     rng = np.random.default_rng(0)
     n, size = config.batch_size, config.model.image.size
     length, vocab = config.model.text.context_length, config.model.text.vocab_size
-    batch = {
-        "image": rng.normal(size=(n, size, size, 3)).astype(np.float32),
-        "text": rng.integers(4, vocab, size=(n, length)).astype(np.int32),
-    }
+
+    def tokens():
+        return rng.integers(4, vocab, size=(n, length)).astype(np.int32)
+
+    keys = ["image", "image_2"][: views.image_views]
+    batch = {key: rng.normal(size=(n, size, size, 3)).astype(np.float32) for key in keys}
+    for kind in views.text_views:
+        batch["text" if kind == "plain" else f"text_{kind}"] = tokens()
+        if kind == "mlm":
+            batch["mlm_labels"] = np.where(rng.random((n, length)) < 0.15, tokens(), 0)
     per_process = n // jax.process_count()
     start = jax.process_index() * per_process
     return sharding.to_global({k: v[start : start + per_process] for k, v in batch.items()}, mesh)
 
 
-def benchmark(config, steps: int) -> dict:
+def _time_step(config, steps: int):
+    """(median step seconds, compile seconds, compiled step) of `config`'s train step."""
     mesh = sharding.make_mesh(config.mesh)
-    data_parallel = sharding.data_parallel_size(mesh)
-    if config.batch_size % data_parallel:
-        raise config_lib.ConfigError(
-            f"config.batch_size={config.batch_size} does not split over {data_parallel} devices."
-        )
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-        _, init, _, step_fn = train.build(config, mesh)
+        objective, init, _, step_fn = train.build(config, mesh)
         state = init(jax.random.PRNGKey(config.seed))
-        batch = synthetic_batch(config, mesh)
+        batch = synthetic_batch(config, mesh, objective.views)
 
         start = time.perf_counter()
         compiled = step_fn.lower(state, batch).compile()
@@ -97,12 +103,47 @@ def benchmark(config, steps: int) -> dict:
             state, metrics = compiled(state, batch)
             jax.block_until_ready((state, metrics))
             times.append(time.perf_counter() - start)
+    return statistics.median(times), compile_s, compiled
 
-    step_s = statistics.median(times)
+
+def nn_lookup_seconds(config, repeats: int = 10) -> float:
+    """Median time of DeCLIP's two queue lookups (both text views) at the config's sizes."""
+    mesh = sharding.make_mesh(config.mesh)
+    rng = np.random.default_rng(0)
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+    dim = config.model.embed_dim
+    texts = jax.device_put(
+        unit(rng.normal(size=(config.batch_size, dim))).astype(np.float32),
+        sharding.batch_sharding(mesh),
+    )
+    queue = jax.device_put(
+        unit(rng.normal(size=(config.declip.queue_size, dim))).astype(np.float32),
+        sharding.batch_sharding(mesh),
+    )
+    batched = PartitionSpec(sharding.BATCH_AXES)
+
+    def two_lookups(t, q):
+        return [nn_queue.lookup(x, q, sharding.BATCH_AXES) for x in (t, t)]
+
+    lookup = jax.jit(
+        jax.shard_map(two_lookups, mesh=mesh, in_specs=(batched, batched), out_specs=batched)
+    )
+    jax.block_until_ready(lookup(texts, queue))
+    return _median_seconds(lambda: lookup(texts, queue), repeats)
+
+
+def benchmark(config, steps: int) -> dict:
+    mesh = sharding.make_mesh(config.mesh)
+    data_parallel = sharding.data_parallel_size(mesh)
+    if config.batch_size % data_parallel:
+        raise config_lib.ConfigError(
+            f"config.batch_size={config.batch_size} does not split over {data_parallel} devices."
+        )
+    step_s, compile_s, compiled = _time_step(config, steps)
     # The compiled module is one device's program: its flops are per device.
     flops_per_step = compiled.cost_analysis()["flops"] * jax.device_count()
     peak = matmul_peak()
-    return {
+    result = {
         "config_batch_size": config.batch_size,
         "devices": jax.device_count(),
         "samples_per_s": config.batch_size / step_s,
@@ -114,6 +155,18 @@ def benchmark(config, steps: int) -> dict:
         "compile_s": compile_s,
         "temp_bytes_per_device": compiled.memory_analysis().temp_size_in_bytes,
     }
+    if config.objective == "declip":
+        # CLIP's step on the same backbone and batch, timed in the same run.
+        clip = config.copy_and_resolve_references()
+        clip.objective = "clip"
+        clip_step_s, clip_compile_s, _ = _time_step(clip, steps)
+        lookup_s = nn_lookup_seconds(config)
+        result["clip_step_s"] = clip_step_s
+        result["clip_compile_s"] = clip_compile_s
+        result["step_ratio_vs_clip"] = step_s / clip_step_s
+        result["nn_lookup_s"] = lookup_s
+        result["nn_lookup_share"] = lookup_s / step_s
+    return result
 
 
 # name -> (loss body, its replicated scalar arguments: scale, and bias for the sigmoid)

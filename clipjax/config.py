@@ -64,6 +64,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.name = "adamw"  # or "sgd_lookahead" (SGD + momentum inside Lookahead)
     c.optim.lr = 5e-4  # peak, after linear warm-up from 0; cosine decay to 0 at total_steps
     c.optim.warmup_steps = 2_000
+    c.optim.warmup_from = 0.0  # learning rate at step 0
     c.optim.weight_decay = 0.2  # not on biases, norms or the logit scale
     c.optim.b1 = 0.9
     c.optim.b2 = 0.98
@@ -78,6 +79,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.siglip.chunked = True  # ring over devices: at most (B/k)² logits per device
     c.siglip.scale_init = math.log(10.0)  # t' with t = exp(t')
     c.siglip.bias_init = -10.0
+    c.declip = ml_collections.ConfigDict()
+    c.declip.mvs_weight = 0.4  # official code: 0.4 / 0.2 / 0.2 / 0.2
+    c.declip.iss_weight = 0.2
+    c.declip.tss_weight = 0.2
+    c.declip.nns_weight = 0.2
+    c.declip.queue_size = 65_536  # one global FIFO of text embeddings, sharded over devices
+    c.declip.sync_bn = False  # SimSiam BatchNorm statistics: per device (official) or synced
     c.cliplite = ml_collections.ConfigDict()
     c.cliplite.prior_weight = 0.1  # total = (1 - w) · cross + w · prior
     c.cliplite.image_prior = True

@@ -28,6 +28,28 @@ def _mean(x: jax.Array, axis_name) -> jax.Array:
     return x if axis_name is None else jax.lax.pmean(x, axis_name)
 
 
+def info_nce(
+    query_embed: jax.Array, key_embed: jax.Array, logit_scale: jax.Array, axis_name=None
+) -> jax.Array:
+    """One-directional InfoNCE: each query against every key of the global batch.
+
+    Args:
+      query_embed: (b, d) this device's queries, L2-normalised.
+      key_embed: (b, d) the paired keys, L2-normalised; query i's positive is key i.
+      logit_scale: scalar `s` multiplying the cosine similarities.
+      axis_name: mesh axis (or tuple of axes) the batch is split over; None on one device.
+
+    Returns:
+      CE(s·Q Kᵀ, y) averaged over the global batch B, y the global index of each query; the
+      same scalar on every device. Each device builds only its (b, B) rows of the logits.
+    """
+    all_keys, offset = _gather(key_embed, axis_name)
+    labels = offset + jnp.arange(query_embed.shape[0])
+    logits = logit_scale * query_embed @ all_keys.T
+    local = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    return _mean(local, axis_name)
+
+
 def clip_loss(
     image_embed: jax.Array, text_embed: jax.Array, logit_scale: jax.Array, axis_name=None
 ) -> jax.Array:
@@ -43,16 +65,64 @@ def clip_loss(
       ½ [CE(s·U Vᵀ, y) + CE(s·V Uᵀ, y)] averaged over the global batch B, the same scalar on
       every device. Each device builds only its (b, B) rows of both logit matrices.
     """
-    all_images, offset = _gather(image_embed, axis_name)
-    all_texts, _ = _gather(text_embed, axis_name)
-    labels = offset + jnp.arange(image_embed.shape[0])
-    image_to_text = logit_scale * image_embed @ all_texts.T
-    text_to_image = logit_scale * text_embed @ all_images.T
-    local = 0.5 * (
-        optax.softmax_cross_entropy_with_integer_labels(image_to_text, labels).mean()
-        + optax.softmax_cross_entropy_with_integer_labels(text_to_image, labels).mean()
-    )
+    image_to_text = info_nce(image_embed, text_embed, logit_scale, axis_name)
+    text_to_image = info_nce(text_embed, image_embed, logit_scale, axis_name)
+    return 0.5 * (image_to_text + text_to_image)
+
+
+def _cosine(a: jax.Array, b: jax.Array, eps: float = 1e-8) -> jax.Array:
+    """Row-wise cosine similarity of (n, d) arrays; norms floored at `eps` (zero rows give 0)."""
+    a = a * jax.lax.rsqrt(jnp.maximum(jnp.sum(a * a, axis=-1, keepdims=True), eps * eps))
+    b = b * jax.lax.rsqrt(jnp.maximum(jnp.sum(b * b, axis=-1, keepdims=True), eps * eps))
+    return jnp.sum(a * b, axis=-1)
+
+
+def simsiam_loss(
+    p1: jax.Array, p2: jax.Array, z1: jax.Array, z2: jax.Array, axis_name=None
+) -> jax.Array:
+    """SimSiam's symmetric negative cosine similarity (DeCLIP's image self-supervision).
+
+    Args:
+      p1, p2: (b, D) predictor outputs for the two views of this device's images, unnormalised.
+      z1, z2: (b, D) projector outputs for the same views, unnormalised; gradients are stopped.
+      axis_name: mesh axis (or tuple of axes) the batch is split over; None on one device.
+
+    Returns:
+      −½ [mean cos(p₁, sg(z₂)) + mean cos(p₂, sg(z₁))], means over the global batch; in
+      [−1, 1], the same scalar on every device.
+    """
+    z1, z2 = jax.lax.stop_gradient(z1), jax.lax.stop_gradient(z2)
+    local = -0.5 * (_cosine(p1, z2).mean() + _cosine(p2, z1).mean())
     return _mean(local, axis_name)
+
+
+def masked_lm_loss(
+    logits: jax.Array, labels: jax.Array, axis_name=None
+) -> tuple[jax.Array, jax.Array]:
+    """Cross-entropy and accuracy over the masked token positions of the global batch.
+
+    Args:
+      logits: (b, L, V) vocabulary logits at every position of this device's captions.
+      labels: (b, L) int32 original token ids at the masked positions, 0 everywhere else.
+      axis_name: mesh axis (or tuple of axes) the batch is split over; None on one device.
+
+    Returns:
+      (loss, accuracy): Σ CE / M and (number of masked positions whose argmax is the label) / M,
+      sums over the masked positions of all devices and M the global number of masked
+      positions, so every masked token weighs the same whichever device holds it. Both are 0
+      when no position is masked. The same scalars on every device.
+    """
+    masked = labels != 0
+    weights = masked.astype(jnp.float32)
+    token_loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+    correct = (jnp.argmax(logits, axis=-1) == labels) & masked
+    sums = jnp.stack([(token_loss * weights).sum(), correct.sum(dtype=jnp.float32)])
+    count = weights.sum()
+    if axis_name is not None:
+        sums, count = jax.lax.psum((sums, count), axis_name)
+    # At least one: with nothing masked both sums are 0, and so are loss and accuracy.
+    loss, accuracy = sums / jnp.maximum(count, 1.0)
+    return loss, accuracy
 
 
 def _sigmoid_sums(image_embed, text_embed, scale, bias, positive):

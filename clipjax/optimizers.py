@@ -9,9 +9,10 @@ import optax
 
 
 def make_schedule(optim, total_steps: int) -> optax.Schedule:
-    """Linear warm-up from 0 to `optim.lr`, then cosine decay to 0 at `total_steps`."""
+    """Linear warm-up from `optim.warmup_from` to `optim.lr`, then cosine decay to 0 at
+    `total_steps`."""
     return optax.warmup_cosine_decay_schedule(
-        0.0, optim.lr, optim.warmup_steps, max(total_steps, optim.warmup_steps + 1)
+        optim.warmup_from, optim.lr, optim.warmup_steps, max(total_steps, optim.warmup_steps + 1)
     )
 
 

@@ -18,6 +18,7 @@ BATCH_AXES = ("data", "fsdp")
 
 LOGICAL_RULES = (
     ("batch", BATCH_AXES),
+    ("queue", BATCH_AXES),  # DeCLIP's feature queue: rows split like the batch
     ("embed", "fsdp"),
     ("mlp", "model"),
     ("heads", "model"),

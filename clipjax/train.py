@@ -44,7 +44,7 @@ def train_step(state: TrainState, batch, *, objective, optimizer, schedule):
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     new_state = state.replace(
         step=state.step + 1,
-        params=optax.apply_updates(state.params, updates),
+        params=objective.constrain(optax.apply_updates(state.params, updates)),
         model_state=model_state,
         opt_state=opt_state,
         objective_state=objective_state,
@@ -144,6 +144,7 @@ def run(config, workdir: str, *, stop_at: int | None = None) -> None:
             context_length=config.model.text.context_length,
             global_batch_size=config.batch_size,
             seed=config.seed,
+            views=objective.views,
         )
         train_iter = iter(train_data)
         evaluator = Evaluator(

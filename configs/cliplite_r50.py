@@ -7,7 +7,7 @@ weight decay are not given by the method's spec; the values below are common SGD
 
   python -m clipjax.main --config=configs/cliplite_r50.py --workdir=/tmp/cliplite_r50
 
-On a laptop CPU, the tiny ViT of every `:local` config (a ResNet variant: add
+On a laptop CPU, the tiny ViT and AdamW of every `:local` config (for a narrow ResNet, add
 `--config.model.image.variant=RN50 --config.model.image.width=8`):
 
   python -m clipjax.main --config=configs/cliplite_r50.py:local --workdir=/tmp/cliplite_local
@@ -37,5 +37,8 @@ def get_config(arg: str | None = None):
     if arg == "local":
         apply_local(c)
         c.model.embed_dim = 256  # MI-block width at the local size
-        c.optim.lr = 0.1
+        # The AdamW of every :local config: in 600 local steps the official SGD + Lookahead
+        # (lr 0.1) reached 4.3% zero-shot top-1 on `shapes`, chance being 2.1%.
+        c.optim.name = "adamw"
+        c.optim.grad_clip = 1.0
     return c

@@ -1,5 +1,7 @@
 """Tests for clipjax.data: shapes dataset, tokenizer, image ops, sources and the Grain pipeline."""
 
+import collections
+import colorsys
 import pickle
 
 import ml_collections
@@ -145,6 +147,128 @@ def test_normalize_matches_numpy_reference():
     np.testing.assert_allclose(result, expected, rtol=1e-5, atol=1e-5)
 
 
+LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R 601-2
+
+
+def colorful_image(size: int = 16, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+
+
+def assert_close_uint8(result: np.ndarray, expected: np.ndarray, atol: float = 1.0):
+    """Within `atol` levels of a float reference (PIL rounds or truncates to uint8)."""
+    assert result.dtype == np.uint8 and result.shape == expected.shape
+    np.testing.assert_allclose(result, np.clip(expected, 0, 255), atol=atol)
+
+
+def test_grayscale_is_601_luma_on_three_channels():
+    image = colorful_image()
+    gray = image_ops.grayscale(image)
+    assert (gray == gray[..., :1]).all()
+    assert_close_uint8(gray, np.repeat(image @ LUMA, 3).reshape(image.shape), atol=0.5)
+
+
+def test_brightness_contrast_saturation_match_numpy():
+    image = colorful_image().astype(np.float64)
+    luma = image @ LUMA
+    for factor in (0.6, 1.4):
+        assert_close_uint8(image_ops.adjust_brightness(colorful_image(), factor), image * factor)
+        mean = np.round(luma.mean())  # contrast blends with the mean grey level
+        expected = mean + factor * (image - mean)
+        assert_close_uint8(image_ops.adjust_contrast(colorful_image(), factor), expected)
+        grey = np.round(luma)[..., None]  # saturation blends with each pixel's grey
+        expected = grey + factor * (image - grey)
+        assert_close_uint8(image_ops.adjust_saturation(colorful_image(), factor), expected)
+
+
+def test_hue_shift_matches_colorsys():
+    image = colorful_image()
+    for shift in (0.07, -0.08):
+        expected = (
+            np.array(
+                [
+                    colorsys.hsv_to_rgb((h + shift) % 1.0, s, v)
+                    for h, s, v in (colorsys.rgb_to_hsv(*rgb) for rgb in image.reshape(-1, 3) / 255)
+                ]
+            ).reshape(image.shape)
+            * 255
+        )
+        result = image_ops.adjust_hue(image, shift).astype(np.float64)
+        # PIL stores hue in 1/255 turns and saturation in 1/255: a few levels off at most.
+        assert np.abs(result - expected).max() <= 10 and np.abs(result - expected).mean() < 1.5
+    np.testing.assert_array_equal(image_ops.adjust_hue(image, 0.0), image)
+
+
+def gaussian_reference(image: np.ndarray, sigma: float) -> np.ndarray:
+    """Separable convolution with a normalised Gaussian kernel of radius 4 sigma."""
+    x = np.arange(-int(np.ceil(4 * sigma)), int(np.ceil(4 * sigma)) + 1)
+    kernel = np.exp(-(x**2) / (2 * sigma**2))
+    kernel /= kernel.sum()
+    out = image.astype(np.float64)
+    for axis in (0, 1):
+        out = np.apply_along_axis(np.convolve, axis, out, kernel, mode="same")
+    return out
+
+
+def test_gaussian_blur_sigma_is_standard_deviation():
+    image = colorful_image(48)
+    for sigma in (0.5, 2.0):
+        result = image_ops.gaussian_blur(image, sigma).astype(np.float64)[12:-12, 12:-12]
+        errors = {
+            s: np.abs(result - gaussian_reference(image, s)[12:-12, 12:-12]).mean()
+            for s in (sigma / 2, sigma, 2 * sigma)
+        }
+        # PIL approximates the Gaussian with box blurs: close, and closest at the right sigma.
+        assert errors[sigma] < 1.5 and errors[sigma] == min(errors.values()), errors
+
+
+def test_color_jitter_draws_factors_in_range():
+    image = colorful_image().astype(np.float64)
+    factors = set()
+    for seed in range(20):
+        result = image_ops.color_jitter(
+            colorful_image(), np.random.default_rng(seed), 0.4, 0.0, 0.0, 0.0
+        )
+        unclipped = image * 1.4 < 255
+        # Least squares for `result ~ image * factor`; PIL truncates, hence the half level.
+        fit = (result[unclipped] + 0.5) * image[unclipped]
+        factor = fit.sum() / (image[unclipped] ** 2).sum()
+        assert 0.6 - 0.01 < factor < 1.4 + 0.01
+        assert_close_uint8(result, image * factor - 0.5)
+        factors.add(round(factor, 3))
+    assert len(factors) == 20
+    a, b = (image_ops.color_jitter(colorful_image(), np.random.default_rng(3)) for _ in range(2))
+    np.testing.assert_array_equal(a, b)
+
+
+def test_mocov2_augment_probabilities(monkeypatch):
+    # Counting wrappers keep the real ops, so the draws are those of the real augmentation.
+    calls = {"color_jitter": 0, "grayscale": 0, "gaussian_blur": []}
+
+    def counted(name, op):
+        def wrapper(image, *args, **kwargs):
+            if name == "gaussian_blur":
+                calls[name].append(args[0])
+            else:
+                calls[name] += 1
+            return op(image, *args, **kwargs)
+
+        return wrapper
+
+    for name in calls:
+        monkeypatch.setattr(image_ops, name, counted(name, getattr(image_ops, name)))
+    image = colorful_image(24)
+    outputs = [image_ops.mocov2_augment(image, np.random.default_rng(s), 8) for s in range(1000)]
+    assert all(o.shape == (8, 8, 3) and o.dtype == np.uint8 for o in outputs)
+    # Binomial(1000, p): sd <= 16, bounds > 4 sd. Saturation factors >= 0.6 never make grey.
+    assert abs(calls["color_jitter"] - 800) < 60
+    assert abs(calls["grayscale"] - 200) < 60
+    assert calls["grayscale"] == sum(bool((o == o[..., :1]).all()) for o in outputs)
+    assert abs(len(calls["gaussian_blur"]) - 500) < 70
+    assert min(calls["gaussian_blur"]) >= 0.1 and max(calls["gaussian_blur"]) <= 2.0
+    again = image_ops.mocov2_augment(image, np.random.default_rng(7), 8)
+    np.testing.assert_array_equal(again, outputs[7])
+
+
 # ---------------------------------------------------------------------------- sources
 
 
@@ -168,7 +292,15 @@ def test_make_source_unknown_scheme_error():
 # ---------------------------------------------------------------------------- pipeline
 
 
-def make_train(tok, *, seed=0, num_workers=0, batch_size=8):
+DECLIP_VIEWS = pipeline.Views(
+    image_views=2, image_augment="mocov2", text_views=("plain", "mlm", "eda")
+)
+
+
+def make_train(
+    tok, *, seed=0, num_workers=0, batch_size=8, views=None, context_length=CONTEXT_LENGTH
+):
+    """The test stream; `views=None` calls `train_dataset` without the argument."""
     data = ml_collections.ConfigDict(
         {"train": "shapes:40", "num_workers": num_workers, "crop_scale": (0.9, 1.0)}
     )
@@ -176,9 +308,10 @@ def make_train(tok, *, seed=0, num_workers=0, batch_size=8):
         data,
         tokenizer=tok,
         image_size=24,
-        context_length=CONTEXT_LENGTH,
+        context_length=context_length,
         global_batch_size=batch_size,
         seed=seed,
+        **({} if views is None else {"views": views}),
     )
 
 
@@ -189,8 +322,9 @@ def take(iterator, n):
 def assert_same_batches(a, b):
     assert len(a) == len(b)
     for x, y in zip(a, b, strict=True):
-        np.testing.assert_array_equal(x["image"], y["image"])
-        np.testing.assert_array_equal(x["text"], y["text"])
+        assert x.keys() == y.keys()
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key])
 
 
 def test_train_dataset_batches_and_seeds(tok):
@@ -213,21 +347,87 @@ def test_train_dataset_epochs_cover_source_and_reshuffle(tok):
     assert texts[:40] != texts[40:]
 
 
-@pytest.mark.parametrize("num_workers", [0, 1])
-def test_train_iterator_resumes_from_state(tok, num_workers):
-    iterator = iter(make_train(tok, num_workers=num_workers))
+@pytest.mark.parametrize(
+    "num_workers, views",
+    [(0, None), (1, None), (0, DECLIP_VIEWS), (1, DECLIP_VIEWS)],
+    ids=["0", "1", "views-0", "views-1"],
+)
+def test_train_iterator_resumes_from_state(tok, num_workers, views):
+    iterator = iter(make_train(tok, num_workers=num_workers, views=views))
     try:
         take(iterator, 3)
         state = iterator.get_state()
         expected = take(iterator, 3)
     finally:
         iterator.close()
-    restored = iter(make_train(tok, num_workers=num_workers))
+    restored = iter(make_train(tok, num_workers=num_workers, views=views))
     try:
         restored.set_state(state)
         assert_same_batches(take(restored, 3), expected)
     finally:
         restored.close()
+
+
+def test_views_keys_shapes_and_contents(tok, monkeypatch):
+    monkeypatch.setattr(pipeline.text_ops, "wordnet_lexicon", lambda: None)
+    # Long enough for whole captions, so that EDA's words can be compared with the caption's.
+    batch = next(iter(make_train(tok, views=DECLIP_VIEWS, context_length=48)))
+    images, texts = ("image", "image_2"), ("text", "text_mlm", "mlm_labels", "text_eda")
+    assert set(batch) == {*images, *texts}
+    for key in images:
+        assert batch[key].shape == (8, 24, 24, 3) and batch[key].dtype == np.float32
+    for key in texts:
+        assert batch[key].shape == (8, 48) and batch[key].dtype == np.int32
+    assert (batch["text"][:, -1] == tok.pad_id).all()
+    # Two independent augmentations of each image.
+    assert all(not np.array_equal(a, b) for a, b in zip(*(batch[k] for k in images), strict=True))
+    text, masked, labels = batch["text"], batch["text_mlm"], batch["mlm_labels"]
+    # Masked captions are the captions except at the labelled positions, whose ids they hold.
+    np.testing.assert_array_equal(np.where(labels != 0, labels, masked), text)
+    np.testing.assert_array_equal(labels[labels != 0], text[labels != 0])
+    assert ((labels != 0).sum(axis=1) >= 1).all()
+    decoded = [tok.decode(row) for row in masked]
+    assert sum("[MASK]" in caption for caption in decoded) >= 4, decoded
+    for caption, eda in zip(text, batch["text_eda"], strict=True):
+        words, eda_words = tok.decode(caption).split(), tok.decode(eda).split()
+        # Without WordNet: a swap or deletions, so no new words.
+        assert not collections.Counter(eda_words) - collections.Counter(words)
+    assert (batch["text_eda"] != text).any()
+
+
+def test_views_are_seeded_and_first_views_are_the_default_stream(tok):
+    declip = take(iter(make_train(tok, views=DECLIP_VIEWS)), 2)
+    assert_same_batches(declip, take(iter(make_train(tok, views=DECLIP_VIEWS)), 2))
+    other = next(iter(make_train(tok, seed=1, views=DECLIP_VIEWS)))
+    assert not np.array_equal(other["image_2"], declip[0]["image_2"])
+    default = take(iter(make_train(tok)), 2)
+    assert_same_batches(default, take(iter(make_train(tok, views=pipeline.Views())), 2))
+    # The element's rng draws the first image view first: more views leave it as it was.
+    more = take(iter(make_train(tok, views=pipeline.Views(2, "clip", ("plain", "mlm")))), 2)
+    assert_same_batches(default, [{k: b[k] for k in ("image", "text")} for b in more])
+
+
+def test_mlm_view_needs_a_mask_piece(tok):
+    no_mask = type("NoMask", (tokenizer.Tokenizer,), {"mask_id": None})(tok.model_proto)
+    with pytest.raises(ValueError) as error:
+        make_train(no_mask, views=DECLIP_VIEWS)
+    message = str(error.value)
+    assert "config.data.tokenizer.path" in message and "'[MASK]'" in message
+    assert "DeCLIP" in message
+    make_train(no_mask, views=pipeline.Views(text_views=("plain", "eda")))  # no MLM: fine
+
+
+def test_views_validation():
+    assert pipeline.Views(text_views=["mlm", "eda"]).text_views == ("mlm", "eda")
+    for bad in (
+        {"image_views": 3},
+        {"image_augment": "simclr"},
+        {"text_views": ()},
+        {"text_views": ("plain", "plain")},
+        {"text_views": ("bert",)},
+    ):
+        with pytest.raises(ValueError, match="Views."):
+            pipeline.Views(**bad)
 
 
 def test_eval_arrays(tok):

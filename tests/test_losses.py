@@ -378,3 +378,183 @@ def test_prior_loss_is_stable_for_large_logits():
     real, prior = np.array([80.0, -80.0], np.float32), np.array([-80.0, 80.0], np.float32)
     value, grads = jax.value_and_grad(losses.prior_loss, argnums=(0, 1))(real, prior)
     _assert_matches(value, grads, prior_reference(real, prior))
+
+
+def info_nce_reference(q, k, s):
+    """Value and analytic gradients (q, k, s) of CE(s·QKᵀ, y), y_i = i, float64."""
+    q, k, s = q.astype(np.float64), k.astype(np.float64), np.float64(s)
+    n = len(q)
+    sim = q @ k.T
+    log_probs = _log_softmax(s * sim)
+    d_logits = (np.exp(log_probs) - np.eye(n)) / n
+    grads = (s * d_logits @ k, s * d_logits.T @ q, (d_logits * sim).sum())
+    return -np.trace(log_probs) / n, grads
+
+
+def simsiam_reference(p1, p2, z1, z2):
+    """Value and analytic gradients (p1, p2, z1, z2) of −½[mean cos(p1, z2) + mean cos(p2, z1)].
+
+    z is a constant (stop-gradient): its gradients are zero.
+    """
+    p1, p2, z1, z2 = (x.astype(np.float64) for x in (p1, p2, z1, z2))
+    n = len(p1)
+
+    def cos_and_grad(p, z):
+        p_norm = np.linalg.norm(p, axis=1, keepdims=True)
+        p_hat, z_hat = p / p_norm, z / np.linalg.norm(z, axis=1, keepdims=True)
+        cos = (p_hat * z_hat).sum(1, keepdims=True)
+        return cos[:, 0], (z_hat - cos * p_hat) / p_norm
+
+    cos_12, d_12 = cos_and_grad(p1, z2)
+    cos_21, d_21 = cos_and_grad(p2, z1)
+    value = -0.5 * (cos_12.mean() + cos_21.mean())
+    return value, (-0.5 * d_12 / n, -0.5 * d_21 / n, np.zeros_like(z1), np.zeros_like(z2))
+
+
+def masked_lm_reference(logits, labels):
+    """Value, analytic gradient (logits) and accuracy of the masked-position CE, float64."""
+    logits = logits.astype(np.float64)
+    masked = labels != 0
+    flat, flat_labels = logits[masked], labels[masked]
+    count = len(flat_labels)
+    if count == 0:
+        return 0.0, (np.zeros_like(logits),), 0.0
+    log_probs = _log_softmax(flat)
+    rows = np.arange(count)
+    value = -log_probs[rows, flat_labels].sum() / count
+    d_flat = np.exp(log_probs)
+    d_flat[rows, flat_labels] -= 1.0
+    grad = np.zeros_like(logits)
+    grad[masked] = d_flat / count
+    accuracy = (flat.argmax(1) == flat_labels).mean()
+    return value, (grad,), accuracy
+
+
+def test_new_references_match_finite_differences():
+    """The info_nce, SimSiam and masked-LM numpy gradients are themselves right."""
+    rng = np.random.default_rng(5)
+    q, k = rng.normal(size=(2, 5, 3))
+    for got, want in zip(
+        info_nce_reference(q, k, 2.5)[1],
+        _finite_difference(lambda *a: info_nce_reference(*a)[0], (q, k, 2.5)),
+        strict=True,
+    ):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-8)
+    p1, p2, z1, z2 = rng.normal(size=(4, 5, 3))
+    fd = _finite_difference(lambda a, b: simsiam_reference(a, b, z1, z2)[0], (p1, p2))
+    for got, want in zip(simsiam_reference(p1, p2, z1, z2)[1][:2], fd, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-8)
+    logits = rng.normal(size=(2, 3, 4))
+    labels = np.array([[0, 2, 3], [1, 0, 0]])
+    (got,) = masked_lm_reference(logits, labels)[1]
+    (want,) = _finite_difference(lambda x: masked_lm_reference(x, labels)[0], (logits,))
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-8)
+
+
+def _shard_value_and_grad(body, mesh, arrays, replicated=(), argnums=(0,), has_aux=False):
+    """jit(value_and_grad) of `body` under shard_map, `arrays` split over the batch axes."""
+    loss = losses.on_batch_shards(body, mesh, num_batched=len(arrays))
+    placed = [jax.device_put(x, sharding.batch_sharding(mesh)) for x in arrays]
+    grad = jax.value_and_grad(loss, argnums=argnums, has_aux=has_aux)
+    return jax.jit(grad)(*placed, *replicated)
+
+
+def test_info_nce_matches_numpy_on_one_and_eight_devices():
+    u, v, s = _embeddings(seed=6)
+    reference = info_nce_reference(u, v, s)
+    value, grads = jax.value_and_grad(losses.info_nce, argnums=(0, 1, 2))(u, v, s)
+    _assert_matches(value, grads, reference)
+    for mesh_shape in MESH_SHAPES:
+        mesh = sharding.make_mesh(mesh_shape)
+        value, grads = _shard_value_and_grad(losses.info_nce, mesh, (u, v), (s,), (0, 1, 2))
+        _assert_matches(value, grads, reference)
+    # One direction only: swapping query and key changes the value.
+    assert abs(float(losses.info_nce(v, u, s)) - reference[0]) > 1e-3
+
+
+def _simsiam_inputs(batch=32, dim=12):
+    rng = np.random.default_rng(7)
+    # Unnormalised, with varied norms: the loss normalises.
+    return tuple(
+        (rng.normal(size=(4, batch, dim)) * rng.uniform(0.5, 3.0, (4, batch, 1))).astype(np.float32)
+    )
+
+
+def test_simsiam_loss_matches_numpy_on_one_and_eight_devices():
+    args = _simsiam_inputs()
+    reference = simsiam_reference(*args)
+    value, grads = jax.value_and_grad(losses.simsiam_loss, argnums=(0, 1, 2, 3))(*args)
+    _assert_matches(value, grads, reference)
+    assert not np.any(grads[2]) and not np.any(grads[3])
+    for mesh_shape in MESH_SHAPES:
+        mesh = sharding.make_mesh(mesh_shape)
+        value, grads = _shard_value_and_grad(losses.simsiam_loss, mesh, args, argnums=(0, 1, 2, 3))
+        _assert_matches(value, grads, reference)
+
+
+def _masked_lm_inputs(batch=32, length=6, vocab=11):
+    """Logits and labels whose masked counts differ per 4-row slice, one slice with none."""
+    rng = np.random.default_rng(8)
+    logits = (2 * rng.normal(size=(batch, length, vocab))).astype(np.float32)
+    tokens = rng.integers(1, vocab, size=(batch, length)).astype(np.int32)
+    rate = np.repeat([0.9, 0.1, 0.5, 0.0, 0.3, 0.7, 0.2, 0.05], batch // 8)
+    masked = rng.uniform(size=(batch, length)) < rate[:, None]
+    # Make some masked predictions right, so accuracy is neither 0 nor 1.
+    hits = masked & (rng.uniform(size=masked.shape) < 0.4)
+    tokens[hits] = logits.argmax(-1)[hits]
+    tokens[hits & (tokens == 0)] = 1
+    return logits, np.where(masked, tokens, 0).astype(np.int32)
+
+
+def _assert_masked_lm_matches(result, reference, tol=1e-5):
+    (value, accuracy), grads = result
+    ref_value, ref_grads, ref_accuracy = reference
+    _assert_matches(value, grads, (ref_value, ref_grads), tol)
+    np.testing.assert_allclose(accuracy, ref_accuracy, rtol=tol, atol=tol)
+
+
+def test_masked_lm_loss_weights_every_masked_token_equally():
+    logits, labels = _masked_lm_inputs()
+    reference = masked_lm_reference(logits, labels)
+    assert 0.0 < reference[2] < 1.0
+    slices = zip(np.split(logits, 8), np.split(labels, 8), strict=True)
+    per_device_mean = np.mean([masked_lm_reference(x, y)[0] for x, y in slices])
+    # The input has the power to tell a global mean from a mean of per-device means.
+    assert abs(per_device_mean - reference[0]) > 1e-2
+    single = jax.value_and_grad(losses.masked_lm_loss, (0,), has_aux=True)(logits, labels)
+    _assert_masked_lm_matches(single, reference)
+    for mesh_shape in MESH_SHAPES:
+        mesh = sharding.make_mesh(mesh_shape)
+        sharded = _shard_value_and_grad(losses.masked_lm_loss, mesh, (logits, labels), has_aux=True)
+        _assert_masked_lm_matches(sharded, reference)
+
+
+def test_masked_lm_loss_without_masked_tokens_is_zero_not_nan():
+    logits, _ = _masked_lm_inputs()
+    labels = np.zeros(logits.shape[:2], np.int32)
+    single = jax.value_and_grad(losses.masked_lm_loss, (0,), has_aux=True)(logits, labels)
+    mesh = sharding.make_mesh({"data": 8, "fsdp": 1, "model": 1})
+    sharded = _shard_value_and_grad(losses.masked_lm_loss, mesh, (logits, labels), has_aux=True)
+    for (value, accuracy), (grad,) in (single, sharded):
+        assert float(value) == 0.0 and float(accuracy) == 0.0
+        assert np.all(np.asarray(grad) == 0.0)
+
+
+@pytest.mark.parametrize("body", ["info_nce", "simsiam_loss", "masked_lm_loss"])
+def test_new_losses_under_pmap_match_numpy(body):
+    n = jax.device_count()
+    split = lambda x: x.reshape(n, -1, *x.shape[1:])  # noqa: E731
+    if body == "info_nce":
+        u, v, s = _embeddings(seed=6)
+        batched, replicated, want = (u, v), (s,), info_nce_reference(u, v, s)[0]
+    elif body == "simsiam_loss":
+        batched, replicated = _simsiam_inputs(), ()
+        want = simsiam_reference(*batched)[0]
+    else:
+        batched, replicated = _masked_lm_inputs(), ()
+        want = masked_lm_reference(*batched)[0]
+    loss = functools.partial(getattr(losses, body), axis_name="batch")
+    in_axes = (0,) * len(batched) + (None,) * len(replicated)
+    got = jax.pmap(loss, axis_name="batch", in_axes=in_axes)(*map(split, batched), *replicated)
+    got = got[0] if body == "masked_lm_loss" else got
+    np.testing.assert_allclose(got, np.full(n, want), rtol=1e-5)

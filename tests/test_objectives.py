@@ -1,7 +1,5 @@
 """Every objective's `:local` config trains on 8 devices: finite, decreasing loss, its metrics."""
 
-import importlib
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -10,37 +8,41 @@ import pytest
 
 from clipjax import bench, sharding, train
 from clipjax.models.heads import MIBlock
+from tests.tiny import tiny_config
 
 METRICS = {
     "clip": {"train/logit_scale"},
     "siglip": {"train/bias", "train/pos_logit_mean", "train/neg_logit_mean"},
     "cliplite": {"train/loss_cross", "train/loss_prior", "train/critic_pos", "train/critic_neg"},
+    "declip": {
+        "train/loss_mvs",
+        "train/loss_iss",
+        "train/loss_tss",
+        "train/loss_nns",
+        "train/mlm_accuracy",
+        "train/nn_queue_fill",
+    },
 }
 
 
 def tiny(config_name: str):
-    c = importlib.import_module(f"configs.{config_name}").get_config("local")
-    c.batch_size = 16
-    c.model.embed_dim = 16
-    c.model.image.size = 16
-    c.model.image.depth = 1
-    c.model.text.width = 32
-    c.model.text.depth = 1
-    c.model.text.heads = 2
-    c.model.text.context_length = 8
+    c = tiny_config(config_name)
     c.optim.warmup_steps = 0
     c.optim.lr = c.optim.lr / 4  # one batch, many steps: a gentler rate keeps the descent smooth
     return c
 
 
-@pytest.mark.parametrize("config_name", ["clip_vitb32", "siglip_vitb16", "cliplite_r50"])
+@pytest.mark.parametrize(
+    "config_name",
+    ["clip_vitb32", "siglip_vitb16", "cliplite_r50", "declip_vitb32", "declip_r50"],
+)
 def test_local_config_trains(config_name):
     config = tiny(config_name)
     mesh = sharding.make_mesh(config.mesh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-        _, init, _, step_fn = train.build(config, mesh)
+        objective, init, _, step_fn = train.build(config, mesh)
         state = init(jax.random.PRNGKey(0))
-        batch = bench.synthetic_batch(config, mesh)
+        batch = bench.synthetic_batch(config, mesh, objective.views)
         losses = []
         for _ in range(8):
             state, metrics = step_fn(state, batch)
@@ -57,7 +59,7 @@ def test_clip_caps_the_logit_scale_at_100():
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
         objective, init, _, _ = train.build(config, mesh)
         state = init(jax.random.PRNGKey(0))
-        batch = bench.synthetic_batch(config, mesh)
+        batch = bench.synthetic_batch(config, mesh, objective.views)
         np.testing.assert_allclose(
             objective.loss(state.params, {}, batch, {}, None)[1][0]["train/logit_scale"],
             1 / 0.07,

@@ -7,28 +7,16 @@ import pytest
 from clipjax import train
 from clipjax.config import ConfigError
 from clipjax.metrics import read_jsonl
-from configs.clip_vitb32 import get_config
+from tests import tiny
 
 
-def tiny_config(**overrides):
-    c = get_config("local")
-    c.batch_size = 16
+def tiny_config():
+    """Six steps, each logged, checkpoints at 3 and 6, one evaluation at the end."""
+    c = tiny.tiny_config()
     c.total_steps = 6
     c.log_every = 1
-    c.eval_every = 1_000  # evaluated once, at the last step
+    c.eval_every = 1_000
     c.ckpt_every = 3
-    c.model.embed_dim = 16
-    c.model.image.size = 16
-    c.model.image.depth = 1
-    c.model.text.width = 32
-    c.model.text.depth = 1
-    c.model.text.heads = 2
-    c.model.text.context_length = 16
-    c.data.num_workers = 0
-    c.eval.num_examples = 32
-    c.eval.batch_size = 16
-    for key, value in overrides.items():
-        c[key] = value
     return c
 
 

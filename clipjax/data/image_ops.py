@@ -1,9 +1,14 @@
-"""Per-example image operations on numpy arrays (uint8 HWC RGB), using PIL for resampling."""
+"""Per-example image operations on numpy arrays (uint8 HWC RGB), using PIL for pixel work.
+
+Two training augmentations: `clip_augment` (RandomResizedCrop + flip, CLIP's) and
+`mocov2_augment` (MoCo v2's two-crop recipe, DeCLIP's). The photometric operations follow
+torchvision on PIL images, which is what MoCo v2 ran.
+"""
 
 import math
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageEnhance, ImageFilter
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
@@ -52,6 +57,100 @@ def random_resized_crop(
 def random_flip(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Mirrors (H, W, C) left-right with probability 1/2."""
     return np.ascontiguousarray(image[:, ::-1]) if rng.random() < 0.5 else image
+
+
+def _pil_op(image: np.ndarray, op) -> np.ndarray:
+    """Applies `op` (PIL RGB image -> PIL RGB image) to a uint8 (H, W, 3) array."""
+    return np.asarray(op(Image.fromarray(image)))
+
+
+def adjust_brightness(image: np.ndarray, factor: float) -> np.ndarray:
+    """Pixels scaled by `factor` (0: black, 1: unchanged), clipped to [0, 255]."""
+    return _pil_op(image, lambda im: ImageEnhance.Brightness(im).enhance(factor))
+
+
+def adjust_contrast(image: np.ndarray, factor: float) -> np.ndarray:
+    """Pixels moved away from (factor > 1) or towards (< 1) the image's mean grey level."""
+    return _pil_op(image, lambda im: ImageEnhance.Contrast(im).enhance(factor))
+
+
+def adjust_saturation(image: np.ndarray, factor: float) -> np.ndarray:
+    """Pixels moved away from (factor > 1) or towards (< 1) their own grey level."""
+    return _pil_op(image, lambda im: ImageEnhance.Color(im).enhance(factor))
+
+
+def adjust_hue(image: np.ndarray, shift: float) -> np.ndarray:
+    """Hue rotated by `shift` turns (in [-0.5, 0.5]); saturation and value kept.
+
+    In PIL's HSV, where hue is a uint8 and 255 steps make a full turn (rgb2hsv stores at most
+    254, hsv2rgb maps 255 back to red), so the shift is rounded to 1/255 of a turn.
+    """
+    steps = round(shift * 255)
+    if steps % 255 == 0:  # a whole number of turns: skip the lossy HSV round trip
+        return image
+    hue, saturation, value = Image.fromarray(image).convert("HSV").split()
+    hue = ((np.asarray(hue, np.int32) + steps) % 255).astype(np.uint8)
+    hsv = Image.merge("HSV", (Image.fromarray(hue), saturation, value))
+    return np.asarray(hsv.convert("RGB"))
+
+
+def grayscale(image: np.ndarray) -> np.ndarray:
+    """ITU-R 601-2 luma (0.299 R + 0.587 G + 0.114 B, rounded), replicated to 3 channels."""
+    return _pil_op(image, lambda im: im.convert("L").convert("RGB"))
+
+
+def gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian blur with standard deviation `sigma` pixels (PIL's box-blur approximation)."""
+    return _pil_op(image, lambda im: im.filter(ImageFilter.GaussianBlur(sigma)))
+
+
+def color_jitter(
+    image: np.ndarray,
+    rng: np.random.Generator,
+    brightness: float = 0.4,
+    contrast: float = 0.4,
+    saturation: float = 0.4,
+    hue: float = 0.1,
+) -> np.ndarray:
+    """torchvision's ColorJitter: brightness, contrast and saturation factors uniform in
+    [1 - x, 1 + x] (floored at 0), a hue shift uniform in [-hue, hue] turns, the four applied in
+    a random order. uint8 (H, W, 3) -> uint8 (H, W, 3)."""
+    order = rng.permutation(4)  # drawn first, as torchvision does
+    factors = [rng.uniform(max(0.0, 1 - x), 1 + x) for x in (brightness, contrast, saturation)]
+    ops = [
+        (adjust_brightness, factors[0]),
+        (adjust_contrast, factors[1]),
+        (adjust_saturation, factors[2]),
+        (adjust_hue, rng.uniform(-hue, hue)),
+    ]
+    for i in order:
+        op, amount = ops[i]
+        image = op(image, amount)
+    return image
+
+
+def clip_augment(
+    image: np.ndarray, rng: np.random.Generator, size: int, crop_scale: tuple[float, float]
+) -> np.ndarray:
+    """CLIP's training augmentation: RandomResizedCrop(crop_scale), then a random flip.
+    uint8 (H, W, 3) -> uint8 (size, size, 3)."""
+    image = random_resized_crop(image, rng, size, scale=crop_scale)
+    return random_flip(image, rng)
+
+
+def mocov2_augment(image: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
+    """MoCo v2's augmentation (DeCLIP's image views): RandomResizedCrop(scale 0.2-1), ColorJitter
+    (0.4, 0.4, 0.4, 0.1) with p=0.8, grayscale with p=0.2, Gaussian blur with sigma uniform in
+    [0.1, 2] pixels with p=0.5, horizontal flip with p=0.5. uint8 (H, W, 3) -> uint8 (size, size,
+    3)."""
+    image = random_resized_crop(image, rng, size, scale=(0.2, 1.0))
+    if rng.random() < 0.8:
+        image = color_jitter(image, rng)
+    if rng.random() < 0.2:
+        image = grayscale(image)
+    if rng.random() < 0.5:
+        image = gaussian_blur(image, rng.uniform(0.1, 2.0))
+    return random_flip(image, rng)
 
 
 def resize(image: np.ndarray, size: int) -> np.ndarray:

@@ -75,3 +75,92 @@ class PriorDiscriminator(nn.Module):
         x = nn.relu(_dense(1000, ("embed", "mlp"), name="fc_1")(x))
         x = nn.relu(_dense(200, ("mlp", None), name="fc_2")(x))
         return _dense(1, (None, None), name="fc_3")(x)[..., 0]
+
+
+class GroupBatchNorm(nn.Module):
+    """BatchNorm over (B, F) with statistics per group of B/groups consecutive rows.
+
+    Under `jit` the batch is one global array, so a plain BatchNorm would use statistics of the
+    whole batch (synchronised BN). The batch is laid out over the data-parallel devices in
+    contiguous blocks, so `groups` = that device count gives per-device statistics, as the
+    official DeCLIP code has; `groups=1` syncs them. Running averages take the group mean.
+    """
+
+    groups: int = 1
+    use_affine: bool = True
+    momentum: float = 0.9  # PyTorch's momentum 0.1
+    epsilon: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        features = x.shape[-1]
+        mean_avg = self.variable("batch_stats", "mean", jnp.zeros, (features,))
+        var_avg = self.variable("batch_stats", "var", jnp.ones, (features,))
+        if train:
+            grouped = x.reshape(self.groups, -1, features)
+            mean = grouped.mean(axis=1, keepdims=True)
+            var = grouped.var(axis=1, keepdims=True)
+            y = ((grouped - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+            if not self.is_initializing():
+                m = self.momentum
+                mean_avg.value = m * mean_avg.value + (1 - m) * mean.mean(axis=(0, 1))
+                var_avg.value = m * var_avg.value + (1 - m) * var.mean(axis=(0, 1))
+        else:
+            y = (x - mean_avg.value) * jax.lax.rsqrt(var_avg.value + self.epsilon)
+        if not self.use_affine:
+            return y
+        scale = self.param(
+            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("mlp",)), (features,)
+        )
+        bias = self.param(
+            "bias", nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)), (features,)
+        )
+        return y * scale + bias
+
+
+class SimSiamHead(nn.Module):
+    """DeCLIP's image self-supervision head: projector g and predictor h (SimSiam).
+
+    g: Linear(d, 1024)-BN-ReLU-Linear(1024, 1024)-BN-ReLU-Linear(1024, 1024)-BN.
+    h: Linear(1024, 512)-BN-ReLU-Linear(512, 1024).
+    (B, d) -> (z = g(x), p = h(z)), both (B, 1024).
+    """
+
+    bn_groups: int = 1
+    dim: int = 1024
+    hidden: int = 512
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        def bn(h, name):
+            return GroupBatchNorm(self.bn_groups, name=name)(h, train=train)
+
+        z = nn.relu(bn(_dense(self.dim, ("embed", "mlp"), name="proj_1")(x), "proj_bn_1"))
+        z = nn.relu(bn(_dense(self.dim, ("mlp", None), name="proj_2")(z), "proj_bn_2"))
+        z = bn(_dense(self.dim, (None, "mlp"), name="proj_3")(z), "proj_bn_3")
+        p = nn.relu(bn(_dense(self.hidden, ("mlp", None), name="pred_1")(z), "pred_bn_1"))
+        p = _dense(self.dim, (None, "mlp"), name="pred_2")(p)
+        return z, p
+
+
+class MaskedLMHead(nn.Module):
+    """DeCLIP's text self-supervision head: Linear(width -> vocab) on final-LN token states.
+
+    Scores only `max_masked` positions per caption (the first masked ones), so the logits are
+    (B, max_masked, vocab) rather than (B, L, vocab): 77 × 49,408 floats a caption otherwise.
+    Returns (logits, labels) with labels 0 at padding slots (rows with fewer masked tokens).
+    """
+
+    vocab_size: int
+    max_masked: int
+
+    @nn.compact
+    def __call__(self, states, labels):
+        length = labels.shape[1]
+        # The first `max_masked` masked positions: masked ones rank by position, others last.
+        rank = jnp.where(labels != 0, length - jnp.arange(length), 0)
+        _, positions = jax.lax.top_k(rank, self.max_masked)
+        picked_states = jnp.take_along_axis(states, positions[..., None], axis=1)
+        picked_labels = jnp.take_along_axis(labels, positions, axis=1)
+        logits = _dense(self.vocab_size, ("embed", "vocab"), name="decoder")(picked_states)
+        return logits, picked_labels

@@ -6,7 +6,7 @@ import math
 import flax.linen as nn
 import jax.numpy as jnp
 
-from clipjax.models.heads import MIBlock, PriorDiscriminator
+from clipjax.models.heads import MaskedLMHead, MIBlock, PriorDiscriminator, SimSiamHead
 from clipjax.models.resnet import ModifiedResNet, resnet_size
 from clipjax.models.text import TextTransformer
 from clipjax.models.vit import VisionTransformer, vit_size
@@ -55,12 +55,15 @@ class TwoTower(nn.Module):
     log_scale_init: float = LOGIT_SCALE_INIT
     bias_init: float | None = None  # a learned logit bias when set (SigLIP)
     priors: tuple[str, ...] = ()  # prior discriminators on "image" / "text" features
+    simsiam_bn_groups: int = 0  # > 0: a SimSiam head whose BatchNorm uses this many groups
+    mlm_max_masked: int = 0  # > 0: a masked-LM head scoring this many positions a caption
     dtype: jnp.dtype = jnp.float32
 
     @classmethod
     def from_config(cls, model_config, **objective_fields) -> "TwoTower":
         """From the `config.model` ConfigDict (see `clipjax/config.py`); objectives add their
-        own fields (`log_scale_init`, `bias_init`, `priors`)."""
+        own fields (`log_scale_init`, `bias_init`, `priors`, `simsiam_bn_groups`,
+        `mlm_max_masked`)."""
         image, text = model_config.image, model_config.text
         return cls(
             embed_dim=model_config.embed_dim,
@@ -115,6 +118,10 @@ class TwoTower(nn.Module):
             self.bias = self.param("bias", scalar(nn.initializers.constant(self.bias_init)), ())
         self.image_prior = PriorDiscriminator() if "image" in self.priors else None
         self.text_prior = PriorDiscriminator() if "text" in self.priors else None
+        if self.simsiam_bn_groups:
+            self.simsiam = SimSiamHead(self.simsiam_bn_groups)
+        if self.mlm_max_masked:
+            self.masked_lm = MaskedLMHead(self.text_vocab_size, self.mlm_max_masked)
 
     def _project(self, projection, features, train):
         if self.projection == "mi_block":
@@ -152,14 +159,21 @@ class TwoTower(nn.Module):
         """Prior-discriminator logits (B,) of the "image" or "text" prior on features (B, d)."""
         return {"image": self.image_prior, "text": self.text_prior}[kind](features)
 
-    def __call__(self, images, tokens, train: bool = False):
-        """Both encodings, `log_scale` θ, and where the model has them the logit `bias` and the
-        prior discriminators' logits on the tower features (`prior_logits`, by kind)."""
+    def __call__(self, images, tokens, train: bool = False, mlm_labels=None):
+        """Both encodings and `log_scale` θ; where the model has them, the logit `bias`, the
+        prior discriminators' logits on the tower features (`prior_logits`, by kind), the
+        SimSiam head's (z, p) on the image features (`image.simsiam`), and the masked-LM
+        head's (logits, labels) at the masked positions of `mlm_labels` (`text.mlm`)."""
         out = {
             "image": self.encode_image(images, train=train),
             "text": self.encode_text(tokens, train=train),
             "log_scale": self.log_scale,
         }
+        if self.simsiam_bn_groups:
+            out["image"]["simsiam"] = self.simsiam(out["image"]["features"], train=train)
+        if self.mlm_max_masked:
+            labels = jnp.zeros_like(tokens) if mlm_labels is None else mlm_labels
+            out["text"]["mlm"] = self.masked_lm(out["text"]["states"], labels)
         if self.bias_init is not None:
             out["bias"] = self.bias
         if self.priors:

@@ -5,9 +5,10 @@ An objective is built as `Objective(config, mesh)`; see `base.Objective` for wha
 
 from clipjax.objectives.clip import Clip
 from clipjax.objectives.cliplite import ClipLite
+from clipjax.objectives.declip import DeClip
 from clipjax.objectives.siglip import SigLip
 
-OBJECTIVES = {"clip": Clip, "siglip": SigLip, "cliplite": ClipLite}
+OBJECTIVES = {"clip": Clip, "declip": DeClip, "siglip": SigLip, "cliplite": ClipLite}
 
 
 def get(name: str):

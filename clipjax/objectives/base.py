@@ -1,5 +1,6 @@
 """What every objective shares: its model, training-mode forward passes and eval embeddings."""
 
+from clipjax.data.pipeline import Views
 from clipjax.models.two_tower import TwoTower
 
 
@@ -11,16 +12,22 @@ class Objective:
       init_state(rng) -> pytree of extra training state (e.g. a feature queue); {} by default
       loss(params, model_state, batch, state, rng)
           -> (loss, (metrics, new_model_state, new_state))
+      constrain(params) -> params          a projection applied after every update
       embed_images(params, model_state, images), embed_texts(params, model_state, tokens)
           -> (n, d) unit vectors used by the evaluations
+    `views` says which views of each example the input pipeline makes.
     `model_state` holds the model's non-parameter collections (BatchNorm statistics).
     """
 
     model: TwoTower
+    views: Views = Views()  # one CLIP-augmented image, one plain caption
 
     def init_state(self, rng):
         del rng
         return {}
+
+    def constrain(self, params):
+        return params
 
     def forward(self, params, model_state, *args, method=None):
         """`model.apply` in training mode; returns (outputs, updated model_state)."""

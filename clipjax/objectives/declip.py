@@ -1,0 +1,132 @@
+"""DeCLIP (Li et al. 2021): supervision from image and text views, self-supervision and neighbours.
+
+Per example: two MoCo-v2 views of the image and two captions, the MLM-masked one (t¹) and an
+EDA-augmented one (t²). t¹ passes through the text tower once, for both the MLM head and the
+contrastive terms. The loss is
+
+  L = w_mvs·MVS + w_iss·ISS + w_tss·TSS + w_nns·NNS   (0.4 / 0.2 / 0.2 / 0.2, official code)
+
+- MVS: ¼ Σ over the 2 × 2 image/text view pairs of CLIP's symmetric InfoNCE.
+- ISS: SimSiam between the two image views (projector and predictor on tower features).
+- TSS: masked-LM cross-entropy on the masked positions of t¹.
+- NNS: ¼ Σ_a Σ_b image→text InfoNCE of image view a against the nearest neighbours of text view
+  b in a FIFO queue of past text embeddings, looked up before this step's texts are enqueued.
+
+The queue is training state, sharded over the batch axes of the mesh (Q·d/devices per device).
+"""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from clipjax import losses, nn_queue, sharding
+from clipjax.config import ConfigError
+from clipjax.data.pipeline import Views
+from clipjax.models.two_tower import TwoTower
+from clipjax.objectives.base import Objective
+
+# The official code clamps θ (s = exp θ) into [3, 6] after each step, and s is capped at 100.
+LOG_SCALE_RANGE = (3.0, 6.0)
+MAX_LOGIT_SCALE = 100.0
+MLM_RATIO = 0.15
+
+
+def _forward(model: TwoTower, batch, train: bool):
+    """Both image views and both captions through the towers, plus the SimSiam and MLM heads."""
+    images = [model.encode_image(batch[key], train=train) for key in ("image", "image_2")]
+    texts = [model.encode_text(batch[key], train=train) for key in ("text_mlm", "text_eda")]
+    return {
+        "images": [view["embed"] for view in images],
+        "texts": [view["embed"] for view in texts],
+        "simsiam": [model.simsiam(view["features"], train=train) for view in images],
+        "mlm": model.masked_lm(texts[0]["states"], batch["mlm_labels"]),
+        "log_scale": model.log_scale,
+    }
+
+
+def _terms(
+    i1, i2, t1, t2, z1, z2, p1, p2, logits, labels, queue, pointer, count, scale, *, axis_name
+):
+    """The four DeCLIP terms and the queue update, on each device's slices (inside shard_map)."""
+    images, texts = (i1, i2), (t1, t2)
+    mvs = sum(losses.clip_loss(i, t, scale, axis_name) for i in images for t in texts) / 4
+    iss = losses.simsiam_loss(p1, p2, z1, z2, axis_name)
+    tss, mlm_accuracy = losses.masked_lm_loss(logits, labels, axis_name)
+    # Neighbours come from the queue as it was before this step: never the batch itself.
+    state = {"embeds": queue, "pointer": pointer, "count": count}
+    neighbours = [nn_queue.lookup(t, queue, axis_name) for t in texts]
+    nns = sum(losses.info_nce(i, n, scale, axis_name) for i in images for n in neighbours) / 4
+    for t in texts:  # t¹ of the whole batch first, then t²
+        state = nn_queue.enqueue(state, jax.lax.stop_gradient(t), axis_name)
+    terms = {"mvs": mvs, "iss": iss, "tss": tss, "nns": nns, "mlm_accuracy": mlm_accuracy}
+    return terms, state["embeds"], state["pointer"], state["count"]
+
+
+class DeClip(Objective):
+    views = Views(image_views=2, image_augment="mocov2", text_views=("mlm", "eda"))
+
+    def __init__(self, config, mesh):
+        cfg = config.declip
+        if cfg.queue_size % sharding.data_parallel_size(mesh):
+            raise ConfigError(
+                f"config.declip.queue_size={cfg.queue_size} does not split over the "
+                f"{sharding.data_parallel_size(mesh)} data-parallel devices; use a multiple."
+            )
+        groups = 1 if cfg.sync_bn else sharding.data_parallel_size(mesh)
+        self.model = TwoTower.from_config(
+            config.model,
+            simsiam_bn_groups=groups,
+            mlm_max_masked=max(1, math.ceil(MLM_RATIO * config.model.text.context_length)),
+        )
+        self.weights = {
+            "mvs": cfg.mvs_weight,
+            "iss": cfg.iss_weight,
+            "tss": cfg.tss_weight,
+            "nns": cfg.nns_weight,
+        }
+        self.queue_size, self.embed_dim = cfg.queue_size, config.model.embed_dim
+        batched, whole = PartitionSpec(sharding.BATCH_AXES), PartitionSpec()
+        self._terms = jax.shard_map(
+            lambda *args: _terms(*args, axis_name=sharding.BATCH_AXES),
+            mesh=mesh,
+            in_specs=(batched,) * 11 + (whole, whole, whole),
+            out_specs=(whole, batched, whole, whole),
+        )
+
+    def init_state(self, rng):
+        queue = nn_queue.init(rng, self.queue_size, self.embed_dim)
+        # The queue's rows are split over the batch axes, like the batch.
+        return {**queue, "embeds": nn.LogicallyPartitioned(queue["embeds"], ("queue", None))}
+
+    def constrain(self, params):
+        return {**params, "log_scale": jnp.clip(params["log_scale"], *LOG_SCALE_RANGE)}
+
+    def loss(self, params, model_state, batch, state, rng):
+        del rng
+        out, model_state = self.forward(params, model_state, batch, method=_forward)
+        scale = jnp.minimum(jnp.exp(out["log_scale"]), MAX_LOGIT_SCALE)
+        (z1, p1), (z2, p2) = out["simsiam"]
+        logits, labels = out["mlm"]
+        terms, embeds, pointer, count = self._terms(
+            *out["images"],
+            *out["texts"],
+            z1,
+            z2,
+            p1,
+            p2,
+            logits,
+            labels,
+            state["embeds"],
+            state["pointer"],
+            state["count"],
+            scale,
+        )
+        loss = sum(self.weights[k] * terms[k] for k in self.weights)
+        metrics = {f"train/loss_{k}": terms[k] for k in self.weights}
+        metrics["train/mlm_accuracy"] = terms["mlm_accuracy"]
+        metrics["train/nn_queue_fill"] = count / self.queue_size
+        metrics["train/logit_scale"] = scale
+        return loss, (metrics, model_state, {"embeds": embeds, "pointer": pointer, "count": count})

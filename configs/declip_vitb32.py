@@ -1,0 +1,43 @@
+r"""DeCLIP (Li et al. 2021) with a ViT-B/32 image tower: the official YFCC15M recipe.
+
+Batch 4096, AdamW (β2 0.98, eps 1e-8, weight decay 0.1), warm-up from 1e-4 to 1e-3 over 2,500
+steps, cosine to 0 at 128,000 steps, image 224, context 77, a queue of 65,536 text embeddings.
+
+  python -m clipjax.main --config=configs/declip_vitb32.py --workdir=/tmp/declip_vitb32 \
+      --config.data.train=<your data>
+
+With no dataset given it trains on the built-in `shapes` data. On a laptop CPU, the tiny model
+and schedule of every `:local` config, with a 4,096-entry queue:
+
+  python -m clipjax.main --config=configs/declip_vitb32.py:local --workdir=/tmp/declip_local
+"""
+
+from clipjax.config import apply_local, base_config
+
+
+def declip_recipe(c):
+    """The official DeCLIP optimisation recipe, shared by every backbone."""
+    c.objective = "declip"
+    c.batch_size = 4096
+    c.total_steps = 128_000
+    c.optim.lr = 1e-3
+    c.optim.warmup_from = 1e-4
+    c.optim.warmup_steps = 2_500
+    c.optim.b2 = 0.98
+    c.optim.eps = 1e-8
+    c.optim.weight_decay = 0.1
+    return c
+
+
+def local(c):
+    apply_local(c)
+    c.declip.queue_size = 4096
+    c.optim.warmup_from = 0.0
+    return c
+
+
+def get_config(arg: str | None = None):
+    if arg not in (None, "", "local"):
+        raise ValueError(f"configs/declip_vitb32.py takes no argument or 'local', got {arg!r}.")
+    c = declip_recipe(base_config())
+    return local(c) if arg == "local" else c

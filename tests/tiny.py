@@ -1,0 +1,19 @@
+"""Configs shrunk to test size: every `:local` config, with a model that compiles in seconds."""
+
+import importlib
+
+
+def tiny_config(config_name: str = "clip_vitb32"):
+    c = importlib.import_module(f"configs.{config_name}").get_config("local")
+    c.batch_size = 16
+    c.model.embed_dim = 16
+    c.model.image.size = 32 if c.model.image.variant.startswith("RN") else 16
+    c.model.image.depth = 1
+    c.model.text.width = 32
+    c.model.text.depth = 1
+    c.model.text.heads = 2
+    c.model.text.context_length = 16
+    c.data.num_workers = 0
+    c.eval.num_examples = 32
+    c.eval.batch_size = 16
+    return c
