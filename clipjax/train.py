@@ -114,7 +114,7 @@ def run(config, workdir: str, *, stop_at: int | None = None) -> None:
     # ---- Config checks, before anything compiles ----
     mesh = sharding.make_mesh(config.mesh)
     config_lib.validate(config, workdir, sharding.data_parallel_size(mesh))
-    if config.data.train.split(":")[0] == "shapes" and config.batch_size > 1024:
+    if config.data.train.split(":")[0] == "shapes":
         logging.info(
             "Training on the built-in 'shapes' dataset. For real data set --config.data.train "
             "to a source spec (see the README)."

@@ -70,6 +70,20 @@ def test_clip_caps_the_logit_scale_at_100():
     assert metrics["train/logit_scale"] == 100.0
 
 
+def test_declip_clamps_the_log_scale_after_each_update():
+    config = tiny("declip_vitb32")
+    mesh = sharding.make_mesh(config.mesh)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+        objective, init, _, step_fn = train.build(config, mesh)
+        state = init(jax.random.PRNGKey(0))
+        assert state.params["log_scale"] < 3.0  # ln(1/0.07) = 2.66, below the clamp range
+        state, metrics = step_fn(state, bench.synthetic_batch(config, mesh, objective.views))
+    assert state.params["log_scale"] == 3.0
+    np.testing.assert_allclose(metrics["train/logit_scale"], 1 / 0.07, rtol=1e-5)  # before
+    high = objective.constrain({"log_scale": jnp.asarray(7.0)})
+    assert high["log_scale"] == 6.0
+
+
 def test_siglip_starts_from_its_scale_and_bias():
     config = tiny("siglip_vitb16")
     mesh = sharding.make_mesh(config.mesh)
