@@ -137,15 +137,18 @@ def run(config, workdir: str, *, stop_at: int | None = None) -> None:
                 f"the tokenizer's {tokenizer.vocab_size} pieces; raise it to at least "
                 f"{tokenizer.vocab_size}."
             )
-        train_data = pipeline.train_dataset(
-            config.data,
-            tokenizer=tokenizer,
-            image_size=config.model.image.size,
-            context_length=config.model.text.context_length,
-            global_batch_size=config.batch_size,
-            seed=config.seed,
-            views=objective.views,
-        )
+        try:
+            train_data = pipeline.train_dataset(
+                config.data,
+                tokenizer=tokenizer,
+                image_size=config.model.image.size,
+                context_length=config.model.text.context_length,
+                global_batch_size=config.batch_size,
+                seed=config.seed,
+                views=objective.views,
+            )
+        except ValueError as e:  # a tokenizer or batch that does not fit the objective's views
+            raise config_lib.ConfigError(str(e)) from None
         train_iter = iter(train_data)
         evaluator = Evaluator(
             config.eval,
