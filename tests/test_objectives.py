@@ -32,25 +32,44 @@ def tiny(config_name: str):
     return c
 
 
-@pytest.mark.parametrize(
-    "config_name",
-    ["clip_vitb32", "siglip_vitb16", "cliplite_r50", "declip_vitb32", "declip_r50"],
-)
-def test_local_config_trains(config_name):
-    config = tiny(config_name)
+def _train_a_few_steps(config, steps=8):
+    """Losses of `steps` updates on one synthetic batch, and the last step's metrics."""
     mesh = sharding.make_mesh(config.mesh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
         objective, init, _, step_fn = train.build(config, mesh)
         state = init(jax.random.PRNGKey(0))
         batch = bench.synthetic_batch(config, mesh, objective.views)
         losses = []
-        for _ in range(8):
+        for _ in range(steps):
             state, metrics = step_fn(state, batch)
             losses.append(float(metrics["train/loss"]))
+    return losses, metrics
+
+
+@pytest.mark.parametrize(
+    "config_name",
+    ["clip_vitb32", "siglip_vitb16", "cliplite_r50", "declip_vitb32", "declip_r50"],
+)
+def test_local_config_trains(config_name):
+    config = tiny(config_name)
+    losses, metrics = _train_a_few_steps(config)
     assert np.isfinite(losses).all()
     assert losses[-1] < losses[0]
     assert METRICS[config.objective] <= set(metrics)
     assert all(np.isfinite(float(v)) for v in metrics.values())
+
+
+def test_cliplite_optional_view_terms_and_text_prior():
+    config = tiny("cliplite_r50")
+    config.cliplite.image_view_weight = 0.5
+    config.cliplite.caption_view_weight = 0.5
+    config.cliplite.text_prior = True
+    losses, metrics = _train_a_few_steps(config)
+    assert losses[-1] < losses[0]
+    assert {"train/loss_image_view", "train/loss_caption_view"} <= set(metrics)
+    weighted = 0.9 * metrics["train/loss_cross"] + 0.1 * metrics["train/loss_prior"]
+    views = 0.5 * (metrics["train/loss_image_view"] + metrics["train/loss_caption_view"])
+    np.testing.assert_allclose(metrics["train/loss"], weighted + views, rtol=1e-5)
 
 
 def test_clip_caps_the_logit_scale_at_100():

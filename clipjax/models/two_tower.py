@@ -55,6 +55,7 @@ class TwoTower(nn.Module):
     log_scale_init: float = LOGIT_SCALE_INIT
     bias_init: float | None = None  # a learned logit bias when set (SigLIP)
     priors: tuple[str, ...] = ()  # prior discriminators on "image" / "text" features
+    view_critics: tuple[str, ...] = ()  # CLIP-Lite's "image" / "text" view-to-view critics
     simsiam_bn_groups: int = 0  # > 0: a SimSiam head whose BatchNorm uses this many groups
     mlm_max_masked: int = 0  # > 0: a masked-LM head scoring this many positions a caption
     dtype: jnp.dtype = jnp.float32
@@ -62,8 +63,8 @@ class TwoTower(nn.Module):
     @classmethod
     def from_config(cls, model_config, **objective_fields) -> "TwoTower":
         """From the `config.model` ConfigDict (see `clipjax/config.py`); objectives add their
-        own fields (`log_scale_init`, `bias_init`, `priors`, `simsiam_bn_groups`,
-        `mlm_max_masked`)."""
+        own fields (`log_scale_init`, `bias_init`, `priors`, `view_critics`,
+        `simsiam_bn_groups`, `mlm_max_masked`)."""
         image, text = model_config.image, model_config.text
         return cls(
             embed_dim=model_config.embed_dim,
@@ -118,6 +119,14 @@ class TwoTower(nn.Module):
             self.bias = self.param("bias", scalar(nn.initializers.constant(self.bias_init)), ())
         self.image_prior = PriorDiscriminator() if "image" in self.priors else None
         self.text_prior = PriorDiscriminator() if "text" in self.priors else None
+        self.image_view_critic = MIBlock(self.embed_dim) if "image" in self.view_critics else None
+        self.text_view_critic = MIBlock(self.embed_dim) if "text" in self.view_critics else None
+        self.view_log_scales = {
+            kind: self.param(
+                f"{kind}_view_log_scale", scalar(nn.initializers.constant(LOGIT_SCALE_INIT)), ()
+            )
+            for kind in self.view_critics
+        }
         if self.simsiam_bn_groups:
             self.simsiam = SimSiamHead(self.simsiam_bn_groups)
         if self.mlm_max_masked:
@@ -155,6 +164,11 @@ class TwoTower(nn.Module):
             "embed": self._project(self.text_projection, features, train),
         }
 
+    def view_embed(self, kind: str, features, train: bool = False):
+        """A view critic's unit embedding (B, embed_dim) of "image" or "text" tower features."""
+        critic = {"image": self.image_view_critic, "text": self.text_view_critic}[kind]
+        return _normalize(critic(features, train=train))
+
     def discriminate(self, kind: str, features):
         """Prior-discriminator logits (B,) of the "image" or "text" prior on features (B, d)."""
         return {"image": self.image_prior, "text": self.text_prior}[kind](features)
@@ -162,7 +176,9 @@ class TwoTower(nn.Module):
     def __call__(self, images, tokens, train: bool = False, mlm_labels=None):
         """Both encodings and `log_scale` θ; where the model has them, the logit `bias`, the
         prior discriminators' logits on the tower features (`prior_logits`, by kind), the
-        SimSiam head's (z, p) on the image features (`image.simsiam`), and the masked-LM
+        view critics' embeddings (`<kind>.view_embed`) and log temperatures
+        (`view_log_scales`), the SimSiam head's (z, p) on the image features
+        (`image.simsiam`), and the masked-LM
         head's (logits, labels) at the masked positions of `mlm_labels` (`text.mlm`)."""
         out = {
             "image": self.encode_image(images, train=train),
@@ -178,4 +194,8 @@ class TwoTower(nn.Module):
             out["bias"] = self.bias
         if self.priors:
             out["prior_logits"] = {k: self.discriminate(k, out[k]["features"]) for k in self.priors}
+        for kind in self.view_critics:
+            out[kind]["view_embed"] = self.view_embed(kind, out[kind]["features"], train=train)
+        if self.view_critics:
+            out["view_log_scales"] = self.view_log_scales
         return out

@@ -4,6 +4,8 @@ The two towers end in MI blocks (`config.model.projection = "mi_block"`), whose 
 outputs are the critic embeddings; the dot critic is T(x, y) = exp(τ)·⟨n(g_I(x)), n(g_T(y))⟩
 with τ unclamped. Each image's negative is the next caption of the same device's batch. A
 cooperative prior discriminator pushes tower features towards U[0, 1)^d (Deep InfoMax).
+Optional JSD terms between two image views and between two captions (off by default) use the
+same one-negative form with critics of their own.
 """
 
 import jax
@@ -11,17 +13,25 @@ import jax.numpy as jnp
 
 from clipjax import losses
 from clipjax.config import ConfigError
+from clipjax.data.pipeline import Views
 from clipjax.models.two_tower import TwoTower
 from clipjax.objectives.base import Objective
 
 
-def _forward_with_priors(model: TwoTower, images, tokens, prior_samples, train: bool):
-    """The towers, and prior-discriminator logits on real features and on prior samples."""
-    out = model(images, tokens, train=train)
+def _forward(model: TwoTower, batch, prior_samples, train: bool):
+    """The towers; prior-discriminator logits on real features and on prior samples; and, for
+    the optional view terms, the view critics' embeddings of the second image / caption view."""
+    out = model(batch["image"], batch["text"], train=train)
     out["prior_logits"] = {
         kind: (real, model.discriminate(kind, prior_samples[kind]))
-        for kind, real in out["prior_logits"].items()
+        for kind, real in out.get("prior_logits", {}).items()
     }
+    if "image_2" in batch:
+        features = model.encode_image(batch["image_2"], train=train)["features"]
+        out["image_2_view_embed"] = model.view_embed("image", features, train=train)
+    if "text_eda" in batch:
+        features = model.encode_text(batch["text_eda"], train=train)["features"]
+        out["text_2_view_embed"] = model.view_embed("text", features, train=train)
     return out
 
 
@@ -36,21 +46,35 @@ class ClipLite(Objective):
         self.priors = tuple(
             kind for kind, on in (("image", lite.image_prior), ("text", lite.text_prior)) if on
         )
-        self.model = TwoTower.from_config(config.model, priors=self.priors)
+        # Optional self-supervised JSD terms, each with its own critic: two augmentations of
+        # the image, and two captions (the second an EDA rewrite: one caption per image here).
+        self.view_weights = {
+            kind: weight
+            for kind, weight in (
+                ("image", lite.image_view_weight),
+                ("text", lite.caption_view_weight),
+            )
+            if weight > 0
+        }
+        self.views = Views(
+            image_views=2 if "image" in self.view_weights else 1,
+            text_views=("plain", "eda") if "text" in self.view_weights else ("plain",),
+        )
+        self.model = TwoTower.from_config(
+            config.model, priors=self.priors, view_critics=tuple(self.view_weights)
+        )
         self.prior_weight = lite.prior_weight
         self._cross = losses.on_batch_shards(losses.jsd_cross_loss, mesh, num_batched=2)
         self._prior = losses.on_batch_shards(losses.prior_loss, mesh, num_batched=2)
 
     def loss(self, params, model_state, batch, state, rng):
-        images, tokens = batch["image"], batch["text"]
+        images = batch["image"]
         widths = {"image": self.model.image_features_dim, "text": self.model.text_width}
         prior_samples = {
             kind: jax.random.uniform(jax.random.fold_in(rng, i), (len(images), widths[kind]))
             for i, kind in enumerate(self.priors)
         }
-        out, model_state = self.forward(
-            params, model_state, images, tokens, prior_samples, method=_forward_with_priors
-        )
+        out, model_state = self.forward(params, model_state, batch, prior_samples, method=_forward)
         temperature = jnp.exp(out["log_scale"])
         cross, critic = self._cross(out["image"]["embed"], out["text"]["embed"], temperature)
         prior = sum(
@@ -58,7 +82,17 @@ class ClipLite(Objective):
             start=jnp.zeros(()),
         )
         loss = (1 - self.prior_weight) * cross + self.prior_weight * prior
-        metrics = {
+        metrics = {}
+        for kind, weight in self.view_weights.items():
+            view, name = (("image", "image_view"), ("text", "caption_view"))[kind == "text"]
+            term, _ = self._cross(
+                out[view]["view_embed"],
+                out[f"{view}_2_view_embed"],
+                jnp.exp(out["view_log_scales"][kind]),
+            )
+            loss = loss + weight * term
+            metrics[f"train/loss_{name}"] = term
+        metrics |= {
             "train/loss_cross": cross,
             "train/loss_prior": prior,
             "train/critic_pos": critic["critic_pos"],
