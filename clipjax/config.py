@@ -86,6 +86,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.declip.nns_weight = 0.2
     c.declip.queue_size = 65_536  # one global FIFO of text embeddings, sharded over devices
     c.declip.sync_bn = False  # SimSiam BatchNorm statistics: per device (official) or synced
+    c.declip.image_augment = "mocov2"  # the two image views; "clip" = crop + flip only
     c.cliplite = ml_collections.ConfigDict()
     c.cliplite.prior_weight = 0.1  # total = (1 - w) · cross + w · prior
     c.cliplite.image_prior = True

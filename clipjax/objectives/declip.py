@@ -66,10 +66,11 @@ def _terms(
 
 
 class DeClip(Objective):
-    views = Views(image_views=2, image_augment="mocov2", text_views=("mlm", "eda"))
-
     def __init__(self, config, mesh):
         cfg = config.declip
+        self.views = Views(
+            image_views=2, image_augment=cfg.image_augment, text_views=("mlm", "eda")
+        )
         if cfg.queue_size % sharding.data_parallel_size(mesh):
             raise ConfigError(
                 f"config.declip.queue_size={cfg.queue_size} does not split over the "
