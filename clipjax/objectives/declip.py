@@ -24,7 +24,7 @@ from jax.sharding import PartitionSpec
 
 from clipjax import losses, nn_queue, sharding
 from clipjax.config import ConfigError
-from clipjax.data.pipeline import Views
+from clipjax.data.pipeline import IMAGE_AUGMENTS, Views
 from clipjax.models.two_tower import TwoTower
 from clipjax.objectives.base import Objective
 
@@ -68,6 +68,11 @@ def _terms(
 class DeClip(Objective):
     def __init__(self, config, mesh):
         cfg = config.declip
+        if cfg.image_augment not in IMAGE_AUGMENTS:
+            raise ConfigError(
+                f"config.declip.image_augment={cfg.image_augment!r} is unknown; use one of "
+                f"{', '.join(IMAGE_AUGMENTS)}."
+            )
         self.views = Views(
             image_views=2, image_augment=cfg.image_augment, text_views=("mlm", "eda")
         )
