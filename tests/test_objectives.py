@@ -1,5 +1,7 @@
 """Every objective's `:local` config trains on 8 devices: finite, decreasing loss, its metrics."""
 
+import contextlib
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -32,13 +34,19 @@ def tiny(config_name: str):
     return c
 
 
-def _train_a_few_steps(config, steps=8):
-    """Losses of `steps` updates on one synthetic batch, and the last step's metrics."""
+@contextlib.contextmanager
+def built(config):
+    """Inside the mesh and logical rules: (objective, initial state, jitted step, a batch)."""
     mesh = sharding.make_mesh(config.mesh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
         objective, init, _, step_fn = train.build(config, mesh)
-        state = init(jax.random.PRNGKey(0))
         batch = bench.synthetic_batch(config, mesh, objective.views)
+        yield objective, init(jax.random.PRNGKey(0)), step_fn, batch
+
+
+def _train_a_few_steps(config, steps=8):
+    """Losses of `steps` updates on one synthetic batch, and the last step's metrics."""
+    with built(config) as (_, state, step_fn, batch):
         losses = []
         for _ in range(steps):
             state, metrics = step_fn(state, batch)
@@ -73,12 +81,7 @@ def test_cliplite_optional_view_terms_and_text_prior():
 
 
 def test_clip_caps_the_logit_scale_at_100():
-    config = tiny("clip_vitb32")
-    mesh = sharding.make_mesh(config.mesh)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-        objective, init, _, _ = train.build(config, mesh)
-        state = init(jax.random.PRNGKey(0))
-        batch = bench.synthetic_batch(config, mesh, objective.views)
+    with built(tiny("clip_vitb32")) as (objective, state, _, batch):
         np.testing.assert_allclose(
             objective.loss(state.params, {}, batch, {}, None)[1][0]["train/logit_scale"],
             1 / 0.07,
@@ -90,13 +93,9 @@ def test_clip_caps_the_logit_scale_at_100():
 
 
 def test_declip_clamps_the_log_scale_after_each_update():
-    config = tiny("declip_vitb32")
-    mesh = sharding.make_mesh(config.mesh)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-        objective, init, _, step_fn = train.build(config, mesh)
-        state = init(jax.random.PRNGKey(0))
+    with built(tiny("declip_vitb32")) as (objective, state, step_fn, batch):
         assert state.params["log_scale"] < 3.0  # ln(1/0.07) = 2.66, below the clamp range
-        state, metrics = step_fn(state, bench.synthetic_batch(config, mesh, objective.views))
+        state, metrics = step_fn(state, batch)
     assert state.params["log_scale"] == 3.0
     np.testing.assert_allclose(metrics["train/logit_scale"], 1 / 0.07, rtol=1e-5)  # before
     high = objective.constrain({"log_scale": jnp.asarray(7.0)})
@@ -104,11 +103,8 @@ def test_declip_clamps_the_log_scale_after_each_update():
 
 
 def test_siglip_starts_from_its_scale_and_bias():
-    config = tiny("siglip_vitb16")
-    mesh = sharding.make_mesh(config.mesh)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-        _, init, _, _ = train.build(config, mesh)
-        params = init(jax.random.PRNGKey(0)).params
+    with built(tiny("siglip_vitb16")) as (_, state, _, _):
+        params = state.params
     np.testing.assert_allclose(jnp.exp(params["log_scale"]), 10.0, rtol=1e-6)
     assert params["bias"] == -10.0
 
