@@ -51,6 +51,24 @@ class Checkpointer:
                     "(saved as config.json next to it)."
                 )
 
+    def restore_state(self, abstract_state, step: int | None = None):
+        """The training state of checkpoint `step` (default: the latest), without the input
+        iterator: for evaluating a checkpoint."""
+        steps = self.manager.all_steps()
+        if not steps:
+            raise ConfigError(f"{self.directory} holds no checkpoint yet; train first.")
+        step = max(steps) if step is None else step
+        if step not in steps:
+            raise ConfigError(
+                f"{self.directory} has no checkpoint of step {step}; it has steps "
+                f"{', '.join(map(str, sorted(steps)))}."
+            )
+        logging.info("Restoring %s/%d", self.directory, step)
+        restored = self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+        )
+        return restored.state
+
     def restore(self, abstract_state, data_iterator):
         """Restore the latest checkpoint onto `abstract_state`'s shardings; None if none.
 

@@ -5,6 +5,8 @@ here is a typo, and `validate` names it before anything runs.
 """
 
 import difflib
+import importlib.util
+import json
 import math
 import os
 import tempfile
@@ -56,6 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.train = "shapes"  # source spec string
     c.data.num_workers = 8  # Grain decode processes; 0 decodes in the training process
     c.data.crop_scale = (0.9, 1.0)  # RandomResizedCrop area range (open_clip's default)
+    c.data.max_skipped_fraction = 0.01  # bad records beyond this fraction stop the run
     c.data.tokenizer = ml_collections.ConfigDict()
     c.data.tokenizer.path = ""  # a sentencepiece .model; "" trains one into the workdir
     c.data.tokenizer.vocab_size = 512  # only used when training a tokenizer
@@ -94,11 +97,45 @@ def base_config() -> ml_collections.ConfigDict:
     c.cliplite.image_view_weight = 0.0  # > 0 adds JSD between two image views, own critic
     c.cliplite.caption_view_weight = 0.0  # > 0 adds JSD between caption and its EDA rewrite
 
-    c.eval = ml_collections.ConfigDict()
-    c.eval.source = "shapes"  # built-in held-out split, with class labels and captions
-    c.eval.num_examples = 2_048
-    c.eval.batch_size = 256
+    # Evaluations, by name: each entry has a `kind` and that kind's fields (EVAL_FIELDS).
+    # Results are logged as eval/<name>/<metric> every eval_every steps.
+    c.evals = ml_collections.ConfigDict()
+    c.evals.shapes = {"kind": "zeroshot", "source": "shapes"}
+    c.evals.shapes_retrieval = {"kind": "retrieval", "source": "shapes"}
+    c.evals.shapes_probe = {
+        "kind": "linear_probe",
+        "source": "shapes",
+        "train_source": "shapes:4096?seed=1",  # another stream of the labelled split
+    }
     return c
+
+
+_COMMON_EVAL_FIELDS = {"source": "shapes", "num_examples": -1, "batch_size": 256}
+# Every field of each kind of evaluation, with its default (see the README's evaluation table).
+EVAL_FIELDS: dict[str, dict[str, object]] = {
+    "zeroshot": {
+        **_COMMON_EVAL_FIELDS,
+        "classes": "",  # "": the source's; "imagenet", "cifar10", "cifar100" or a file
+        "templates": "",  # "": the source's; "clip" (80), "simple" or a file
+    },
+    "retrieval": dict(_COMMON_EVAL_FIELDS),
+    "linear_probe": {
+        **_COMMON_EVAL_FIELDS,
+        "train_source": "",  # labelled examples to fit the probe on
+        "train_examples": -1,
+        "holdout": 0.2,  # part of train_source that chooses the L2 strength
+        "l2": (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1),
+        "steps": 500,
+    },
+}
+
+
+def eval_settings(entry) -> ml_collections.ConfigDict:
+    """One `config.evals` entry with its kind's defaults filled in."""
+    settings = ml_collections.ConfigDict(EVAL_FIELDS[entry["kind"]])
+    settings.kind = entry["kind"]
+    settings.update(dict(entry))
+    return settings
 
 
 def apply_local(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -125,35 +162,161 @@ def apply_local(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.optim.lr = 2e-3
     c.optim.warmup_steps = 50
     c.optim.weight_decay = 0.1
-    c.eval.num_examples = 512
+    c.evals.shapes.num_examples = 512
+    c.evals.shapes_retrieval.num_examples = 512
+    c.evals.shapes_probe.num_examples = 512
+    c.evals.shapes_probe.train_source = "shapes:2048?seed=1"
     return c
+
+
+def load_saved(workdir: str) -> ml_collections.ConfigDict:
+    """The config a run in `workdir` was trained with (its `config.json`), over base_config()."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        raise ConfigError(
+            f"{path} does not exist: --workdir must be a directory clipjax.main trained in, or "
+            "pass --config=FILE with the config it was trained with."
+        )
+    with open(path) as f:
+        saved = json.load(f)
+    config = base_config()
+    config.evals = saved.pop("evals", {})
+
+    def merge(into, values, prefix):
+        for key, value in values.items():
+            if key not in into:
+                raise ConfigError(
+                    f"{path}: {prefix}.{key} is not a field of this clipjax version; pass "
+                    "--config=FILE instead."
+                )
+            if isinstance(into[key], ml_collections.ConfigDict):
+                merge(into[key], value, f"{prefix}.{key}")
+            else:
+                into[key] = value
+
+    merge(config, saved, "config")
+    return config
 
 
 def _fields(config, prefix="config") -> dict[str, object]:
     out = {}
     for key, value in config.items():
         name = f"{prefix}.{key}"
-        if isinstance(value, ml_collections.ConfigDict):
+        if isinstance(value, ml_collections.ConfigDict) and name != "config.evals":
             out.update(_fields(value, name))
         else:
             out[name] = value
     return out
 
 
-def unknown_field_error(name: str) -> ConfigError | None:
-    """A ConfigError if `name` ("config.optim.lr") is not a config field, else None."""
+def _did_you_mean(name: str, known) -> str:
+    close = difflib.get_close_matches(name, known, n=1)
+    return f" Did you mean {close[0]}?" if close else ""
+
+
+def _unknown_eval_field(name: str, evals) -> ConfigError | None:
+    """For `config.evals.<entry>.<field>`: entries are the config's own, fields their kind's."""
+    entry, _, field = name.removeprefix("config.evals.").partition(".")
+    if evals is not None and entry not in evals:
+        have = ", ".join(sorted(evals)) or "none"
+        return ConfigError(
+            f"{name}: this config has no evaluation {entry!r} (it has: {have}); add one to "
+            "config.evals in a config file."
+        )
+    if not field:
+        return None
+    kind = evals[entry].get("kind") if evals is not None else None
+    if kind not in EVAL_FIELDS:
+        if evals is not None:
+            return ConfigError(
+                f"config.evals.{entry}.kind={kind!r} is not an evaluation kind; use one of "
+                f"{', '.join(EVAL_FIELDS)}."
+            )
+        known = {"kind"}.union(*EVAL_FIELDS.values())  # no config at hand: any kind's fields
+    else:
+        known = {"kind", *EVAL_FIELDS[kind]}
+    if field in known:
+        return None
+    what = f"a {kind} evaluation" if kind in EVAL_FIELDS else "an evaluation"
+    if other_kinds := [k for k, fields in EVAL_FIELDS.items() if field in fields]:
+        hint = f" It is a field of {' and '.join(other_kinds)} evaluations."
+    else:
+        hint = _did_you_mean(name, [f"config.evals.{entry}.{k}" for k in sorted(known)])
+    return ConfigError(f"{name} is not a field of {what}.{hint}")
+
+
+def unknown_field_error(name: str, config=None) -> ConfigError | None:
+    """A ConfigError if `name` ("config.optim.lr") is not a config field, else None.
+
+    Evaluation entries are checked against `config.evals` when `config` is given."""
+    if name.startswith("config.evals."):
+        return _unknown_eval_field(name, None if config is None else config.evals)
     known = _fields(base_config())
     if name in known:
         return None
-    close = difflib.get_close_matches(name, known, n=1)
-    hint = f" Did you mean {close[0]}?" if close else ""
-    return ConfigError(f"{name} is not a clipjax config field.{hint}")
+    return ConfigError(f"{name} is not a clipjax config field.{_did_you_mean(name, known)}")
+
+
+def _load_file(spec: str):
+    """The config of a `--config=path.py[:arg]` flag value, as config_flags loads it."""
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("_clipjax_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def override_error(argv: list[str]) -> ConfigError | None:
+    """The error for the first `--config.<field>=...` in `argv` that names no field of the
+    `--config` file's config (for one clear line when flag parsing fails)."""
+    args = [arg.lstrip("-").split("=", 1) for arg in argv[1:]]
+    files = [value for name, *value in args if name == "config" and value]
+    config = _load_file(files[-1][0]) if files else None
+    for name, *_ in args:
+        if name.startswith("config.") and (error := unknown_field_error(name, config)):
+            return error
+    return None
 
 
 def _check_known_fields(config) -> None:
     for name in _fields(config):
-        if error := unknown_field_error(name):
+        if error := unknown_field_error(name, config):
             raise error
+    for entry, settings in config.evals.items():
+        fields = settings.keys() if isinstance(settings, ml_collections.ConfigDict) else ()
+        if "kind" not in fields:
+            raise ConfigError(
+                f"config.evals.{entry} needs a kind: one of {', '.join(EVAL_FIELDS)}, e.g. "
+                f"{{'kind': 'zeroshot', 'source': 'folder:/data/imagenet/val'}}."
+            )
+        for field in fields:
+            if error := unknown_field_error(f"config.evals.{entry}.{field}", config):
+                raise error
+
+
+def _check_sources(config) -> None:
+    """Every source spec names something that exists (a path, a glob, a TFDS dataset)."""
+    specs = [("config.data.train", config.data.train, "train")]
+    for entry, settings in sorted(config.evals.items()):
+        settings = eval_settings(settings)
+        specs.append((f"config.evals.{entry}.source", settings.source, "eval"))
+        if settings.kind == "linear_probe":
+            field = f"config.evals.{entry}.train_source"
+            if not settings.train_source:
+                raise ConfigError(
+                    f"{field} is empty; name the labelled examples to fit the probe on, e.g. "
+                    "'folder:/data/imagenet/train' or 'tfds:cifar10:train'."
+                )
+            if not 0 < settings.holdout < 1:
+                raise ConfigError(
+                    f"config.evals.{entry}.holdout={settings.holdout} must be between 0 and 1."
+                )
+            specs.append((field, settings.train_source, "eval"))
+    for field, spec, split in specs:
+        try:
+            sources.make_source(spec, split)
+        except ValueError as e:
+            raise ConfigError(f"{field}: {e}") from None
 
 
 def _check_workdir(workdir: str) -> None:
@@ -191,14 +354,7 @@ def validate(config, workdir: str, data_parallel: int) -> None:
             f"config.model.image.size={image.size} is not divisible by the {kind} {patch} of "
             f"variant {image.variant!r}; use a multiple of {patch}."
         )
-    for field, spec, split in (
-        ("config.data.train", config.data.train, "train"),
-        ("config.eval.source", config.eval.source, "eval"),
-    ):
-        try:
-            sources.make_source(spec, split)
-        except ValueError as e:
-            raise ConfigError(f"{field}: {e}") from None
+    _check_sources(config)
     path = config.data.tokenizer.path
     if path and not os.path.exists(path):
         raise ConfigError(

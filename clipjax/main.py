@@ -13,7 +13,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from clipjax import train
-from clipjax.config import ConfigError, unknown_field_error
+from clipjax.config import ConfigError, override_error
 
 config_flags.DEFINE_config_file("config", None, "Config file (`path.py[:arg]`).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the tokenizer.")
@@ -27,11 +27,9 @@ def parse_flags(argv: list[str]) -> list[str]:
     try:
         return FLAGS(argv)
     except (AttributeError, KeyError):
-        for arg in argv[1:]:
-            name = arg.lstrip("-").split("=")[0]
-            if name.startswith("config.") and (error := unknown_field_error(name)):
-                print(f"clipjax: --{error}", file=sys.stderr)
-                sys.exit(2)
+        if error := override_error(argv):
+            print(f"clipjax: --{error}", file=sys.stderr)
+            sys.exit(2)
         raise
 
 

@@ -20,7 +20,7 @@ from clipjax import checkpoint, objectives, optimizers, sharding
 from clipjax import config as config_lib
 from clipjax.data import pipeline, sources
 from clipjax.data import tokenizer as tokenizer_lib
-from clipjax.evaluate.evaluator import Evaluator
+from clipjax.evaluate import evaluator as evaluator_lib
 from clipjax.metrics import MetricsWriter, Progress
 
 
@@ -150,14 +150,12 @@ def run(config, workdir: str, *, stop_at: int | None = None) -> None:
         except ValueError as e:  # a tokenizer or batch that does not fit the objective's views
             raise config_lib.ConfigError(str(e)) from None
         train_iter = iter(train_data)
-        evaluator = Evaluator(
-            config.eval,
-            objective=objective,
-            tokenizer=tokenizer,
-            mesh=mesh,
-            image_size=config.model.image.size,
-            context_length=config.model.text.context_length,
-        )
+        try:
+            evaluators = evaluator_lib.make_evaluators(
+                config, objective=objective, tokenizer=tokenizer, mesh=mesh
+            )
+        except ValueError as e:  # e.g. a class list that does not match the source's labels
+            raise config_lib.ConfigError(str(e)) from None
 
         # ---- State: restored, or initialised directly in its shardings ----
         state = ckpt.restore(abstract_state, train_iter)
@@ -169,10 +167,12 @@ def run(config, workdir: str, *, stop_at: int | None = None) -> None:
         writer = MetricsWriter(workdir)
         last_step = min(config.total_steps, stop_at or config.total_steps)
         progress = Progress(config.total_steps, config.batch_size, first_step)
+        skipped = 0  # bad records the input dropped since the last log row
         try:
             for step in range(first_step + 1, last_step + 1):
-                batch = sharding.to_global(next(train_iter), mesh)
-                state, metrics = step_fn(state, batch)
+                batch = next(train_iter)
+                skipped += int(batch.pop("skipped").sum())
+                state, metrics = step_fn(state, sharding.to_global(batch, mesh))
                 if step == first_step + 1:
                     jax.block_until_ready(state)
                     progress = Progress(config.total_steps, config.batch_size, step)
@@ -180,9 +180,10 @@ def run(config, workdir: str, *, stop_at: int | None = None) -> None:
                 if step % config.log_every == 0 or step == last_step:
                     metrics = jax.device_get(metrics)
                     metrics["train/samples_per_s"] = progress.log(step, metrics["train/loss"])
+                    metrics["data/skipped"], skipped = skipped, 0
                     writer.write(step, metrics)
                 if step % config.eval_every == 0 or step == config.total_steps:
-                    results = evaluator(state.params, state.model_state)
+                    results = evaluator_lib.run_all(evaluators, state.params, state.model_state)
                     logging.info("step %d  %s", step, json.dumps(results))
                     writer.write(step, results)
                 if step % config.ckpt_every == 0 or step == last_step:

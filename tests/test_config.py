@@ -127,3 +127,81 @@ def test_command_line_errors_are_one_line(tmp_path):
         "clipjax: config.batch_size=100 does not split over the 8 data-parallel devices; "
         "use a multiple of 8."
     )
+
+
+def _error(config, tmp_path) -> str:
+    with pytest.raises(config_lib.ConfigError) as e:
+        _validate(config, tmp_path)
+    return str(e.value)
+
+
+def test_evaluation_entries_are_checked_against_their_kind(tmp_path):
+    c = get_config("local")
+    c.evals.shapes.tempaltes = "clip"
+    assert _error(c, tmp_path) == (
+        "config.evals.shapes.tempaltes is not a field of a zeroshot evaluation. "
+        "Did you mean config.evals.shapes.templates?"
+    )
+    c = get_config("local")
+    c.evals.shapes_retrieval.classes = "imagenet"  # a zeroshot field
+    assert _error(c, tmp_path) == (
+        "config.evals.shapes_retrieval.classes is not a field of a retrieval evaluation. "
+        "It is a field of zeroshot evaluations."
+    )
+    c = get_config("local")
+    c.evals.shapes.kind = "zero_shot"
+    assert _error(c, tmp_path) == (
+        "config.evals.shapes.kind='zero_shot' is not an evaluation kind; use one of zeroshot, "
+        "retrieval, linear_probe."
+    )
+    c = get_config("local")
+    c.evals.imagenet = {"source": "shapes"}
+    assert _error(c, tmp_path) == (
+        "config.evals.imagenet needs a kind: one of zeroshot, retrieval, linear_probe, e.g. "
+        "{'kind': 'zeroshot', 'source': 'folder:/data/imagenet/val'}."
+    )
+    c = get_config("local")
+    c.evals.shapes_probe.train_source = ""
+    assert _error(c, tmp_path) == (
+        "config.evals.shapes_probe.train_source is empty; name the labelled examples to fit "
+        "the probe on, e.g. 'folder:/data/imagenet/train' or 'tfds:cifar10:train'."
+    )
+
+
+def test_eval_settings_fill_the_kinds_defaults():
+    settings = config_lib.eval_settings({"kind": "linear_probe", "train_source": "shapes"})
+    assert settings.to_dict() == {
+        **config_lib.EVAL_FIELDS["linear_probe"],
+        "kind": "linear_probe",
+        "train_source": "shapes",
+    }
+
+
+def test_saved_config_round_trips(tmp_path):
+    c = get_config("local")
+    c.evals.shapes.templates = "clip"
+    (tmp_path / "config.json").write_text(c.to_json_best_effort())
+    assert config_lib.load_saved(str(tmp_path)).to_dict() == c.to_dict()
+
+
+def test_evaluate_command_line_errors_are_one_line(tmp_path):
+    base = [sys.executable, "-m", "clipjax.evaluate", f"--workdir={tmp_path}"]
+    no_run = subprocess.run(base, capture_output=True, text=True, timeout=120)
+    assert no_run.returncode == 2
+    assert no_run.stderr.strip().splitlines()[-1] == (
+        f"clipjax.evaluate: {tmp_path} has no config.json: --workdir must be a directory "
+        "clipjax.main trained in."
+    )
+    (tmp_path / "config.json").write_text(get_config("local").to_json_best_effort())
+    no_eval = subprocess.run(
+        base + ["--config.evals.imagenet.source=folder:/data"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert no_eval.returncode == 2
+    assert no_eval.stderr.strip().splitlines()[-1] == (
+        "clipjax.evaluate: --config.evals.imagenet.source: this config has no evaluation "
+        "'imagenet' (it has: shapes, shapes_probe, shapes_retrieval); add one to config.evals "
+        "in a config file."
+    )

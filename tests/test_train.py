@@ -1,11 +1,13 @@
 """The trainer on 8 fake devices: exact resume, the optimizer's masks, incompatible checkpoints."""
 
 import os
+import shutil
 
 import pytest
 
 from clipjax import train
-from clipjax.config import ConfigError
+from clipjax.config import ConfigError, eval_settings, load_saved
+from clipjax.evaluate import checkpoint_eval
 from clipjax.metrics import read_jsonl
 from tests import tiny
 
@@ -54,10 +56,34 @@ def test_workdir_contents(runs):
     )
     rows = read_jsonl(straight)
     assert {"train/loss", "train/logit_scale", "train/lr", "train/samples_per_s"} <= set(rows[0])
+    assert all(row["data/skipped"] == 0 for row in rows if "train/loss" in row)
     evals = [row for row in rows if "eval/shapes/zeroshot_top1" in row]
     assert [row["step"] for row in evals] == [6]
-    for metric in ("zeroshot_top5", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r10"):
-        assert 0.0 <= evals[0][f"eval/shapes/{metric}"] <= 1.0
+    metrics = [f"eval/shapes/zeroshot_top{k}" for k in (1, 5)]
+    metrics += [f"eval/shapes_retrieval/{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)]
+    metrics += [f"eval/shapes_probe/probe_top{k}" for k in (1, 5)]
+    for metric in metrics:
+        assert 0.0 <= evals[0][metric] <= 1.0
+    assert (
+        evals[0]["eval/shapes_probe/probe_l2"] in eval_settings(tiny_config().evals.shapes_probe).l2
+    )
+
+
+def test_standalone_evaluation_reproduces_the_training_evaluation(runs, tmp_path):
+    """`python -m clipjax.evaluate` on the final checkpoint, with the workdir's saved config,
+    gives exactly the numbers the trainer logged at that step, and appends them."""
+    straight, _, _ = runs
+    copy = tmp_path / "copy"
+    shutil.copytree(straight, copy)
+    step, results = checkpoint_eval.evaluate(load_saved(str(copy)), str(copy))
+    logged = [row for row in read_jsonl(straight) if "eval/shapes/zeroshot_top1" in row][-1]
+    assert step == 6
+    assert results == {k: v for k, v in logged.items() if k.startswith("eval/")}
+    assert read_jsonl(str(copy))[-1] == {"step": 6, **results}
+
+    with pytest.raises(ConfigError) as e:
+        checkpoint_eval.evaluate(load_saved(str(copy)), str(copy), step=4)
+    assert str(e.value) == f"{copy}/checkpoints has no checkpoint of step 4; it has steps 3, 6."
 
 
 def test_loss_decreases(runs):

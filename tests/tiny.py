@@ -14,6 +14,9 @@ def tiny_config(config_name: str = "clip_vitb32"):
     c.model.text.heads = 2
     c.model.text.context_length = 16
     c.data.num_workers = 0
-    c.eval.num_examples = 32
-    c.eval.batch_size = 16
+    for settings in c.evals.values():
+        settings.num_examples = 32
+        settings.batch_size = 16
+    c.evals.shapes_probe.train_source = "shapes:64?seed=1"
+    c.evals.shapes_probe.steps = 50
     return c

@@ -99,6 +99,11 @@ def train(captions: Iterable[str], vocab_size: int) -> Tokenizer:
     return Tokenizer(model.getvalue())
 
 
+def saved_in(workdir: str) -> bool:
+    """Whether a run in `workdir` trained and saved its own tokenizer there."""
+    return os.path.isfile(os.path.join(workdir, _WORKDIR_MODEL))
+
+
 def load_or_train(tokenizer_config, workdir: str, captions: Iterable[str]) -> Tokenizer:
     """The tokenizer of a run (`tokenizer_config` is `config.data.tokenizer`).
 

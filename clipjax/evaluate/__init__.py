@@ -1,1 +1,1 @@
-"""Evaluations: zero-shot classification and image↔text retrieval."""
+"""Evaluations: zero-shot classification, image↔text retrieval and linear probes."""

@@ -1,47 +1,149 @@
-"""The evaluations run during training, on a held-out split loaded once."""
+"""The evaluations of `config.evals`: each loads its data once and scores embeddings per call.
+
+Kinds (fields: `config.EVAL_FIELDS`):
+- `zeroshot`: classify the source's images by their nearest class prompt-ensemble embedding.
+  Metrics `zeroshot_top1`, `zeroshot_top5`.
+- `retrieval`: images ↔ all their captions. Metrics `i2t_r{1,5,10}`, `t2i_r{1,5,10}`.
+- `linear_probe`: logistic regression on frozen image embeddings of `train_source`, L2 chosen
+  on a held-out part of it, scored on `source`. Metrics `probe_top1`, `probe_top5`, `probe_l2`.
+"""
+
+import functools
+import time
 
 import jax
 import numpy as np
+from absl import logging
 
+from clipjax import config as config_lib
 from clipjax import sharding
 from clipjax.data import pipeline
+from clipjax.evaluate import linear_probe, prompts
 from clipjax.evaluate.retrieval import recall_at_k
 from clipjax.evaluate.zeroshot import class_embeddings, topk_accuracy
 
+KINDS = ("zeroshot", "retrieval", "linear_probe")
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _embed_chunk(embed_fn, mesh, params, model_state, inputs):
+    """One chunk through `embed_fn`, split over the batch axes; the result on every device."""
+    inputs = jax.lax.with_sharding_constraint(inputs, sharding.batch_sharding(mesh))
+    out = embed_fn(params, model_state, inputs)
+    return jax.lax.with_sharding_constraint(out, sharding.replicated(mesh))
+
 
 class Evaluator:
-    """Loads a held-out split once; `evaluator(params)` returns `eval/<name>/<metric>` values."""
+    """One `config.evals` entry. Loads its data at construction (ValueError for data that does
+    not fit the evaluation); `evaluator(params, model_state)` returns `eval/<name>/<metric>`."""
 
-    def __init__(self, eval_config, *, objective, tokenizer, mesh, image_size, context_length):
-        self.name = eval_config.source.split(":")[0]
-        data = pipeline.eval_arrays(
-            eval_config.source,
+    def __init__(
+        self,
+        name: str,
+        settings,
+        *,
+        objective,
+        tokenizer,
+        mesh,
+        image_size: int,
+        context_length: int,
+        max_skipped_fraction: float,
+    ):
+        if settings.kind not in KINDS:
+            raise ValueError(
+                f"config.evals.{name}.kind={settings.kind!r} is not one of {', '.join(KINDS)}."
+            )
+        self.name, self.kind, self.settings = name, settings.kind, settings
+        self.objective, self.mesh = objective, mesh
+        # A multiple of the data-parallel size, so every chunk splits over the batch axes.
+        dp = sharding.data_parallel_size(mesh)
+        self.batch_size = -(-settings.batch_size // dp) * dp
+        self._load = functools.partial(
+            pipeline.eval_arrays,
             tokenizer=tokenizer,
             image_size=image_size,
             context_length=context_length,
-            num_examples=eval_config.num_examples,
+            max_skipped_fraction=max_skipped_fraction,
         )
-        self.images, self.captions, self.labels = data["image"], data["text"], data["label"]
-        self.num_classes = len(data["class_names"])
-        prompts = [t.format(c) for c in data["class_names"] for t in data["prompt_templates"]]
-        self.prompts = tokenizer.encode(prompts, context_length)
-        self.mesh = mesh
-        # A multiple of the data-parallel size, so every chunk splits over the batch axes.
-        dp = sharding.data_parallel_size(mesh)
-        self.batch_size = -(-eval_config.batch_size // dp) * dp
-        spread = sharding.batch_sharding(mesh)
-        whole = sharding.replicated(mesh)
+        start = time.perf_counter()
+        data = self._load(settings.source, num_examples=settings.num_examples)
+        self.images = data["image"]
+        if self.kind == "zeroshot":
+            self._init_zeroshot(data, tokenizer, context_length)
+        elif self.kind == "retrieval":
+            if not len(data["text"]):
+                raise ValueError(
+                    f"config.evals.{name}: source {settings.source!r} has no captions; "
+                    "retrieval needs an image-caption source."
+                )
+            self.captions, self.text_image = data["text"], data["text_image"]
+        else:
+            self._init_linear_probe(data)
+        logging.info(
+            "eval %s (%s): loaded %d images in %.1f s",
+            name,
+            self.kind,
+            len(self.images),
+            time.perf_counter() - start,
+        )
 
-        def embed(fn):
-            def run(params, model_state, x):
-                return fn(params, model_state, jax.lax.with_sharding_constraint(x, spread))
+    def _labels(self, data, spec: str) -> np.ndarray:
+        labels = data["label"]
+        if (labels < 0).all():
+            raise ValueError(
+                f"config.evals.{self.name}: source {spec!r} has no class labels, which a "
+                f"{self.kind} evaluation needs; use a labelled source (e.g. 'folder:' or a "
+                "'csv:' with label=COLUMN)."
+            )
+        if (labels < 0).any():
+            raise ValueError(
+                f"config.evals.{self.name}: {(labels < 0).sum()} of {len(labels)} examples of "
+                f"source {spec!r} have no label; a {self.kind} evaluation needs all labelled."
+            )
+        return labels
 
-            return jax.jit(run, out_shardings=whole)
+    def _init_zeroshot(self, data, tokenizer, context_length: int) -> None:
+        settings, field = self.settings, f"config.evals.{self.name}"
+        self.labels = self._labels(data, settings.source)
+        try:
+            names = prompts.class_names(settings.classes, data["class_names"])
+            template_list = prompts.templates(settings.templates, data["prompt_templates"])
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{field}: {e}") from None
+        if data["class_names"] and len(names) != len(data["class_names"]):
+            raise ValueError(
+                f"{field}: classes={settings.classes!r} gives {len(names)} class names but "
+                f"source {settings.source!r} has {len(data['class_names'])} classes; use the "
+                "class list that matches its labels."
+            )
+        if self.labels.max() >= len(names):
+            raise ValueError(
+                f"{field}: classes={settings.classes!r} gives {len(names)} class names but "
+                f"source {settings.source!r} has label {self.labels.max()}; use the class list "
+                "that matches its labels."
+            )
+        self.num_classes = len(names)
+        self.prompts = tokenizer.encode(prompts.fill(template_list, names), context_length)
 
-        self._embed_images = embed(objective.embed_images)
-        self._embed_texts = embed(objective.embed_texts)
+    def _init_linear_probe(self, data) -> None:
+        settings = self.settings
+        self.labels = self._labels(data, settings.source)
+        train = self._load(settings.train_source, num_examples=settings.train_examples)
+        self.train_images = train["image"]
+        self.train_labels = self._labels(train, settings.train_source)
+        names, train_names = data["class_names"], train["class_names"]
+        if names and train_names and names != train_names:
+            raise ValueError(
+                f"config.evals.{self.name}: source {settings.source!r} and train_source "
+                f"{settings.train_source!r} name different classes ({len(names)} vs "
+                f"{len(train_names)}); their labels must mean the same classes."
+            )
+        self.num_classes = int(
+            max(len(names), len(train_names), self.labels.max() + 1, self.train_labels.max() + 1)
+        )
 
-    def _embed(self, fn, params, model_state, inputs: np.ndarray) -> np.ndarray:
+    def _embed(self, embed_fn, params, model_state, inputs: np.ndarray) -> np.ndarray:
+        """(N, ...) inputs → (N, d) float64 embeddings, in chunks of `batch_size`."""
         whole = sharding.replicated(self.mesh)
         out = []
         for start in range(0, len(inputs), self.batch_size):
@@ -50,14 +152,61 @@ class Evaluator:
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
             # Every process holds the whole chunk: valid for any process layout.
             chunk = jax.make_array_from_process_local_data(whole, chunk)
-            out.append(np.asarray(fn(params, model_state, chunk))[: self.batch_size - pad])
+            embeds = _embed_chunk(embed_fn, self.mesh, params, model_state, chunk)
+            out.append(np.asarray(embeds)[: self.batch_size - pad])
         return np.concatenate(out).astype(np.float64)
 
     def __call__(self, params, model_state) -> dict[str, float]:
-        images = self._embed(self._embed_images, params, model_state, self.images)
-        captions = self._embed(self._embed_texts, params, model_state, self.captions)
-        prompts = self._embed(self._embed_texts, params, model_state, self.prompts)
-        accuracy = topk_accuracy(images, class_embeddings(prompts, self.num_classes), self.labels)
-        metrics = {f"zeroshot_top{k}": v for k, v in accuracy.items()}
-        metrics.update(recall_at_k(images, captions))
-        return {f"eval/{self.name}/{k}": v for k, v in metrics.items()}
+        start = time.perf_counter()
+
+        def embed(embed_fn, inputs):
+            return self._embed(embed_fn, params, model_state, inputs)
+
+        images = embed(self.objective.embed_images, self.images)
+        if self.kind == "zeroshot":
+            prompt_embeds = embed(self.objective.embed_texts, self.prompts)
+            classifier = class_embeddings(prompt_embeds, self.num_classes)
+            accuracy = topk_accuracy(images @ classifier.T, self.labels, ks=(1, 5))
+            metrics = {f"zeroshot_top{k}": v for k, v in accuracy.items()}
+        elif self.kind == "retrieval":
+            captions = embed(self.objective.embed_texts, self.captions)
+            metrics = recall_at_k(images, captions, self.text_image)
+        else:
+            result = linear_probe.probe(
+                embed(self.objective.embed_images, self.train_images),
+                self.train_labels,
+                images,
+                self.labels,
+                self.num_classes,
+                l2_grid=tuple(self.settings.l2),
+                holdout=self.settings.holdout,
+                steps=self.settings.steps,
+            )
+            metrics = {f"probe_{k}": v for k, v in result.items()}
+        logging.info("eval %s (%s): %.1f s", self.name, self.kind, time.perf_counter() - start)
+        return {f"eval/{self.name}/{k}": float(v) for k, v in metrics.items()}
+
+
+def make_evaluators(config, *, objective, tokenizer, mesh) -> list[Evaluator]:
+    """One Evaluator per `config.evals` entry, sorted by name."""
+    return [
+        Evaluator(
+            name,
+            config_lib.eval_settings(config.evals[name]),
+            objective=objective,
+            tokenizer=tokenizer,
+            mesh=mesh,
+            image_size=config.model.image.size,
+            context_length=config.model.text.context_length,
+            max_skipped_fraction=config.data.max_skipped_fraction,
+        )
+        for name in sorted(config.evals)
+    ]
+
+
+def run_all(evaluators: list[Evaluator], params, model_state) -> dict[str, float]:
+    """Every evaluator's metrics in one dict."""
+    results = {}
+    for evaluator in evaluators:
+        results.update(evaluator(params, model_state))
+    return results

@@ -1,21 +1,67 @@
-"""Image↔text retrieval recall over paired embeddings."""
+"""Image↔text retrieval recall with several captions per image (COCO / Flickr30k style).
+
+Ranks are positions in a stable descending sort of the scores: of two equal scores the lower
+index comes first, so ties neither help nor hurt by chance.
+"""
 
 import numpy as np
 
+# Score-matrix elements per chunk of queries: bounds memory for large m (COCO: 5k × 25k).
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def _chunks(num_queries: int, num_candidates: int):
+    step = max(1, _CHUNK_ELEMENTS // max(1, num_candidates))
+    for start in range(0, num_queries, step):
+        yield slice(start, min(start + step, num_queries))
+
+
+def _text_to_image_ranks(image_embeds, text_embeds, text_image) -> np.ndarray:
+    """(m,) position of each caption's own image among all images, for each caption query."""
+    ranks = []
+    index = np.arange(len(image_embeds))
+    for rows in _chunks(len(text_embeds), len(image_embeds)):
+        scores = text_embeds[rows] @ image_embeds.T  # (c, n)
+        own = text_image[rows][:, None]
+        own_score = np.take_along_axis(scores, own, axis=1)
+        before = (scores > own_score) | ((scores == own_score) & (index < own))
+        ranks.append(before.sum(axis=1))
+    return np.concatenate(ranks)
+
+
+def _image_to_text_ranks(image_embeds, text_embeds, text_image) -> np.ndarray:
+    """(n,) position of each image's first own caption among all captions (-1: no caption)."""
+    ranks = []
+    index = np.arange(len(text_embeds))
+    for rows in _chunks(len(image_embeds), len(text_embeds)):
+        scores = image_embeds[rows] @ text_embeds.T  # (c, m)
+        own = text_image[None, :] == np.arange(rows.start, rows.stop)[:, None]
+        best = np.where(own, scores, -np.inf).max(axis=1, keepdims=True)
+        first = np.argmax(own & (scores == best), axis=1)[:, None]  # the best own caption
+        before = (scores > best) | ((scores == best) & (index < first))
+        ranks.append(np.where(own.any(axis=1), before.sum(axis=1), -1))
+    return np.concatenate(ranks)
+
 
 def recall_at_k(
-    image_embeds: np.ndarray, text_embeds: np.ndarray, ks=(1, 5, 10)
+    image_embeds: np.ndarray, text_embeds: np.ndarray, text_image: np.ndarray, ks=(1, 5, 10)
 ) -> dict[str, float]:
-    """R@k both ways for n images paired with n captions (row i of each is a pair).
+    """Recall@k both ways for n images and m captions, caption j belonging to image
+    `text_image[j]`.
 
-    Returns keys `i2t_r{k}` (images query captions) and `t2i_r{k}` (captions query images).
+    Args:
+      image_embeds: (n, d); text_embeds: (m, d); scores are dot products (cosine similarity for
+        unit vectors). text_image: (m,) int, each caption's image index.
+    Returns:
+      `i2t_r{k}`: fraction of images (those with a caption) that have ANY of their captions in
+      their top k captions; `t2i_r{k}`: fraction of captions whose image is in their top k.
     """
-    sims = image_embeds @ text_embeds.T
-    diag = np.diag(sims)
-    rank_i2t = (sims > diag[:, None]).sum(axis=1)  # captions beating the true one, per image
-    rank_t2i = (sims > diag[None, :]).sum(axis=0)  # images beating the true one, per caption
+    text_image = np.asarray(text_image)
+    t2i = _text_to_image_ranks(image_embeds, text_embeds, text_image)
+    i2t = _image_to_text_ranks(image_embeds, text_embeds, text_image)
+    i2t = i2t[i2t >= 0]
     out = {}
     for k in ks:
-        out[f"i2t_r{k}"] = float((rank_i2t < k).mean())
-        out[f"t2i_r{k}"] = float((rank_t2i < k).mean())
+        out[f"i2t_r{k}"] = float((i2t < k).mean())
+        out[f"t2i_r{k}"] = float((t2i < k).mean())
     return out

@@ -1,10 +1,10 @@
-"""Zero-shot classification from class-name prompts."""
+"""Zero-shot classification from class-name prompts, and top-k accuracy of any scores."""
 
 import numpy as np
 
 
 def class_embeddings(prompt_embeds: np.ndarray, num_classes: int) -> np.ndarray:
-    """Average each class's prompt embeddings and re-normalise.
+    """Average each class's prompt embeddings and re-normalise (CLIP's prompt ensembling).
 
     Args:
       prompt_embeds: (num_classes * num_templates, d) unit vectors, class-major order.
@@ -15,11 +15,17 @@ def class_embeddings(prompt_embeds: np.ndarray, num_classes: int) -> np.ndarray:
     return per_class / np.linalg.norm(per_class, axis=-1, keepdims=True)
 
 
-def topk_accuracy(
-    image_embeds: np.ndarray, classifier: np.ndarray, labels: np.ndarray, ks=(1, 5)
-) -> dict[int, float]:
-    """Fraction of images whose label is among the k highest-scoring classes, for each k."""
-    scores = image_embeds @ classifier.T
-    # Rank of the true class = number of classes scoring strictly higher.
-    rank = (scores > scores[np.arange(len(labels)), labels][:, None]).sum(axis=1)
+def topk_accuracy(scores: np.ndarray, labels: np.ndarray, ks=(1, 5)) -> dict[int, float]:
+    """Fraction of rows whose label is among their k highest-scoring classes, for each k.
+
+    Args:
+      scores: (n, num_classes), e.g. image embeddings @ class embeddings.T, or logits.
+      labels: (n,) int, each row's true class.
+    Ties go to the lower class index, as with argmax: two classes with equal scores (e.g. one
+    name listed twice) never both count as right.
+    """
+    labels = np.asarray(labels)
+    true = np.take_along_axis(scores, labels[:, None], axis=1)
+    classes = np.arange(scores.shape[1])
+    rank = ((scores > true) | ((scores == true) & (classes < labels[:, None]))).sum(axis=1)
     return {k: float((rank < k).mean()) for k in ks}
