@@ -20,10 +20,20 @@ each loss to its `temp_bytes_per_device` per global batch, next to the logits fl
 (B/k)·B·4 bytes (all-gather) and (B/k)²·4 bytes (ring). For 8 devices on one CPU:
 
   python -m clipjax.bench --config=configs/siglip_vitb16.py --loss_only --fake_devices=8
+
+With `--data_only` (or `--data-only`), only the config's real training input pipeline runs (its
+source, workers, views and batch; the tokenizer trained in a temporary directory as the trainer
+does, or `config.data.tokenizer.path`): after `--warmup_batches`, `--steps` batches are timed in
+5 windows, and the JSON gives `images_per_s` (the median window's rate) with `batch_size`,
+`num_workers` and `source`:
+
+  python -m clipjax.bench --config=configs/clip_vitb32.py:local --data_only --steps=50
 """
 
 import json
 import statistics
+import sys
+import tempfile
 import time
 
 import flax.linen as nn
@@ -35,7 +45,9 @@ from jax.sharding import PartitionSpec
 from ml_collections import config_flags
 
 from clipjax import config as config_lib
-from clipjax import losses, nn_queue, sharding, train
+from clipjax import losses, nn_queue, objectives, sharding, train
+from clipjax.data import pipeline, sources
+from clipjax.data import tokenizer as tokenizer_lib
 from clipjax.data.pipeline import Views
 
 config_flags.DEFINE_config_file("config", None, "Config file (`path.py[:arg]`).", lock_config=True)
@@ -43,6 +55,8 @@ flags.DEFINE_integer("steps", 10, "Timed steps after the first (compiling) one."
 flags.DEFINE_bool("loss_only", False, "Compile only the losses on embeddings; report memory.")
 flags.DEFINE_list("batch_sizes", ["4096", "8192", "16384", "32768"], "Global batches, loss_only.")
 flags.DEFINE_integer("fake_devices", 0, "On CPU, split the host into this many devices.")
+flags.DEFINE_bool("data_only", False, "Time only the training input pipeline (images/s).")
+flags.DEFINE_integer("warmup_batches", 10, "data_only: batches read before timing.")
 flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 
@@ -205,11 +219,56 @@ def loss_memory(config, batch_sizes: list[int]) -> dict:
     return result
 
 
+_DATA_WINDOWS = 5
+
+
+def data_throughput(config, batches: int, warmup_batches: int) -> dict:
+    """Images/s of `config`'s training input pipeline alone: the median over 5 windows of
+    `batches` // 5 batches each, read after `warmup_batches`."""
+    with tempfile.TemporaryDirectory() as workdir:
+        tokenizer = tokenizer_lib.load_or_train(
+            config.data.tokenizer, workdir, sources.captions(config.data.train)
+        )
+    views = objectives.get(config.objective)(config, sharding.make_mesh(config.mesh)).views
+    data = pipeline.train_dataset(
+        config.data,
+        tokenizer=tokenizer,
+        image_size=config.model.image.size,
+        context_length=config.model.text.context_length,
+        global_batch_size=config.batch_size,
+        seed=config.seed,
+        views=views,
+    )
+    per_window = max(1, batches // _DATA_WINDOWS)
+    rates = []
+    iterator = iter(data)
+    try:
+        for _ in range(warmup_batches):
+            next(iterator)
+        for _ in range(_DATA_WINDOWS):
+            start = time.perf_counter()
+            images = sum(len(next(iterator)["image"]) for _ in range(per_window))
+            rates.append(images / (time.perf_counter() - start))
+    finally:
+        iterator.close()
+    return {
+        "images_per_s": statistics.median(rates),
+        "window_images_per_s": rates,
+        "batch_size": config.batch_size // jax.process_count(),
+        "num_workers": config.data.num_workers,
+        "source": config.data.train,
+        "image_size": config.model.image.size,
+        "timed_batches": per_window * _DATA_WINDOWS,
+    }
+
+
 def main(argv) -> None:
     del argv
     if FLAGS.fake_devices:
         jax.config.update("jax_num_cpu_devices", FLAGS.fake_devices)
-    if FLAGS.loss_only:
+    if FLAGS.data_only:
+        result = data_throughput(FLAGS.config, FLAGS.steps, FLAGS.warmup_batches)
+    elif FLAGS.loss_only:
         result = loss_memory(FLAGS.config, [int(b) for b in FLAGS.batch_sizes])
     else:
         result = benchmark(FLAGS.config, FLAGS.steps)
@@ -218,4 +277,8 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    # absl spells flags with underscores; accept the dashed --data-only too.
+    sys.argv = [
+        {"--data-only": "--data_only", "--nodata-only": "--nodata_only"}.get(a, a) for a in sys.argv
+    ]
     app.run(main)

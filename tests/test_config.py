@@ -71,8 +71,9 @@ def test_unknown_data_source(tmp_path):
     with pytest.raises(config_lib.ConfigError) as e:
         _validate(c, tmp_path)
     assert str(e.value) == (
-        "config.data.train: unknown data source 'parquet:/data/x'; known schemes: shapes "
-        "(e.g. 'shapes' or 'shapes:50000')."
+        "config.data.train: unknown data source 'parquet:/data/x'; known schemes: arrayrecord, "
+        "csv, folder, shapes, tfds (e.g. 'shapes:50000', 'csv:/data/train.csv' or "
+        "'arrayrecord:/data/cc3m')."
     )
 
 

@@ -1,14 +1,20 @@
-"""Tests for clipjax.data: shapes dataset, tokenizer, image ops, sources and the Grain pipeline."""
+"""Tests for clipjax.data: shapes dataset, tokenizer, image ops and the Grain pipelines."""
 
 import collections
 import colorsys
+import csv
+import io
+import logging
 import pickle
 
+import grain
+import jax
 import ml_collections
 import numpy as np
 import pytest
+from PIL import Image
 
-from clipjax.data import image_ops, pipeline, shapes, sources, tokenizer
+from clipjax.data import image_ops, pipeline, shapes, tokenizer
 
 CONTEXT_LENGTH = 16
 
@@ -269,26 +275,6 @@ def test_mocov2_augment_probabilities(monkeypatch):
     np.testing.assert_array_equal(again, outputs[7])
 
 
-# ---------------------------------------------------------------------------- sources
-
-
-def test_make_source_schemes():
-    assert len(sources.make_source("shapes", "train")) == 100_000
-    assert len(sources.make_source("shapes:300", "train")) == 300
-    assert len(sources.make_source("shapes:300", "eval")) == 300
-    source = sources.make_source("shapes:3", "train")
-    assert list(sources.captions("shapes:3")) == [source[i]["caption"] for i in range(3)]
-
-
-def test_make_source_unknown_scheme_error():
-    with pytest.raises(ValueError) as error:
-        sources.make_source("parquet:/data/x", "train")
-    message = str(error.value)
-    assert "'parquet:/data/x'" in message and "shapes" in message and "\n" not in message
-    with pytest.raises(ValueError, match="positive integer"):
-        sources.make_source("shapes:many", "train")
-
-
 # ---------------------------------------------------------------------------- pipeline
 
 
@@ -298,12 +284,23 @@ DECLIP_VIEWS = pipeline.Views(
 
 
 def make_train(
-    tok, *, seed=0, num_workers=0, batch_size=8, views=None, context_length=CONTEXT_LENGTH
+    tok,
+    *,
+    seed=0,
+    num_workers=0,
+    batch_size=8,
+    views=None,
+    context_length=CONTEXT_LENGTH,
+    train="shapes:40",
+    max_skipped_fraction=None,
 ):
-    """The test stream; `views=None` calls `train_dataset` without the argument."""
+    """The test stream; `views=None` calls `train_dataset` without the argument, and
+    `max_skipped_fraction=None` leaves the field out of the config (default 0.01)."""
     data = ml_collections.ConfigDict(
-        {"train": "shapes:40", "num_workers": num_workers, "crop_scale": (0.9, 1.0)}
+        {"train": train, "num_workers": num_workers, "crop_scale": (0.9, 1.0)}
     )
+    if max_skipped_fraction is not None:
+        data.max_skipped_fraction = max_skipped_fraction
     return pipeline.train_dataset(
         data,
         tokenizer=tok,
@@ -373,7 +370,8 @@ def test_views_keys_shapes_and_contents(tok, monkeypatch):
     # Long enough for whole captions, so that EDA's words can be compared with the caption's.
     batch = next(iter(make_train(tok, views=DECLIP_VIEWS, context_length=48)))
     images, texts = ("image", "image_2"), ("text", "text_mlm", "mlm_labels", "text_eda")
-    assert set(batch) == {*images, *texts}
+    assert set(batch) == {*images, *texts, "skipped"}
+    assert batch["skipped"].dtype == np.int32 and (batch["skipped"] == 0).all()
     for key in images:
         assert batch[key].shape == (8, 24, 24, 3) and batch[key].dtype == np.float32
     for key in texts:
@@ -404,7 +402,22 @@ def test_views_are_seeded_and_first_views_are_the_default_stream(tok):
     assert_same_batches(default, take(iter(make_train(tok, views=pipeline.Views())), 2))
     # The element's rng draws the first image view first: more views leave it as it was.
     more = take(iter(make_train(tok, views=pipeline.Views(2, "clip", ("plain", "mlm")))), 2)
-    assert_same_batches(default, [{k: b[k] for k in ("image", "text")} for b in more])
+    keys = ("image", "text", "skipped")
+    assert_same_batches(default, [{k: b[k] for k in keys} for b in more])
+
+
+def test_views_draw_one_caption_of_a_multi_caption_record(tok):
+    make_views = pipeline._MakeViews(pipeline.Views(), tok, 24, 48, (0.9, 1.0))
+    image = shapes.ShapesSource("train")[0]["image"]
+    captions = ["a red circle", "a blue star near the top"]
+    record = {"key": "k", "image": image, "captions": captions}
+    drawn = [
+        tok.decode(make_views.random_map(record, np.random.default_rng(seed))["text"])
+        for seed in range(40)
+    ]
+    assert set(drawn) == set(captions)
+    again = make_views.random_map(record, np.random.default_rng(3))
+    assert tok.decode(again["text"]) == drawn[3]
 
 
 def test_mlm_view_needs_a_mask_piece(tok):
@@ -430,16 +443,240 @@ def test_views_validation():
             pipeline.Views(**bad)
 
 
+# ---------------------------------------------------------------------------- bad records
+
+
+def write_csv(root, rows, name="data.csv") -> str:
+    """A CSV of (image, caption) rows; an image given as bytes is written to root/<image>."""
+    with open(root / name, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "caption"])
+        for image, caption, data in rows:
+            if data is not None:
+                (root / image).write_bytes(data)
+            writer.writerow([image, caption])
+    return f"csv:{root / name}"
+
+
+def png(seed: int) -> bytes:
+    out = io.BytesIO()
+    pixels = np.random.default_rng(seed).integers(0, 256, (20, 28, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def distinct_captions() -> list[str]:
+    return list(dict.fromkeys(shapes.ShapesSource("train").captions(500)))
+
+
+def mixed_csv(root, captions, good: int, corrupt: int, missing: int, blank: int) -> tuple:
+    """A CSV source with `good` usable rows and bad ones of three kinds; returns (spec, the
+    good captions, {bad key: reason})."""
+    rows, bad = [], {}
+    for i in range(good):
+        rows.append((f"g{i}.png", captions[i], png(i)))
+    for i in range(corrupt):
+        rows.append((f"c{i}.jpg", captions[good + i], b"\xff\xd8 not really a jpeg"))
+        bad[f"c{i}.jpg"] = "cannot identify image file"
+    for i in range(missing):
+        rows.append((f"m{i}.png", captions[good + corrupt + i], None))
+        bad[f"m{i}.png"] = "No such file or directory"
+    for i in range(blank):
+        rows.append((f"b{i}.png", " ", png(100 + i)))
+        bad[f"b{i}.png"] = "empty caption"
+    order = np.random.default_rng(0).permutation(len(rows))  # bad rows spread out
+    return write_csv(root, [rows[i] for i in order]), captions[:good], bad
+
+
+def test_drop_skipped_regroups_chunks_and_resumes():
+    marker = pipeline._Skipped
+    values = [marker("a", "r"), 1, 2, marker("b", "r"), marker("c", "r"), 3, 4, marker("d", "r")]
+    values += [marker("e", "r"), marker("f", "r"), marker("g", "r"), 5, 6, 7, 8, 9]
+    elements = [v if isinstance(v, marker) else {"x": np.int32(v)} for v in values]
+
+    def stream():
+        # Chunks of 3 (two have no good element), batches of 2: batches span chunks.
+        chunks = grain.MapDataset.source(elements).batch(3, batch_fn=pipeline._chunk)
+        return iter(pipeline._DropSkipped(chunks.to_iter_dataset(), 2, "test", 16, 1.0))
+
+    iterator, states, batches = stream(), [], []
+    for _ in range(4):
+        states.append(iterator.get_state())
+        batches.append(next(iterator))
+    assert [b["x"].tolist() for b in batches] == [[1, 2], [3, 4], [5, 6], [7, 8]]
+    assert [b["skipped"].tolist() for b in batches] == [[1, 0], [2, 0], [4, 0], [0, 0]]
+    for b in batches:
+        assert b["x"].dtype == b["skipped"].dtype == np.int32
+    for start, state in enumerate(states):
+        restored = stream()
+        restored.set_state(state)
+        assert_same_batches(take(restored, 4 - start), batches[start:])
+
+
+def test_bad_records_are_skipped_counted_and_logged(tok, tmp_path, distinct_captions, caplog):
+    spec, good, bad = mixed_csv(tmp_path, distinct_captions, 16, 4, 2, 2)
+    caplog.set_level(logging.WARNING)
+    streams = []
+    for num_workers in (0, 1):
+        iterator = iter(
+            make_train(
+                tok,
+                train=spec,
+                num_workers=num_workers,
+                max_skipped_fraction=0.5,
+                context_length=48,
+            )
+        )
+        try:
+            streams.append(take(iterator, 20))  # 16 good rows, batch 8: 10 epochs
+        finally:
+            iterator.close()
+    assert_same_batches(*streams)  # one worker makes the in-process stream
+    batches = streams[0]
+    for batch in batches:
+        assert batch["skipped"].shape == (8,) and batch["skipped"].dtype == np.int32
+    # Each epoch (two batches) holds every good record once; each bad record is counted once
+    # per epoch, attached to the next good one.
+    for epoch in range(10):
+        texts = np.concatenate([b["text"] for b in batches[2 * epoch : 2 * epoch + 2]])
+        assert sorted(tok.decode(row) for row in texts) == sorted(good)
+    cumulative = np.cumsum([int(b["skipped"].sum()) for b in batches])
+    for epoch in range(1, 10):
+        assert 8 * (epoch - 1) <= cumulative[2 * epoch - 1] <= 8 * epoch
+        assert cumulative[2 * epoch] >= 8 * epoch
+    logged = [r.getMessage() for r in caplog.records if "Skipped a bad record" in r.getMessage()]
+    assert len(logged) == 5  # the first 5 (the worker process logs to its own stderr)
+    for message in logged:
+        key = next(k for k in bad if f": {k} (" in message)
+        assert message == f"Skipped a bad record of {spec}: {key} ({bad[key]})."
+
+
+def test_too_many_bad_records_error(tok, tmp_path, distinct_captions):
+    spec = write_csv(
+        tmp_path,
+        [
+            ("a.png", distinct_captions[0], png(0)),
+            ("bad.jpg", "x", b"junk"),
+            ("c.png", distinct_captions[1], png(1)),
+            ("d.png", distinct_captions[2], png(2)),
+        ],
+    )
+    # Chunks of 2: the fraction is judged after the second, when all 4 records were read.
+    iterator = iter(make_train(tok, train=spec, batch_size=2, max_skipped_fraction=0.1))
+    with pytest.raises(ValueError) as error:
+        take(iterator, 2)
+    assert str(error.value) == (
+        f"source '{spec}': skipped 1 of 4 records (25.0%), more than "
+        "config.data.max_skipped_fraction=0.1. First skipped: bad.jpg (cannot identify image "
+        "file). Fix or remove those records, or raise config.data.max_skipped_fraction."
+    )
+    # The default threshold (0.01) applies when the config has no such field.
+    with pytest.raises(ValueError, match="max_skipped_fraction=0.01"):
+        take(iter(make_train(tok, train=spec, batch_size=2)), 2)
+
+
+def test_skip_counts_resume_from_state(tok, tmp_path, distinct_captions):
+    # 4 bad of 20 (20%) over a 19% limit: the error comes when 20 records have been read.
+    spec = mixed_csv(tmp_path, distinct_captions, 16, 4, 0, 0)[0]
+
+    def batches_until_error(iterator, limit=20):
+        batches = []
+        with pytest.raises(ValueError, match="skipped 4 of 20 records"):
+            for _ in range(limit):
+                batches.append(next(iterator))
+        return batches
+
+    def stream():
+        return iter(make_train(tok, train=spec, batch_size=4, max_skipped_fraction=0.19))
+
+    whole = batches_until_error(stream())
+    assert len(whole) >= 3
+    first = stream()
+    head = take(first, 2)
+    restored = stream()
+    restored.set_state(first.get_state())
+    assert_same_batches(head + batches_until_error(restored), whole)
+
+
+def test_process_shards_are_disjoint_and_cover_the_source(
+    tok, tmp_path, monkeypatch, distinct_captions
+):
+    spec, good, _ = mixed_csv(tmp_path, distinct_captions, 16, 0, 0, 0)
+    seen = []
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    for index in (0, 1):
+        monkeypatch.setattr(jax, "process_index", lambda index=index: index)
+        # Global batch 8: 4 per process, whose shard of 8 records is one epoch in 2 batches.
+        batches = take(iter(make_train(tok, train=spec, context_length=48)), 2)
+        seen.append({tok.decode(row) for b in batches for row in b["text"]})
+        assert batches[0]["image"].shape[0] == 4 and len(seen[-1]) == 8
+    assert not seen[0] & seen[1] and seen[0] | seen[1] == set(good)
+
+
+def test_eval_arrays_captions_labels_and_skips(tok, tmp_path, distinct_captions):
+    for name in ("1.png", "2.png", "3.png"):
+        (tmp_path / name).write_bytes(png(len(name)))
+    (tmp_path / "bad.png").write_bytes(b"junk")
+    c = distinct_captions
+    rows = [("1.png", 0, "cat"), ("2.png", 1, "dog"), ("1.png", 2, "cat"), ("bad.png", 3, "dog")]
+    with open(tmp_path / "e.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "caption", "label"])
+        writer.writerows([(image, c[i], label) for image, i, label in rows + [("3.png", 4, "dog")]])
+    kwargs = dict(tokenizer=tok, image_size=16, context_length=48, num_examples=-1)
+    arrays = pipeline.eval_arrays(
+        f"csv:{tmp_path}/e.csv?label=label", max_skipped_fraction=0.5, **kwargs
+    )
+    assert arrays["image"].shape == (3, 16, 16, 3) and arrays["skipped"] == 1
+    np.testing.assert_array_equal(arrays["label"], [0, 1, 1])
+    assert arrays["class_names"] == ["cat", "dog"] and arrays["prompt_templates"] == []
+    assert [tok.decode(row) for row in arrays["text"]] == [c[0], c[2], c[1], c[4]]
+    np.testing.assert_array_equal(arrays["text_image"], [0, 0, 1, 2])
+    reference = np.asarray(Image.open(tmp_path / "2.png").convert("RGB"))
+    np.testing.assert_allclose(
+        arrays["image"][1], image_ops.normalize(image_ops.resize(reference, 16))
+    )
+    unlabelled = pipeline.eval_arrays(
+        f"csv:{tmp_path}/e.csv", max_skipped_fraction=0.5, **{**kwargs, "num_examples": 2}
+    )
+    np.testing.assert_array_equal(unlabelled["label"], [-1, -1])
+    assert unlabelled["class_names"] == [] and unlabelled["skipped"] == 0
+    with pytest.raises(ValueError) as error:
+        pipeline.eval_arrays(f"csv:{tmp_path}/e.csv", max_skipped_fraction=0.2, **kwargs)
+    assert str(error.value) == (
+        f"source 'csv:{tmp_path}/e.csv': skipped 1 of 4 records (25.0%), more than "
+        "config.data.max_skipped_fraction=0.2. First skipped: bad.png (cannot identify image "
+        "file). Fix or remove those records, or raise config.data.max_skipped_fraction."
+    )
+
+
 def test_eval_arrays(tok):
     arrays = pipeline.eval_arrays(
-        "shapes", tokenizer=tok, image_size=24, context_length=48, num_examples=100
+        "shapes",
+        tokenizer=tok,
+        image_size=24,
+        context_length=48,
+        num_examples=100,
+        max_skipped_fraction=0.0,
     )
     assert arrays["image"].shape == (100, 24, 24, 3) and arrays["image"].dtype == np.float32
     assert arrays["text"].shape == (100, 48) and arrays["text"].dtype == np.int32
+    np.testing.assert_array_equal(arrays["text_image"], np.arange(100))
     np.testing.assert_array_equal(arrays["label"], np.arange(100) % len(shapes.CLASS_NAMES))
     assert arrays["class_names"] == shapes.CLASS_NAMES
+    assert arrays["prompt_templates"] == shapes.PROMPT_TEMPLATES and arrays["skipped"] == 0
     source = shapes.ShapesSource("eval", size=2048)
     np.testing.assert_allclose(
         arrays["image"][5], image_ops.normalize(image_ops.resize(source[5]["image"], 24))
     )
     assert tok.decode(arrays["text"][5]) == source[5]["caption"]
+    # `?seed=` (and the `seed` argument) select another stream of the same split.
+    kwargs = dict(tokenizer=tok, image_size=24, context_length=48, max_skipped_fraction=0.0)
+    seeded = pipeline.eval_arrays("shapes:10?seed=1", num_examples=-1, **kwargs)
+    np.testing.assert_array_equal(
+        seeded["image"],
+        pipeline.eval_arrays("shapes:10", num_examples=-1, seed=1, **kwargs)["image"],
+    )
+    assert seeded["image"].shape[0] == 10
+    assert not np.array_equal(seeded["image"], arrays["image"][:10])
