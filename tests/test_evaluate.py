@@ -8,7 +8,7 @@ import pytest
 
 from clipjax import config as config_lib
 from clipjax import sharding, train
-from clipjax.data import pipeline, shapes
+from clipjax.data import image_ops, pipeline, shapes
 from clipjax.data import tokenizer as tokenizer_lib
 from clipjax.evaluate import evaluator as evaluator_lib
 from clipjax.evaluate import linear_probe, prompts, retrieval
@@ -268,7 +268,8 @@ def test_evaluators_end_to_end(tiny_setup):
         )
         results = evaluator_lib.run_all(evaluators, state.params, state.model_state)
         zeroshot = evaluators[0]
-        direct = jax.jit(objective.embed_images)(state.params, state.model_state, zeroshot.images)
+        images = image_ops.normalize(zeroshot.images)
+        direct = jax.jit(objective.embed_images)(state.params, state.model_state, images)
         chunked = zeroshot._embed(
             objective.embed_images, state.params, state.model_state, zeroshot.images
         )
@@ -298,7 +299,7 @@ def _fake_eval_arrays(labels, class_names, num_captions=0):
         del spec, kwargs
         n = len(labels)
         return {
-            "image": np.zeros((n, 16, 16, 3), np.float32),
+            "image": np.zeros((n, 16, 16, 3), np.uint8),
             "label": np.asarray(labels, np.int32),
             "text": np.zeros((num_captions, 16), np.int32),
             "text_image": np.zeros((num_captions,), np.int32),

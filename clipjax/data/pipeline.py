@@ -316,12 +316,12 @@ def train_dataset(
 
 
 def _eval_example(source, index: int, image_size: int) -> dict | _Skipped:
-    """Record `index` of `source`, decoded, its image resized and normalised (or `_Skipped`)."""
+    """Record `index` of `source`, decoded, its image resized (or `_Skipped`)."""
     try:
         example = records.decode(source[index])
     except records.BadRecord as e:
         return _Skipped(e.key, e.reason)
-    example["image"] = image_ops.normalize(image_ops.resize(example["image"], image_size))
+    example["image"] = image_ops.resize(example["image"], image_size)
     return example
 
 
@@ -338,13 +338,14 @@ def eval_arrays(
     """The first `num_examples` records (-1: all) of the "eval" split of `spec`, decoded; bad
     ones are skipped, leaving n examples.
 
-    Returns `{"image": float32 (n, image_size, image_size, 3) (centre-cropped, resized,
-    normalised), "label": int32 (n,) (-1 when the source has no labels), "text": int32 (m,
-    context_length) (every caption of the n images, image-major), "text_image": int32 (m,)
-    (the index of each caption's image), "class_names": list[str], "prompt_templates":
-    list[str] (each with `{}` for a class name; both [] when the source has none), "skipped":
-    int}`. Raises ValueError when more than `max_skipped_fraction` of the records are bad.
-    `seed` selects another stream of the procedural `shapes` dataset.
+    Returns `{"image": uint8 (n, image_size, image_size, 3) (centre-cropped and resized; uint8
+    is a quarter of float32's memory: normalise per batch with `image_ops.normalize`), "label":
+    int32 (n,) (-1 when the source has no labels), "text": int32 (m, context_length) (every
+    caption of the n images, image-major), "text_image": int32 (m,) (the index of each
+    caption's image), "class_names": list[str], "prompt_templates": list[str] (each with `{}`
+    for a class name; both [] when the source has none), "skipped": int}`. Raises ValueError
+    when more than `max_skipped_fraction` of the records are bad. `seed` selects another
+    stream of the procedural `shapes` dataset.
     """
     source = sources.make_source(spec, "eval", seed=seed)
     count = len(source) if num_examples == -1 else min(num_examples, len(source))

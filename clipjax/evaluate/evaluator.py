@@ -17,7 +17,7 @@ from absl import logging
 
 from clipjax import config as config_lib
 from clipjax import sharding
-from clipjax.data import pipeline
+from clipjax.data import image_ops, pipeline
 from clipjax.evaluate import linear_probe, prompts
 from clipjax.evaluate.retrieval import recall_at_k
 from clipjax.evaluate.zeroshot import class_embeddings, topk_accuracy
@@ -148,6 +148,8 @@ class Evaluator:
         out = []
         for start in range(0, len(inputs), self.batch_size):
             chunk = inputs[start : start + self.batch_size]
+            if chunk.dtype == np.uint8:  # images are kept as uint8 until they are embedded
+                chunk = image_ops.normalize(chunk)
             pad = self.batch_size - len(chunk)
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
             # Every process holds the whole chunk: valid for any process layout.
