@@ -100,13 +100,12 @@ def base_config() -> ml_collections.ConfigDict:
     # Evaluations, by name: each entry has a `kind` and that kind's fields (EVAL_FIELDS).
     # Results are logged as eval/<name>/<metric> every eval_every steps.
     c.evals = ml_collections.ConfigDict()
-    c.evals.shapes = {"kind": "zeroshot", "source": "shapes"}
-    c.evals.shapes_retrieval = {"kind": "retrieval", "source": "shapes"}
-    c.evals.shapes_probe = {
-        "kind": "linear_probe",
-        "source": "shapes",
-        "train_source": "shapes:4096?seed=1",  # another stream of the labelled split
-    }
+    c.evals.shapes = eval_entry("zeroshot", source="shapes")
+    c.evals.shapes_retrieval = eval_entry("retrieval", source="shapes")
+    # Fitted on another random stream of the labelled split.
+    c.evals.shapes_probe = eval_entry(
+        "linear_probe", source="shapes", train_source="shapes:4096?seed=1"
+    )
     return c
 
 
@@ -130,12 +129,20 @@ EVAL_FIELDS: dict[str, dict[str, object]] = {
 }
 
 
+def eval_entry(kind: str, **fields) -> ml_collections.ConfigDict:
+    """A `config.evals` entry of `kind` with every field of its kind (defaults, then `fields`),
+    so that each can be overridden from the command line."""
+    if kind not in EVAL_FIELDS:
+        raise ConfigError(f"evaluation kind {kind!r} is not one of {', '.join(EVAL_FIELDS)}.")
+    entry = ml_collections.ConfigDict({"kind": kind, **EVAL_FIELDS[kind]})
+    entry.update(fields)
+    return entry
+
+
 def eval_settings(entry) -> ml_collections.ConfigDict:
-    """One `config.evals` entry with its kind's defaults filled in."""
-    settings = ml_collections.ConfigDict(EVAL_FIELDS[entry["kind"]])
-    settings.kind = entry["kind"]
-    settings.update(dict(entry))
-    return settings
+    """One `config.evals` entry (a full one, or a dict of some fields) with its kind's
+    defaults filled in."""
+    return eval_entry(**dict(entry))
 
 
 def apply_local(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -180,7 +187,8 @@ def load_saved(workdir: str) -> ml_collections.ConfigDict:
     with open(path) as f:
         saved = json.load(f)
     config = base_config()
-    config.evals = saved.pop("evals", {})
+    # Every field of each evaluation, so that any can be overridden.
+    config.evals = {name: eval_settings(entry) for name, entry in saved.pop("evals", {}).items()}
 
     def merge(into, values, prefix):
         for key, value in values.items():

@@ -206,3 +206,14 @@ def test_evaluate_command_line_errors_are_one_line(tmp_path):
         "'imagenet' (it has: shapes, shapes_probe, shapes_retrieval); add one to config.evals "
         "in a config file."
     )
+
+
+def test_saved_evaluations_get_every_field_of_their_kind(tmp_path):
+    """A config file may give an entry only some fields; the saved config, as the evaluate
+    command loads it, has all of them, so that any can be overridden."""
+    c = get_config("local")
+    c.evals = {"mine": {"kind": "zeroshot", "source": "shapes:64"}}
+    (tmp_path / "config.json").write_text(c.to_json_best_effort())
+    loaded = config_lib.load_saved(str(tmp_path)).evals.mine
+    assert loaded.to_dict() == config_lib.eval_entry("zeroshot", source="shapes:64").to_dict()
+    assert loaded.templates == config_lib.EVAL_FIELDS["zeroshot"]["templates"]
