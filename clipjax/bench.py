@@ -46,7 +46,7 @@ from ml_collections import config_flags
 
 from clipjax import config as config_lib
 from clipjax import losses, nn_queue, objectives, sharding, train
-from clipjax.data import pipeline, sources
+from clipjax.data import sources
 from clipjax.data import tokenizer as tokenizer_lib
 from clipjax.data.pipeline import Views
 
@@ -230,15 +230,7 @@ def data_throughput(config, batches: int, warmup_batches: int) -> dict:
             config.data.tokenizer, workdir, sources.captions(config.data.train)
         )
     views = objectives.get(config.objective)(config, sharding.make_mesh(config.mesh)).views
-    data = pipeline.train_dataset(
-        config.data,
-        tokenizer=tokenizer,
-        image_size=config.model.image.size,
-        context_length=config.model.text.context_length,
-        global_batch_size=config.batch_size,
-        seed=config.seed,
-        views=views,
-    )
+    data = train.input_pipeline(config, tokenizer, views)
     per_window = max(1, batches // _DATA_WINDOWS)
     rates = []
     iterator = iter(data)

@@ -101,6 +101,19 @@ def build(config, mesh):
     return objective, init, abstract_state, step_fn
 
 
+def input_pipeline(config, tokenizer, views: pipeline.Views):
+    """This process's stream of training batches for `config` (see `pipeline.train_dataset`)."""
+    return pipeline.train_dataset(
+        config.data,
+        tokenizer=tokenizer,
+        image_size=config.model.image.size,
+        context_length=config.model.text.context_length,
+        global_batch_size=config.batch_size,
+        seed=config.seed,
+        views=views,
+    )
+
+
 def _save_config(config, workdir: str) -> None:
     if jax.process_index() == 0:
         path = os.path.join(workdir, "config.json")
@@ -138,15 +151,7 @@ def run(config, workdir: str, *, stop_at: int | None = None) -> None:
                 f"{tokenizer.vocab_size}."
             )
         try:
-            train_data = pipeline.train_dataset(
-                config.data,
-                tokenizer=tokenizer,
-                image_size=config.model.image.size,
-                context_length=config.model.text.context_length,
-                global_batch_size=config.batch_size,
-                seed=config.seed,
-                views=objective.views,
-            )
+            train_data = input_pipeline(config, tokenizer, objective.views)
         except ValueError as e:  # a tokenizer or batch that does not fit the objective's views
             raise config_lib.ConfigError(str(e)) from None
         train_iter = iter(train_data)
