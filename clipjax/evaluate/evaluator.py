@@ -48,6 +48,7 @@ class Evaluator:
         image_size: int,
         context_length: int,
         max_skipped_fraction: float,
+        loaded: dict | None = None,
     ):
         if settings.kind not in KINDS:
             raise ValueError(
@@ -58,13 +59,14 @@ class Evaluator:
         # A multiple of the data-parallel size, so every chunk splits over the batch axes.
         dp = sharding.data_parallel_size(mesh)
         self.batch_size = -(-settings.batch_size // dp) * dp
-        self._load = functools.partial(
-            pipeline.eval_arrays,
-            tokenizer=tokenizer,
-            image_size=image_size,
-            context_length=context_length,
-            max_skipped_fraction=max_skipped_fraction,
-        )
+        self._load_args = {
+            "tokenizer": tokenizer,
+            "image_size": image_size,
+            "context_length": context_length,
+            "max_skipped_fraction": max_skipped_fraction,
+        }
+        # Shared by the evaluators of one config: a source they share is read once.
+        self._loaded = {} if loaded is None else loaded
         start = time.perf_counter()
         data = self._load(settings.source, num_examples=settings.num_examples)
         self.images = data["image"]
@@ -86,6 +88,15 @@ class Evaluator:
             len(self.images),
             time.perf_counter() - start,
         )
+
+    def _load(self, spec: str, num_examples: int) -> dict:
+        """`pipeline.eval_arrays` of `spec`, read once per (spec, num_examples)."""
+        key = (spec, num_examples)
+        if key not in self._loaded:
+            self._loaded[key] = pipeline.eval_arrays(
+                spec, num_examples=num_examples, **self._load_args
+            )
+        return self._loaded[key]
 
     def _labels(self, data, spec: str) -> np.ndarray:
         labels = data["label"]
@@ -191,6 +202,7 @@ class Evaluator:
 
 def make_evaluators(config, *, objective, tokenizer, mesh) -> list[Evaluator]:
     """One Evaluator per `config.evals` entry, sorted by name."""
+    loaded = {}
     return [
         Evaluator(
             name,
@@ -201,6 +213,7 @@ def make_evaluators(config, *, objective, tokenizer, mesh) -> list[Evaluator]:
             image_size=config.model.image.size,
             context_length=config.model.text.context_length,
             max_skipped_fraction=config.data.max_skipped_fraction,
+            loaded=loaded,
         )
         for name in sorted(config.evals)
     ]
