@@ -13,7 +13,7 @@ import tempfile
 
 import ml_collections
 
-from clipjax.data import sources
+from clipjax.data import image_ops, sources
 from clipjax.models.resnet import resnet_size
 from clipjax.models.vit import vit_size
 
@@ -57,7 +57,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.train = "shapes"  # source spec string
     c.data.num_workers = 8  # Grain decode processes; 0 decodes in the training process
-    c.data.crop_scale = (0.9, 1.0)  # RandomResizedCrop area range (open_clip's default)
+    # Each training image view (see image_ops.Augment): "clip" = RandomResizedCrop + flip;
+    # "mocov2" adds colour jitter, grayscale and blur (sigma scaled to the image size).
+    c.data.augment = ml_collections.ConfigDict(
+        {"recipe": "clip", "crop_scale": (0.9, 1.0), "flip": True}
+    )
     c.data.max_skipped_fraction = 0.01  # bad records beyond this fraction stop the run
     c.data.tokenizer = ml_collections.ConfigDict()
     c.data.tokenizer.path = ""  # a sentencepiece .model; "" trains one into the workdir
@@ -88,8 +92,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.declip.tss_weight = 0.2
     c.declip.nns_weight = 0.2
     c.declip.queue_size = 65_536  # one global FIFO of text embeddings, sharded over devices
+    c.declip.masked_caption_contrastive = True  # t¹ = the MLM-masked caption (official code)
+    c.declip.eda = True  # t² = an EDA rewrite of the caption; False: the caption itself
     c.declip.sync_bn = False  # SimSiam BatchNorm statistics: per device (official) or synced
-    c.declip.image_augment = "mocov2"  # the two image views; "clip" = crop + flip only
     c.cliplite = ml_collections.ConfigDict()
     c.cliplite.prior_weight = 0.1  # total = (1 - w) · cross + w · prior
     c.cliplite.image_prior = True
@@ -362,6 +367,10 @@ def validate(config, workdir: str, data_parallel: int) -> None:
             f"config.model.image.size={image.size} is not divisible by the {kind} {patch} of "
             f"variant {image.variant!r}; use a multiple of {patch}."
         )
+    try:
+        image_ops.Augment(**config.data.augment)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     _check_sources(config)
     path = config.data.tokenizer.path
     if path and not os.path.exists(path):

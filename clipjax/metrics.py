@@ -3,6 +3,7 @@
 import json
 import os
 import time
+from collections import defaultdict
 
 import jax
 from absl import logging
@@ -38,10 +39,50 @@ class MetricsWriter:
             self._tb.close()
 
 
-def read_jsonl(workdir: str) -> list[dict]:
-    """All lines of `workdir/metrics.jsonl` as dicts."""
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+Series = list[tuple[int, float]]
+
+
+class MetricsFileError(Exception):
+    """No report can be made (no metrics file, or no complete rows in it)."""
+
+
+def read_metrics(path: str) -> tuple[list[dict], int]:
+    """Rows of a metrics.jsonl, and the number of malformed lines skipped.
+
+    A run killed mid-write leaves a truncated line; a resumed run then appends after it.
+    """
+    if not os.path.exists(path):
+        raise MetricsFileError(f"{path} does not exist; pass the --workdir of a training run.")
+    rows, malformed = [], 0
+    with open(path) as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                malformed += 1
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int):
+                rows.append(row)
+            else:
+                malformed += 1
+    if not rows:
+        raise MetricsFileError(
+            f"{path} has no complete metrics rows yet; train for at least log_every steps."
+        )
+    return rows, malformed
+
+
+def series(rows: list[dict]) -> dict[str, Series]:
+    """Name → [(step, value)] sorted by step. A step logged twice (a run resumed from an earlier
+    checkpoint redoes steps) keeps its latest value."""
+    by_name: dict[str, dict[int, float]] = defaultdict(dict)
+    for row in rows:
+        for name, value in row.items():
+            if name != "step":
+                by_name[name][row["step"]] = float(value)
+    return {name: sorted(values.items()) for name, values in sorted(by_name.items())}
 
 
 class Progress:

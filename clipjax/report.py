@@ -11,7 +11,6 @@ Writes to `--output` (default WORKDIR/report):
 Works on a run in progress: a half-written line (a run killed mid-write) is skipped and counted.
 """
 
-import json
 import math
 import os
 import statistics
@@ -21,6 +20,8 @@ from collections import defaultdict
 from absl import app, flags
 from matplotlib.figure import Figure
 
+from clipjax.metrics import MetricsFileError, Series, read_metrics, series
+
 flags.DEFINE_string("workdir", None, "Training run directory (holds metrics.jsonl).")
 flags.DEFINE_string("output", None, "Directory for the report; default WORKDIR/report.")
 flags.mark_flags_as_required(["workdir"])
@@ -28,51 +29,6 @@ FLAGS = flags.FLAGS
 
 # Eval outputs that are a chosen hyperparameter, not a score: no "best", not plotted.
 SETTINGS = ("probe_l2",)
-
-Series = list[tuple[int, float]]
-
-
-class ReportError(Exception):
-    """No report can be made (no metrics file, or no complete rows in it)."""
-
-
-def read_metrics(path: str) -> tuple[list[dict], int]:
-    """Rows of a metrics.jsonl, and the number of malformed lines skipped.
-
-    A run killed mid-write leaves a truncated line; a resumed run then appends after it.
-    """
-    if not os.path.exists(path):
-        raise ReportError(f"{path} does not exist; pass the --workdir of a training run.")
-    rows, malformed = [], 0
-    with open(path) as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                malformed += 1
-                continue
-            if isinstance(row, dict) and isinstance(row.get("step"), int):
-                rows.append(row)
-            else:
-                malformed += 1
-    if not rows:
-        raise ReportError(
-            f"{path} has no complete metrics rows yet; train for at least log_every steps."
-        )
-    return rows, malformed
-
-
-def series(rows: list[dict]) -> dict[str, Series]:
-    """Name → [(step, value)] sorted by step. A step logged twice (a run resumed from an earlier
-    checkpoint redoes steps) keeps its latest value."""
-    by_name: dict[str, dict[int, float]] = defaultdict(dict)
-    for row in rows:
-        for name, value in row.items():
-            if name != "step":
-                by_name[name][row["step"]] = float(value)
-    return {name: sorted(values.items()) for name, values in sorted(by_name.items())}
 
 
 def best(points: Series) -> tuple[int, float]:
@@ -227,7 +183,7 @@ def main(argv) -> None:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     try:
         written, notes = report(FLAGS.workdir, FLAGS.output)
-    except ReportError as e:
+    except MetricsFileError as e:
         print(f"clipjax.report: {e}", file=sys.stderr)
         sys.exit(2)
     for note in notes:

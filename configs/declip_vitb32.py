@@ -26,6 +26,9 @@ def declip_recipe(c):
     c.optim.b2 = 0.98
     c.optim.eps = 1e-8
     c.optim.weight_decay = 0.1
+    # MoCo v2's two-crop views, as the official code makes them.
+    c.data.augment.recipe = "mocov2"
+    c.data.augment.crop_scale = (0.2, 1.0)
     return c
 
 

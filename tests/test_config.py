@@ -72,8 +72,18 @@ def test_unknown_data_source(tmp_path):
         _validate(c, tmp_path)
     assert str(e.value) == (
         "config.data.train: unknown data source 'parquet:/data/x'; known schemes: arrayrecord, "
-        "csv, folder, shapes, tfds (e.g. 'shapes:50000', 'csv:/data/train.csv' or "
+        "csv, folder, glyphs, shapes, tfds (e.g. 'shapes:50000', 'csv:/data/train.csv' or "
         "'arrayrecord:/data/cc3m')."
+    )
+
+
+def test_unknown_augmentation(tmp_path):
+    c = get_config("local")
+    c.data.augment.recipe = "randaugment"
+    with pytest.raises(config_lib.ConfigError) as e:
+        _validate(c, tmp_path)
+    assert str(e.value) == (
+        "config.data.augment.recipe='randaugment' is unknown; use one of clip, mocov2."
     )
 
 

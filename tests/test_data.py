@@ -263,24 +263,52 @@ def test_mocov2_augment_probabilities(monkeypatch):
     for name in calls:
         monkeypatch.setattr(image_ops, name, counted(name, getattr(image_ops, name)))
     image = colorful_image(24)
-    outputs = [image_ops.mocov2_augment(image, np.random.default_rng(s), 8) for s in range(1000)]
+    mocov2 = image_ops.Augment("mocov2", (0.2, 1.0))
+    outputs = [mocov2(image, np.random.default_rng(s), 8) for s in range(1000)]
     assert all(o.shape == (8, 8, 3) and o.dtype == np.uint8 for o in outputs)
     # Binomial(1000, p): sd <= 16, bounds > 4 sd. Saturation factors >= 0.6 never make grey.
     assert abs(calls["color_jitter"] - 800) < 60
     assert abs(calls["grayscale"] - 200) < 60
     assert calls["grayscale"] == sum(bool((o == o[..., :1]).all()) for o in outputs)
     assert abs(len(calls["gaussian_blur"]) - 500) < 70
-    assert min(calls["gaussian_blur"]) >= 0.1 and max(calls["gaussian_blur"]) <= 2.0
-    again = image_ops.mocov2_augment(image, np.random.default_rng(7), 8)
+    # MoCo v2's sigma range in pixels at 224 px, scaled to the 8-px output.
+    low, high = 0.1 * 8 / 224, 2.0 * 8 / 224
+    assert low <= min(calls["gaussian_blur"]) < 1.1 * low
+    assert 0.9 * high < max(calls["gaussian_blur"]) <= high
+    again = mocov2(image, np.random.default_rng(7), 8)
     np.testing.assert_array_equal(again, outputs[7])
+
+
+def test_augment_flip_switch_and_validation():
+    # An image whose left and right halves differ; crop scale (1, 1) keeps the whole image.
+    image = colorful_image(24)
+    whole = image_ops.resize(image, 12)
+    mirrored = whole[:, ::-1]
+    assert not np.array_equal(whole, mirrored)
+    for flip in (True, False):
+        augment = image_ops.Augment("clip", (1.0, 1.0), flip=flip)
+        outputs = [augment(image, np.random.default_rng(s), 12) for s in range(200)]
+        flipped = sum(np.array_equal(o, mirrored) for o in outputs)
+        assert flipped + sum(np.array_equal(o, whole) for o in outputs) == 200
+        assert (60 < flipped < 140) if flip else flipped == 0
+    with pytest.raises(ValueError) as e:
+        image_ops.Augment("simclr")
+    assert str(e.value) == (
+        "config.data.augment.recipe='simclr' is unknown; use one of clip, mocov2."
+    )
+    with pytest.raises(ValueError) as e:
+        image_ops.Augment("clip", (0.0, 1.0))
+    assert str(e.value) == (
+        "config.data.augment.crop_scale=(0.0, 1.0) must be (low, high) area fractions with "
+        "0 < low <= high <= 1, e.g. (0.9, 1.0)."
+    )
 
 
 # ---------------------------------------------------------------------------- pipeline
 
 
-DECLIP_VIEWS = pipeline.Views(
-    image_views=2, image_augment="mocov2", text_views=("plain", "mlm", "eda")
-)
+DECLIP_VIEWS = pipeline.Views(image_views=2, text_views=("plain", "mlm", "eda"))
+MOCOV2 = {"recipe": "mocov2", "crop_scale": (0.2, 1.0), "flip": True}
 
 
 def make_train(
@@ -293,11 +321,12 @@ def make_train(
     context_length=CONTEXT_LENGTH,
     train="shapes:40",
     max_skipped_fraction=None,
+    augment=MOCOV2,
 ):
     """The test stream; `views=None` calls `train_dataset` without the argument, and
     `max_skipped_fraction=None` leaves the field out of the config (default 0.01)."""
     data = ml_collections.ConfigDict(
-        {"train": train, "num_workers": num_workers, "crop_scale": (0.9, 1.0)}
+        {"train": train, "num_workers": num_workers, "augment": augment}
     )
     if max_skipped_fraction is not None:
         data.max_skipped_fraction = max_skipped_fraction
@@ -401,13 +430,13 @@ def test_views_are_seeded_and_first_views_are_the_default_stream(tok):
     default = take(iter(make_train(tok)), 2)
     assert_same_batches(default, take(iter(make_train(tok, views=pipeline.Views())), 2))
     # The element's rng draws the first image view first: more views leave it as it was.
-    more = take(iter(make_train(tok, views=pipeline.Views(2, "clip", ("plain", "mlm")))), 2)
+    more = take(iter(make_train(tok, views=pipeline.Views(2, ("plain", "mlm")))), 2)
     keys = ("image", "text", "skipped")
     assert_same_batches(default, [{k: b[k] for k in keys} for b in more])
 
 
 def test_views_draw_one_caption_of_a_multi_caption_record(tok):
-    make_views = pipeline._MakeViews(pipeline.Views(), tok, 24, 48, (0.9, 1.0))
+    make_views = pipeline._MakeViews(pipeline.Views(), tok, 24, 48, image_ops.Augment())
     image = shapes.ShapesSource("train")[0]["image"]
     captions = ["a red circle", "a blue star near the top"]
     record = {"key": "k", "image": image, "captions": captions}
@@ -434,7 +463,6 @@ def test_views_validation():
     assert pipeline.Views(text_views=["mlm", "eda"]).text_views == ("mlm", "eda")
     for bad in (
         {"image_views": 3},
-        {"image_augment": "simclr"},
         {"text_views": ()},
         {"text_views": ("plain", "plain")},
         {"text_views": ("bert",)},

@@ -1,11 +1,16 @@
 """metrics.jsonl and TensorBoard event files carry the same values; the progress line reads well."""
 
+import os
 import struct
 
 import pytest
 from tensorboardX.proto import event_pb2
 
-from clipjax.metrics import MetricsWriter, Progress, read_jsonl
+from clipjax.metrics import MetricsWriter, Progress, read_metrics
+
+
+def _rows(workdir) -> list[dict]:
+    return read_metrics(os.path.join(workdir, "metrics.jsonl"))[0]
 
 
 def _read_events(path):
@@ -24,7 +29,7 @@ def test_jsonl_and_tensorboard_agree(tmp_path):
     writer.write(1, {"train/loss": 2.5, "train/lr": 1e-3})
     writer.write(2, {"train/loss": 2.25})
     writer.close()
-    assert read_jsonl(str(tmp_path)) == [
+    assert _rows(str(tmp_path)) == [
         {"step": 1, "train/loss": 2.5, "train/lr": 1e-3},
         {"step": 2, "train/loss": 2.25},
     ]
@@ -43,7 +48,7 @@ def test_jsonl_appends_across_writers(tmp_path):
         writer = MetricsWriter(str(tmp_path))
         writer.write(step, {"train/loss": float(step)})
         writer.close()
-    assert [row["step"] for row in read_jsonl(str(tmp_path))] == [1, 2]
+    assert [row["step"] for row in _rows(str(tmp_path))] == [1, 2]
 
 
 def test_progress_line():

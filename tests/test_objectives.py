@@ -124,3 +124,55 @@ def test_mi_block_shortcut_without_room_for_identity_keeps_default_init():
     params = MIBlock(features=16).init(jax.random.PRNGKey(0), np.zeros((2, 32)))["params"]
     kernel = np.asarray(nn.unbox(params)["shortcut"]["kernel"])
     assert not np.allclose(np.diag(kernel), 1.0)
+
+
+@pytest.mark.parametrize("masked_contrastive", [True, False])
+def test_declip_masked_caption_feeds_the_contrastive_terms_only_when_asked(masked_contrastive):
+    config = tiny("declip_vitb32")
+    config.declip.masked_caption_contrastive = masked_contrastive
+    with built(config) as (objective, state, _, batch):
+        expected = ("mlm", "eda") if masked_contrastive else ("mlm", "plain", "eda")
+        assert objective.views.text_views == expected
+
+        def terms(batch):
+            loss = objective.loss(
+                state.params, state.model_state, batch, state.objective_state, None
+            )
+            return {k: float(v) for k, v in loss[1][0].items() if k.startswith("train/loss_")}
+
+        # Another masked caption: the MLM term changes; MVS (and NNS) only if t¹ is the masked one.
+        other = {**batch, "text_mlm": jnp.roll(batch["text_mlm"], 1, axis=0)}
+        before, after = terms(batch), terms(other)
+    assert after["train/loss_tss"] != before["train/loss_tss"]
+    assert (after["train/loss_mvs"] != before["train/loss_mvs"]) == masked_contrastive
+
+
+def test_declip_without_eda_pairs_the_images_with_the_caption_itself():
+    config = tiny("declip_vitb32")
+    config.declip.masked_caption_contrastive = False
+    config.declip.eda = False
+    with built(config) as (objective, state, _, batch):
+        assert objective.views.text_views == ("mlm", "plain")
+        args = (state.params, state.model_state, batch, state.objective_state, None)
+        mvs = objective.loss(*args)[1][0]["train/loss_mvs"]
+        # Both text views are the plain caption: MVS is the mean of CLIP's loss per image view.
+        out, _ = objective.forward(
+            state.params, state.model_state, batch, method=objective._forward
+        )
+    scale = jnp.exp(out["log_scale"])
+    np.testing.assert_allclose(out["texts"][0], out["texts"][1])
+    images = [np.asarray(i, np.float64) for i in out["images"]]
+    text = np.asarray(out["texts"][0], np.float64)
+    expected = np.mean([_clip_loss_numpy(i, text, float(scale)) for i in images])
+    np.testing.assert_allclose(mvs, expected, rtol=1e-4)
+
+
+def _clip_loss_numpy(images, texts, scale):
+    logits = scale * images @ texts.T
+    labels = np.arange(len(images))
+
+    def ce(x):
+        x = x - x.max(1, keepdims=True)
+        return -(x[labels, labels] - np.log(np.exp(x).sum(1))).mean()
+
+    return (ce(logits) + ce(logits.T)) / 2

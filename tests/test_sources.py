@@ -10,7 +10,7 @@ import tensorflow_datasets as tfds
 from array_record.python import array_record_module
 from PIL import Image
 
-from clipjax.data import records, shapes, sources
+from clipjax.data import glyphs, records, shapes, sources
 
 
 def image_bytes(seed: int, size=(12, 9), fmt: str = "PNG") -> tuple[bytes, np.ndarray]:
@@ -57,7 +57,8 @@ def test_parse_spec_options_follow_the_last_question_mark():
 def test_spec_errors_are_one_line_and_name_the_spec(tmp_path):
     assert error_of("parquet:/data/x") == (
         "unknown data source 'parquet:/data/x'; known schemes: arrayrecord, csv, folder, "
-        "shapes, tfds (e.g. 'shapes:50000', 'csv:/data/train.csv' or 'arrayrecord:/data/cc3m')."
+        "glyphs, shapes, tfds (e.g. 'shapes:50000', 'csv:/data/train.csv' or "
+        "'arrayrecord:/data/cc3m')."
     )
     assert error_of("shapes?size=3") == (
         "source 'shapes?size=3': unknown option 'size'; a shapes source takes only seed "
@@ -73,6 +74,9 @@ def test_spec_errors_are_one_line_and_name_the_spec(tmp_path):
     )
     assert error_of("shapes:many") == (
         "source 'shapes:many': N must be a positive integer, e.g. 'shapes:50000'."
+    )
+    assert error_of("glyphs:0") == (
+        "source 'glyphs:0': N must be a positive integer, e.g. 'glyphs:50000'."
     )
     assert error_of("shapes?seed=-1") == (
         "source 'shapes?seed=-1': seed must be a non-negative integer, e.g. 'shapes?seed=1'."
@@ -118,6 +122,34 @@ def test_shapes_sizes_seeds_and_captions():
     np.testing.assert_array_equal(other[0]["image"], same[0]["image"])
     assert not np.array_equal(other[0]["image"], held_out[0]["image"])
     assert [int(other[i]["label"]) for i in range(4)] == [0, 1, 2, 3]
+
+
+def test_glyphs_are_deterministic_balanced_and_captioned():
+    source = sources.make_source("glyphs:50", "train")
+    again = sources.make_source("glyphs:50", "train")
+    record = source[7]
+    assert record["key"] == "glyphs[7]" and set(record) == {"key", "image", "caption"}
+    assert record["image"].shape == (64, 64, 3) and record["image"].dtype == np.uint8
+    np.testing.assert_array_equal(record["image"], again[7]["image"])
+    assert list(sources.captions("glyphs:50")) == [source[i]["caption"] for i in range(50)]
+    held_out = sources.make_source("glyphs:72", "eval")
+    assert held_out.class_names == glyphs.CLASS_NAMES and len(glyphs.CLASS_NAMES) == 36
+    labels = [int(held_out[i]["label"]) for i in range(72)]
+    assert labels == list(range(36)) * 2
+    # Every caption names its character: "letter K" / "capital K", or a digit by word or numeral.
+    dataset = glyphs.GlyphsSource("eval", size=72)
+    for i in range(72):
+        char = glyphs.CHARACTERS[labels[i]]
+        caption = dataset[i]["caption"]
+        if char.isalpha():
+            assert f"letter {char}" in caption or f"capital {char}" in caption, caption
+        else:
+            word = glyphs.DIGIT_WORDS[int(char)]
+            assert any(n in caption for n in (f"digit {word}", f"number {word}", f"number {char}"))
+    # The glyph is drawn: its pixels differ from the background, and images differ by class.
+    image = held_out[0]["image"].astype(int)
+    assert (np.abs(image - image[0, 0]).sum(-1) > 100).mean() > 0.02
+    assert not np.array_equal(held_out[0]["image"], held_out[1]["image"])
 
 
 # ---------------------------------------------------------------------------- csv

@@ -8,8 +8,12 @@ import pytest
 from clipjax import train
 from clipjax.config import ConfigError, eval_settings, load_saved
 from clipjax.evaluate import checkpoint_eval
-from clipjax.metrics import read_jsonl
+from clipjax.metrics import read_metrics
 from tests import tiny
+
+
+def _rows(workdir) -> list[dict]:
+    return read_metrics(os.path.join(workdir, "metrics.jsonl"))[0]
 
 
 def tiny_config():
@@ -23,7 +27,7 @@ def tiny_config():
 
 
 def _losses(workdir):
-    return {row["step"]: row["train/loss"] for row in read_jsonl(workdir) if "train/loss" in row}
+    return {row["step"]: row["train/loss"] for row in _rows(workdir) if "train/loss" in row}
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +58,7 @@ def test_workdir_contents(runs):
     assert {"config.json", "metrics.jsonl", "tokenizer.model", "tensorboard"} <= set(
         os.listdir(straight)
     )
-    rows = read_jsonl(straight)
+    rows = _rows(straight)
     assert {"train/loss", "train/logit_scale", "train/lr", "train/samples_per_s"} <= set(rows[0])
     assert all(row["data/skipped"] == 0 for row in rows if "train/loss" in row)
     evals = [row for row in rows if "eval/shapes/zeroshot_top1" in row]
@@ -76,10 +80,10 @@ def test_standalone_evaluation_reproduces_the_training_evaluation(runs, tmp_path
     copy = tmp_path / "copy"
     shutil.copytree(straight, copy)
     step, results = checkpoint_eval.evaluate(load_saved(str(copy)), str(copy))
-    logged = [row for row in read_jsonl(straight) if "eval/shapes/zeroshot_top1" in row][-1]
+    logged = [row for row in _rows(straight) if "eval/shapes/zeroshot_top1" in row][-1]
     assert step == 6
     assert results == {k: v for k, v in logged.items() if k.startswith("eval/")}
-    assert read_jsonl(str(copy))[-1] == {"step": 6, **results}
+    assert _rows(str(copy))[-1] == {"step": 6, **results}
 
     with pytest.raises(ConfigError) as e:
         checkpoint_eval.evaluate(load_saved(str(copy)), str(copy), step=4)
@@ -105,7 +109,7 @@ def test_declip_resume_continues_with_the_same_queue(tmp_path):
     train.run(config, resumed)
 
     def nns(workdir):
-        rows = read_jsonl(workdir)
+        rows = _rows(workdir)
         return {
             r["step"]: (r["train/loss"], r["train/loss_nns"]) for r in rows if "train/loss" in r
         }

@@ -1,10 +1,12 @@
 """Per-example image operations on numpy arrays (uint8 HWC RGB), using PIL for pixel work.
 
-Two training augmentations: `clip_augment` (RandomResizedCrop + flip, CLIP's) and
-`mocov2_augment` (MoCo v2's two-crop recipe, DeCLIP's). The photometric operations follow
-torchvision on PIL images, which is what MoCo v2 ran.
+Two training recipes, chosen by an `Augment` (`config.data.augment`): "clip" (RandomResizedCrop
+and an optional flip, CLIP's) and "mocov2" (MoCo v2's two-crop recipe, DeCLIP's: the same crop
+and flip plus colour jitter, grayscale and blur). The photometric operations follow torchvision
+on PIL images, which is what MoCo v2 ran.
 """
 
+import dataclasses
 import math
 
 import numpy as np
@@ -129,28 +131,49 @@ def color_jitter(
     return image
 
 
-def clip_augment(
-    image: np.ndarray, rng: np.random.Generator, size: int, crop_scale: tuple[float, float]
-) -> np.ndarray:
-    """CLIP's training augmentation: RandomResizedCrop(crop_scale), then a random flip.
-    uint8 (H, W, 3) -> uint8 (size, size, 3)."""
-    image = random_resized_crop(image, rng, size, scale=crop_scale)
-    return random_flip(image, rng)
+RECIPES = ("clip", "mocov2")
+# MoCo v2 blurs with sigma in [0.1, 2.0] pixels at 224 px; clipjax scales that to the image size.
+_MOCO_SIZE = 224
 
 
-def mocov2_augment(image: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
-    """MoCo v2's augmentation (DeCLIP's image views): RandomResizedCrop(scale 0.2-1), ColorJitter
-    (0.4, 0.4, 0.4, 0.1) with p=0.8, grayscale with p=0.2, Gaussian blur with sigma uniform in
-    [0.1, 2] pixels with p=0.5, horizontal flip with p=0.5. uint8 (H, W, 3) -> uint8 (size, size,
-    3)."""
-    image = random_resized_crop(image, rng, size, scale=(0.2, 1.0))
-    if rng.random() < 0.8:
-        image = color_jitter(image, rng)
-    if rng.random() < 0.2:
-        image = grayscale(image)
-    if rng.random() < 0.5:
-        image = gaussian_blur(image, rng.uniform(0.1, 2.0))
-    return random_flip(image, rng)
+@dataclasses.dataclass(frozen=True)
+class Augment:
+    """A training view's augmentation: uint8 (H, W, 3) -> uint8 (size, size, 3).
+
+    - "clip": RandomResizedCrop(`crop_scale`), then a horizontal flip with p=0.5 if `flip`.
+    - "mocov2": the same crop, ColorJitter(0.4, 0.4, 0.4, 0.1) with p=0.8, grayscale with
+      p=0.2, Gaussian blur with p=0.5 and sigma uniform in [0.1, 2.0] · size/224 pixels (MoCo
+      v2's range at 224 px, scaled to the output size), then the flip if `flip`.
+    """
+
+    recipe: str = "clip"
+    crop_scale: tuple[float, float] = (0.9, 1.0)
+    flip: bool = True
+
+    def __post_init__(self):
+        if self.recipe not in RECIPES:
+            raise ValueError(
+                f"config.data.augment.recipe={self.recipe!r} is unknown; use one of "
+                f"{', '.join(RECIPES)}."
+            )
+        low, high = (float(s) for s in self.crop_scale)
+        if not 0 < low <= high <= 1:
+            raise ValueError(
+                f"config.data.augment.crop_scale={tuple(self.crop_scale)} must be (low, high) "
+                "area fractions with 0 < low <= high <= 1, e.g. (0.9, 1.0)."
+            )
+        object.__setattr__(self, "crop_scale", (low, high))
+
+    def __call__(self, image: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
+        image = random_resized_crop(image, rng, size, scale=self.crop_scale)
+        if self.recipe == "mocov2":
+            if rng.random() < 0.8:
+                image = color_jitter(image, rng)
+            if rng.random() < 0.2:
+                image = grayscale(image)
+            if rng.random() < 0.5:
+                image = gaussian_blur(image, rng.uniform(0.1, 2.0) * size / _MOCO_SIZE)
+        return random_flip(image, rng) if self.flip else image
 
 
 def resize(image: np.ndarray, size: int) -> np.ndarray:

@@ -18,7 +18,6 @@ from absl import logging
 from clipjax.data import image_ops, records, sources, text_ops
 from clipjax.data.tokenizer import Tokenizer
 
-IMAGE_AUGMENTS = ("clip", "mocov2")
 TEXT_VIEWS = ("plain", "mlm", "eda")
 
 
@@ -26,10 +25,9 @@ TEXT_VIEWS = ("plain", "mlm", "eda")
 class Views:
     """Which views of each example the training pipeline makes (an objective declares them).
 
-    - `image_views` (1 or 2): independent augmentations of the image, batch keys `image` and
-      `image_2`, each float32 (b, size, size, 3).
-    - `image_augment`: "clip" (RandomResizedCrop(`config.data.crop_scale`) + flip) or "mocov2"
-      (see `image_ops.mocov2_augment`).
+    - `image_views` (1 or 2): independent augmentations of the image (`config.data.augment`,
+      see `image_ops.Augment`), batch keys `image` and `image_2`, each float32 (b, size, size,
+      3).
     - `text_views`, int32 (b, context_length) each: "plain" → `text`, the caption; "mlm" →
       `text_mlm`, the caption with BERT-style masking, plus `mlm_labels`, the original ids at
       the masked positions and 0 elsewhere (`text_ops.mlm_mask`); "eda" → `text_eda`, an
@@ -37,16 +35,11 @@ class Views:
     """
 
     image_views: int = 1
-    image_augment: str = "clip"
     text_views: tuple[str, ...] = ("plain",)
 
     def __post_init__(self):
         if self.image_views not in (1, 2):
             raise ValueError(f"Views.image_views must be 1 or 2, not {self.image_views!r}.")
-        if self.image_augment not in IMAGE_AUGMENTS:
-            raise ValueError(
-                f"Views.image_augment {self.image_augment!r} is not one of {IMAGE_AUGMENTS}."
-            )
         views = tuple(self.text_views)
         object.__setattr__(self, "text_views", views)  # a list from a config is fine too
         if not views or len(set(views)) != len(views) or not set(views) <= set(TEXT_VIEWS):
@@ -99,14 +92,10 @@ class _MakeViews(grain.transforms.RandomMap):
     tokenizer: Tokenizer
     image_size: int
     context_length: int
-    crop_scale: tuple[float, float]
+    augment: image_ops.Augment
 
     def _augment(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        if self.views.image_augment == "mocov2":
-            image = image_ops.mocov2_augment(image, rng, self.image_size)
-        else:
-            image = image_ops.clip_augment(image, rng, self.image_size, self.crop_scale)
-        return image_ops.normalize(image)
+        return image_ops.normalize(self.augment(image, rng, self.image_size))
 
     def _encode(self, caption: str) -> np.ndarray:
         return self.tokenizer.encode([caption], self.context_length)[0]
@@ -266,7 +255,7 @@ def train_dataset(
 ) -> grain.IterDataset:
     """This process's endless stream of training batches.
 
-    `data_config` is `config.data` (`train` source spec, `num_workers`, `crop_scale`,
+    `data_config` is `config.data` (`train` source spec, `num_workers`, `augment`,
     `max_skipped_fraction`). Each batch holds the `views` of `b = global_batch_size //
     jax.process_count()` examples; by default `{"image": float32 (b, image_size, image_size, 3),
     "text": int32 (b, context_length)}`, plus always `"skipped"`: int32 (b,), the bad records
@@ -302,8 +291,8 @@ def train_dataset(
     ds = grain.MapDataset.source(source)
     ds = ds[process_index::process_count]
     ds = ds.seed(process_seed).shuffle().repeat()
-    crop_scale = tuple(float(s) for s in data_config.crop_scale)
-    ds = ds.random_map(_MakeViews(views, tokenizer, image_size, context_length, crop_scale))
+    augment = image_ops.Augment(**data_config.augment)
+    ds = ds.random_map(_MakeViews(views, tokenizer, image_size, context_length, augment))
     ds = ds.batch(batch_size, drop_remainder=True, batch_fn=_chunk)
     # Elements are whole chunks here: a small buffer bounds host memory. Two threads overlap
     # the decoding and PIL work, which releases the GIL; more only contend for it.

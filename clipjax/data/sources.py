@@ -1,6 +1,7 @@
 """Data sources named by spec strings: `scheme[:ARG][?key=value&key=value]`.
 
   shapes, shapes:N [?seed=S]        the built-in procedural dataset (train and eval)
+  glyphs, glyphs:N [?seed=S]        built-in rendered letters and digits (train and eval)
   csv:PATH [?image=&caption=&label=] a .csv (comma) or .tsv (tab) of image paths and captions
   folder:PATH                       one subfolder of images per class (eval only)
   arrayrecord:GLOB_OR_DIR           shards written by `python -m clipjax.tools.convert`
@@ -23,9 +24,9 @@ from collections.abc import Iterator
 import grain
 import numpy as np
 
-from clipjax.data import records, shapes
+from clipjax.data import glyphs, records, shapes
 
-_SHAPES_EVAL_SIZE = 2048
+_PROCEDURAL_EVAL_SIZE = 2048
 SPLITS = ("train", "eval")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -64,45 +65,49 @@ def _first_usable(captions: Iterator, num: int) -> Iterator[str]:
         count += 1
 
 
-# ---------------------------------------------------------------------------- shapes
+# ---------------------------------------------------------------------------- shapes, glyphs
 
 
-class ShapesRecords:
-    """The built-in dataset as raw records (images come drawn, as uint8 arrays)."""
+class ProceduralRecords:
+    """A built-in procedural dataset (`shapes.ShapesSource`, `glyphs.GlyphsSource`) as raw
+    records; images come drawn, as uint8 arrays."""
 
-    class_names = shapes.CLASS_NAMES
-    prompt_templates = shapes.PROMPT_TEMPLATES
-
-    def __init__(self, split: str, size: int, seed: int):
-        self._shapes = shapes.ShapesSource(split, size=size, seed=seed)
+    def __init__(self, name: str, dataset):
+        self._name, self._dataset = name, dataset
+        self.class_names = dataset.class_names
+        self.prompt_templates = dataset.prompt_templates
 
     def __len__(self) -> int:
-        return len(self._shapes)
+        return len(self._dataset)
 
     def __repr__(self) -> str:
-        return repr(self._shapes)
+        return repr(self._dataset)
 
     def __getitem__(self, index: int) -> dict:
-        example = self._shapes[index]
-        if self._shapes.split == "train":
+        example = self._dataset[index]
+        if self._dataset.split == "train":
             del example["label"]
-        return {"key": f"shapes[{int(index)}]", **example}
+        return {"key": f"{self._name}[{int(index)}]", **example}
 
     def captions(self, num: int) -> Iterator[str]:
-        return self._shapes.captions(num)
+        return self._dataset.captions(num)
 
 
-def _shapes(spec: str, arg: str, options: dict, split: str, seed: int) -> ShapesRecords:
+_PROCEDURAL = {"shapes": shapes.ShapesSource, "glyphs": glyphs.GlyphsSource}
+
+
+def _procedural(spec: str, arg: str, options: dict, split: str, seed: int) -> ProceduralRecords:
+    name = parse_spec(spec)[0]
     if arg and not (arg.isdigit() and int(arg) > 0):
-        raise ValueError(f"source {spec!r}: N must be a positive integer, e.g. 'shapes:50000'.")
+        raise ValueError(f"source {spec!r}: N must be a positive integer, e.g. '{name}:50000'.")
     if "seed" in options:
         if not options["seed"].isdigit():
             raise ValueError(
-                f"source {spec!r}: seed must be a non-negative integer, e.g. 'shapes?seed=1'."
+                f"source {spec!r}: seed must be a non-negative integer, e.g. '{name}?seed=1'."
             )
         seed = int(options["seed"])
-    size = int(arg) if arg else {"train": 100_000, "eval": _SHAPES_EVAL_SIZE}[split]
-    return ShapesRecords(split, size, seed)
+    size = int(arg) if arg else {"train": 100_000, "eval": _PROCEDURAL_EVAL_SIZE}[split]
+    return ProceduralRecords(name, _PROCEDURAL[name](split, size=size, seed=seed))
 
 
 # ---------------------------------------------------------------------------- csv
@@ -462,7 +467,8 @@ def _tfds(spec: str, arg: str, options: dict, split: str, seed: int) -> TfdsSour
 
 # name -> (builder, its options, an example spec)
 _SCHEMES = {
-    "shapes": (_shapes, ("seed",), "shapes:50000"),
+    "shapes": (_procedural, ("seed",), "shapes:50000"),
+    "glyphs": (_procedural, ("seed",), "glyphs:50000"),
     "csv": (_csv, ("image", "caption", "label"), "csv:/data/train.csv?caption=title"),
     "folder": (_folder, (), "folder:/data/imagenet/val"),
     "arrayrecord": (_arrayrecord, (), "arrayrecord:/data/cc3m"),

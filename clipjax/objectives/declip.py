@@ -1,8 +1,11 @@
 """DeCLIP (Li et al. 2021): supervision from image and text views, self-supervision and neighbours.
 
-Per example: two MoCo-v2 views of the image and two captions, the MLM-masked one (t¹) and an
-EDA-augmented one (t²). t¹ passes through the text tower once, for both the MLM head and the
-contrastive terms. The loss is
+Per example: two augmented views of the image (`config.data.augment`; MoCo v2's recipe in the
+official code) and two captions, t¹ and t². In the official code t¹ is the MLM-masked caption,
+which passes through the text tower once for both the MLM head and the contrastive terms, and t²
+an EDA rewrite. `declip.masked_caption_contrastive=False` makes t¹ the plain caption (the masked
+one then passes through the tower for the MLM head only), and `declip.eda=False` makes t² the
+plain caption. The loss is
 
   L = w_mvs·MVS + w_iss·ISS + w_tss·TSS + w_nns·NNS   (0.4 / 0.2 / 0.2 / 0.2, official code)
 
@@ -15,6 +18,7 @@ contrastive terms. The loss is
 The queue is training state, sharded over the batch axes of the mesh (Q·d/devices per device).
 """
 
+import functools
 import math
 
 import flax.linen as nn
@@ -24,7 +28,7 @@ from jax.sharding import PartitionSpec
 
 from clipjax import losses, nn_queue, sharding
 from clipjax.config import ConfigError
-from clipjax.data.pipeline import IMAGE_AUGMENTS, Views
+from clipjax.data.pipeline import Views
 from clipjax.models.two_tower import TwoTower
 from clipjax.objectives.base import Objective
 
@@ -34,15 +38,20 @@ MAX_LOGIT_SCALE = 100.0
 MLM_RATIO = 0.15
 
 
-def _forward(model: TwoTower, batch, train: bool):
-    """Both image views and both captions through the towers, plus the SimSiam and MLM heads."""
+def _forward(model: TwoTower, batch, train: bool, text_keys: tuple[str, str]):
+    """Both image views and the two contrastive captions (batch keys `text_keys`) through the
+    towers, plus the SimSiam and MLM heads."""
     images = [model.encode_image(batch[key], train=train) for key in ("image", "image_2")]
-    texts = [model.encode_text(batch[key], train=train) for key in ("text_mlm", "text_eda")]
+    texts = [model.encode_text(batch[key], train=train) for key in text_keys]
+    if text_keys[0] == "text_mlm":
+        masked = texts[0]
+    else:
+        masked = model.encode_text(batch["text_mlm"], train=train)
     return {
         "images": [view["embed"] for view in images],
         "texts": [view["embed"] for view in texts],
         "simsiam": [model.simsiam(view["features"], train=train) for view in images],
-        "mlm": model.masked_lm(texts[0]["states"], batch["mlm_labels"]),
+        "mlm": model.masked_lm(masked["states"], batch["mlm_labels"]),
         "log_scale": model.log_scale,
     }
 
@@ -68,14 +77,16 @@ def _terms(
 class DeClip(Objective):
     def __init__(self, config, mesh):
         cfg = config.declip
-        if cfg.image_augment not in IMAGE_AUGMENTS:
-            raise ConfigError(
-                f"config.declip.image_augment={cfg.image_augment!r} is unknown; use one of "
-                f"{', '.join(IMAGE_AUGMENTS)}."
-            )
-        self.views = Views(
-            image_views=2, image_augment=cfg.image_augment, text_views=("mlm", "eda")
+        text_keys = (
+            "text_mlm" if cfg.masked_caption_contrastive else "text",
+            "text_eda" if cfg.eda else "text",
         )
+        kinds = {"text": "plain", "text_mlm": "mlm", "text_eda": "eda"}
+        needed = ("text_mlm", *(key for key in text_keys if key != "text_mlm"))
+        self.views = Views(
+            image_views=2, text_views=tuple(kinds[key] for key in dict.fromkeys(needed))
+        )
+        self._forward = functools.partial(_forward, text_keys=text_keys)
         if cfg.queue_size % sharding.data_parallel_size(mesh):
             raise ConfigError(
                 f"config.declip.queue_size={cfg.queue_size} does not split over the "
@@ -112,7 +123,7 @@ class DeClip(Objective):
 
     def loss(self, params, model_state, batch, state, rng):
         del rng
-        out, model_state = self.forward(params, model_state, batch, method=_forward)
+        out, model_state = self.forward(params, model_state, batch, method=self._forward)
         scale = jnp.minimum(jnp.exp(out["log_scale"]), MAX_LOGIT_SCALE)
         (z1, p1), (z2, p2) = out["simsiam"]
         logits, labels = out["mlm"]
