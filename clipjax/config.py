@@ -92,6 +92,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.declip.tss_weight = 0.2
     c.declip.nns_weight = 0.2
     c.declip.queue_size = 65_536  # one global FIFO of text embeddings, sharded over devices
+    c.declip.multi_view = True  # MVS over the 2 × 2 view pairs; False: the (x¹, t¹) pair only
     c.declip.masked_caption_contrastive = True  # t¹ = the MLM-masked caption (official code)
     c.declip.eda = True  # t² = an EDA rewrite of the caption; False: the caption itself
     c.declip.sync_bn = False  # SimSiam BatchNorm statistics: per device (official) or synced

@@ -147,21 +147,24 @@ def test_declip_masked_caption_feeds_the_contrastive_terms_only_when_asked(maske
     assert (after["train/loss_mvs"] != before["train/loss_mvs"]) == masked_contrastive
 
 
-def test_declip_without_eda_pairs_the_images_with_the_caption_itself():
+@pytest.mark.parametrize("multi_view", [True, False])
+def test_declip_without_eda_pairs_the_images_with_the_caption_itself(multi_view):
     config = tiny("declip_vitb32")
     config.declip.masked_caption_contrastive = False
     config.declip.eda = False
+    config.declip.multi_view = multi_view
     with built(config) as (objective, state, _, batch):
         assert objective.views.text_views == ("mlm", "plain")
         args = (state.params, state.model_state, batch, state.objective_state, None)
         mvs = objective.loss(*args)[1][0]["train/loss_mvs"]
-        # Both text views are the plain caption: MVS is the mean of CLIP's loss per image view.
+        # Both text views are the plain caption: MVS is the mean of CLIP's loss per image view, or
+        # CLIP's loss on the first image view without multi-view supervision.
         out, _ = objective.forward(
             state.params, state.model_state, batch, method=objective._forward
         )
     scale = jnp.exp(out["log_scale"])
     np.testing.assert_allclose(out["texts"][0], out["texts"][1])
-    images = [np.asarray(i, np.float64) for i in out["images"]]
+    images = [np.asarray(i, np.float64) for i in out["images"][: 2 if multi_view else 1]]
     text = np.asarray(out["texts"][0], np.float64)
     expected = np.mean([_clip_loss_numpy(i, text, float(scale)) for i in images])
     np.testing.assert_allclose(mvs, expected, rtol=1e-4)

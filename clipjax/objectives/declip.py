@@ -9,7 +9,8 @@ plain caption. The loss is
 
   L = w_mvs·MVS + w_iss·ISS + w_tss·TSS + w_nns·NNS   (0.4 / 0.2 / 0.2 / 0.2, official code)
 
-- MVS: ¼ Σ over the 2 × 2 image/text view pairs of CLIP's symmetric InfoNCE.
+- MVS: ¼ Σ over the 2 × 2 image/text view pairs of CLIP's symmetric InfoNCE
+  (`declip.multi_view=False`: the (x¹, t¹) pair alone, i.e. CLIP's loss, for ablations).
 - ISS: SimSiam between the two image views (projector and predictor on tower features).
 - TSS: masked-LM cross-entropy on the masked positions of t¹.
 - NNS: ¼ Σ_a Σ_b image→text InfoNCE of image view a against the nearest neighbours of text view
@@ -56,22 +57,24 @@ def _forward(model: TwoTower, batch, train: bool, text_keys: tuple[str, str]):
     }
 
 
-def _terms(
-    i1, i2, t1, t2, z1, z2, p1, p2, logits, labels, queue, pointer, count, scale, *, axis_name
-):
-    """The four DeCLIP terms and the queue update, on each device's slices (inside shard_map)."""
-    images, texts = (i1, i2), (t1, t2)
-    mvs = sum(losses.clip_loss(i, t, scale, axis_name) for i in images for t in texts) / 4
+def _terms(views: dict, queue: dict, scale, *, axis_name, multi_view: bool):
+    """The four DeCLIP terms and the updated queue, on each device's slices (inside shard_map).
+
+    `views`: "images" and "texts", [view 1, view 2] of (b, d) unit embeddings; "simsiam",
+    [(z, p)] per image view; "mlm", (logits, labels). `queue`: `nn_queue` state."""
+    images, texts = views["images"], views["texts"]
+    pairs = [(i, t) for i in images for t in texts] if multi_view else [(images[0], texts[0])]
+    mvs = sum(losses.clip_loss(i, t, scale, axis_name) for i, t in pairs) / len(pairs)
+    (z1, p1), (z2, p2) = views["simsiam"]
     iss = losses.simsiam_loss(p1, p2, z1, z2, axis_name)
-    tss, mlm_accuracy = losses.masked_lm_loss(logits, labels, axis_name)
+    tss, mlm_accuracy = losses.masked_lm_loss(*views["mlm"], axis_name)
     # Neighbours come from the queue as it was before this step: never the batch itself.
-    state = {"embeds": queue, "pointer": pointer, "count": count}
-    neighbours = [nn_queue.lookup(t, queue, axis_name) for t in texts]
+    neighbours = [nn_queue.lookup(t, queue["embeds"], axis_name) for t in texts]
     nns = sum(losses.info_nce(i, n, scale, axis_name) for i in images for n in neighbours) / 4
     for t in texts:  # t¹ of the whole batch first, then t²
-        state = nn_queue.enqueue(state, jax.lax.stop_gradient(t), axis_name)
+        queue = nn_queue.enqueue(queue, jax.lax.stop_gradient(t), axis_name)
     terms = {"mvs": mvs, "iss": iss, "tss": tss, "nns": nns, "mlm_accuracy": mlm_accuracy}
-    return terms, state["embeds"], state["pointer"], state["count"]
+    return terms, queue
 
 
 class DeClip(Objective):
@@ -106,11 +109,12 @@ class DeClip(Objective):
         }
         self.queue_size, self.embed_dim = cfg.queue_size, config.model.embed_dim
         batched, whole = PartitionSpec(sharding.BATCH_AXES), PartitionSpec()
+        queue = {"embeds": batched, "pointer": whole, "count": whole}
         self._terms = jax.shard_map(
-            lambda *args: _terms(*args, axis_name=sharding.BATCH_AXES),
+            functools.partial(_terms, axis_name=sharding.BATCH_AXES, multi_view=cfg.multi_view),
             mesh=mesh,
-            in_specs=(batched,) * 11 + (whole, whole, whole),
-            out_specs=(whole, batched, whole, whole),
+            in_specs=(batched, queue, whole),  # every view is split over the batch axes
+            out_specs=(whole, queue),
         )
 
     def init_state(self, rng):
@@ -125,25 +129,11 @@ class DeClip(Objective):
         del rng
         out, model_state = self.forward(params, model_state, batch, method=self._forward)
         scale = jnp.minimum(jnp.exp(out["log_scale"]), MAX_LOGIT_SCALE)
-        (z1, p1), (z2, p2) = out["simsiam"]
-        logits, labels = out["mlm"]
-        terms, embeds, pointer, count = self._terms(
-            *out["images"],
-            *out["texts"],
-            z1,
-            z2,
-            p1,
-            p2,
-            logits,
-            labels,
-            state["embeds"],
-            state["pointer"],
-            state["count"],
-            scale,
-        )
+        views = {key: out[key] for key in ("images", "texts", "simsiam", "mlm")}
+        terms, queue = self._terms(views, state, scale)
         loss = sum(self.weights[k] * terms[k] for k in self.weights)
         metrics = {f"train/loss_{k}": terms[k] for k in self.weights}
         metrics["train/mlm_accuracy"] = terms["mlm_accuracy"]
-        metrics["train/nn_queue_fill"] = count / self.queue_size
+        metrics["train/nn_queue_fill"] = queue["count"] / self.queue_size
         metrics["train/logit_scale"] = scale
-        return loss, (metrics, model_state, {"embeds": embeds, "pointer": pointer, "count": count})
+        return loss, (metrics, model_state, queue)
