@@ -7,13 +7,14 @@ only once it is complete.
 """
 
 import os
+import time
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from clipjax.config import ConfigError
+from clipjax.errors import ConfigError
 
 
 class Checkpointer:
@@ -32,11 +33,17 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def check_compatible(self, abstract_state) -> None:
-        """Raise ConfigError if the latest checkpoint's arrays differ from `abstract_state`."""
-        step = self.latest_step()
-        if step is None:
+        """Raise ConfigError if the latest readable checkpoint's arrays differ from
+        `abstract_state` (a damaged one is left to `restore`, which falls back past it)."""
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                saved = self.manager.item_metadata(step)["state"]
+            except Exception:  # noqa: BLE001 - any damage: judge the one before it
+                continue
+            if saved is not None:  # None: its metadata file is gone
+                break
+        else:
             return
-        saved = self.manager.item_metadata(step)["state"]
         # The model is its parameters and statistics, plus the objective's state (a queue).
         parts = ("params", "model_state", "objective_state")
         saved_shapes = _shapes({k: saved.get(k, {}) for k in parts})
@@ -53,7 +60,8 @@ class Checkpointer:
 
     def restore_state(self, abstract_state, step: int | None = None):
         """The training state of checkpoint `step` (default: the latest), without the input
-        iterator: for evaluating a checkpoint."""
+        iterator: for evaluating a checkpoint. ConfigError, in one line, if it does not
+        restore."""
         steps = self.manager.all_steps()
         if not steps:
             raise ConfigError(f"{self.directory} holds no checkpoint yet; train first.")
@@ -64,28 +72,60 @@ class Checkpointer:
                 f"{', '.join(map(str, sorted(steps)))}."
             )
         logging.info("Restoring %s/%d", self.directory, step)
-        restored = self.manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
-        )
-        return restored.state
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+        try:
+            return self.manager.restore(step, args=args).state
+        except Exception as e:  # noqa: BLE001 - a damaged checkpoint, whatever broke
+            others = sorted(set(steps) - {step})
+            hint = f"; pass --step= one of {', '.join(map(str, others))}" if others else ""
+            raise ConfigError(
+                f"checkpoint {self.directory}/{step} does not restore ({_reason(e)}){hint}."
+            ) from None
 
     def restore(self, abstract_state, data_iterator):
-        """Restore the latest checkpoint onto `abstract_state`'s shardings; None if none.
+        """Restore the latest checkpoint that restores onto `abstract_state`'s shardings, with
+        the data iterator's position (in place); None if there is none. A damaged checkpoint is
+        named in one log line, moved to `workdir/damaged_checkpoints/` (kept, not deleted; the
+        run will save that step again) and the one before it is tried."""
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        reasons = []
+        try:
+            return self._restore_first(steps, abstract_state, data_iterator, reasons)
+        finally:
+            if reasons:
+                self.manager.reload()
 
-        The data iterator's position is restored in place.
-        """
-        step = self.latest_step()
-        if step is None:
-            return None
-        logging.info("Resuming from %s/%d", self.directory, step)
-        restored = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
+    def _restore_first(self, steps, abstract_state, data_iterator, reasons):
+        for step in steps:
+            args = ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state),
                 data=grain.checkpoint.CheckpointRestore(data_iterator),
-            ),
-        )
-        return restored.state
+            )
+            try:
+                restored = self.manager.restore(step, args=args)
+            except Exception as e:  # noqa: BLE001 - a damaged checkpoint, whatever broke
+                reasons.append(f"{step}: {_reason(e)}")
+                aside = os.path.join(os.path.dirname(self.directory), "damaged_checkpoints")
+                os.makedirs(aside, exist_ok=True)
+                moved = os.path.join(aside, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+                os.replace(os.path.join(self.directory, str(step)), moved)
+                logging.warning(
+                    "Checkpoint %s/%d does not restore (%s); moved it to %s and trying the one "
+                    "before it.",
+                    self.directory,
+                    step,
+                    _reason(e),
+                    moved,
+                )
+                continue
+            logging.info("Resuming from %s/%d", self.directory, step)
+            return restored.state
+        if steps:
+            raise ConfigError(
+                f"no checkpoint in {self.directory} restores ({'; '.join(reasons)}); they were "
+                "moved to damaged_checkpoints/. Run again to start from step 0."
+            )
+        return None
 
     def save(self, step: int, state, data_iterator) -> None:
         """Start an asynchronous save of `state` and the iterator position; returns at once."""
@@ -98,10 +138,21 @@ class Checkpointer:
             force=True,  # the trainer decides when; orbax would also save the first step
         )
 
+    def wait(self) -> None:
+        """Block until every started save is on disk."""
+        self.manager.wait_until_finished()
+
     def close(self) -> None:
         """Wait for pending saves; an async save is lost if the process exits first."""
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _reason(error: Exception) -> str:
+    """An exception as one short line: its type and the first line of its message."""
+    lines = str(error).strip().splitlines()
+    text = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _shapes(tree) -> dict[str, tuple]:

@@ -13,13 +13,11 @@ import tempfile
 
 import ml_collections
 
+from clipjax import objectives, optimizers
 from clipjax.data import image_ops, sources
+from clipjax.errors import ConfigError
 from clipjax.models.resnet import resnet_size
 from clipjax.models.vit import vit_size
-
-
-class ConfigError(ValueError):
-    """A bad config value; the message names the field and the fix."""
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -33,7 +31,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.log_every = 100
     c.eval_every = 2_000
     c.ckpt_every = 2_000
+    c.ckpt_every_secs = 0  # > 0: also save when this many seconds passed since the last save
     c.keep_ckpts = 3
+    # Steps whose loss or gradients are not finite are skipped; this many in a row stop the run.
+    c.max_nonfinite_steps = 20
 
     # Mesh axis sizes; -1 takes every device left. Pure data parallel by default.
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "model": 1})
@@ -280,6 +281,27 @@ def _load_file(spec: str):
     return module.get_config(arg) if arg else module.get_config()
 
 
+def config_file_error(argv: list[str]) -> ConfigError | None:
+    """The error for a `--config=path.py[:arg]` that does not load: no such file, or its
+    `get_config(arg)` refuses (e.g. a misspelt `:local`)."""
+    files = [arg.split("=", 1)[1] for arg in argv[1:] if arg.lstrip("-").startswith("config=")]
+    if not files:
+        return None
+    spec = files[-1]
+    path = spec.partition(":")[0]
+    if not os.path.isfile(path):
+        return ConfigError(
+            f"--config={spec}: no such file {path!r}; give a config file such as "
+            "configs/clip_vitb32.py (add :local for the laptop-sized variant)."
+        )
+    try:
+        _load_file(spec)
+    except Exception as e:  # noqa: BLE001 - any failure of the user's file is reported
+        kind = "" if isinstance(e, ValueError) else f"{type(e).__name__}: "
+        return ConfigError(f"--config={spec}: {kind}{e}")
+    return None
+
+
 def override_error(argv: list[str]) -> ConfigError | None:
     """The error for the first `--config.<field>=...` in `argv` that names no field of the
     `--config` file's config (for one clear line when flag parsing fails)."""
@@ -345,9 +367,45 @@ def _check_workdir(workdir: str) -> None:
         ) from None
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _check_values(config) -> None:
+    """Counts, intervals and names: each one checked against what it may be."""
+    at_least = {
+        "total_steps": 1,
+        "log_every": 1,
+        "eval_every": 1,
+        "ckpt_every": 1,
+        "keep_ckpts": 1,
+        "max_nonfinite_steps": 1,
+        "ckpt_every_secs": 0,
+        "data.num_workers": 0,
+    }
+    for name, low in at_least.items():
+        value = config
+        for part in name.split("."):
+            value = value[part]
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < low:
+            raise ConfigError(f"config.{name}={value!r} must be a number, at least {low}.")
+    names = {
+        "objective": (config.objective, sorted(objectives.OBJECTIVES)),
+        "optim.name": (config.optim.name, optimizers.OPTIMIZERS),
+        "model.dtype": (config.model.dtype, DTYPES),
+    }
+    for name, (value, known) in names.items():
+        if value not in known:
+            close = difflib.get_close_matches(str(value), known, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(
+                f"config.{name}={value!r} is unknown; use one of {', '.join(known)}.{hint}"
+            )
+
+
 def validate(config, workdir: str, data_parallel: int) -> None:
     """Raise ConfigError naming the field and the fix; run before anything compiles."""
     _check_known_fields(config)
+    _check_values(config)
     if config.batch_size % data_parallel:
         raise ConfigError(
             f"config.batch_size={config.batch_size} does not split over the {data_parallel} "

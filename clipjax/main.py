@@ -13,7 +13,9 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from clipjax import train
-from clipjax.config import ConfigError, override_error
+from clipjax.config import config_file_error, override_error
+from clipjax.errors import ConfigError, Interrupted, TrainingError
+from clipjax.metrics import quiet_library_logs
 
 config_flags.DEFINE_config_file("config", None, "Config file (`path.py[:arg]`).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the tokenizer.")
@@ -22,15 +24,31 @@ flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
 
+USAGE = "python -m clipjax.main --config=configs/clip_vitb32.py:local --workdir=/tmp/run"
+
+
+def fail(message: str, status: int = 2):
+    print(f"clipjax: {message}", file=sys.stderr)
+    sys.exit(status)
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing, with one clear line for an override of a field that does not exist."""
+    """absl flag parsing, with one clear line for each kind of bad command line: a config file
+    that does not load, an override of a field that does not exist, a value that does not
+    parse, a missing flag."""
+    if error := config_file_error(argv):
+        fail(str(error))
     try:
         return FLAGS(argv)
     except (AttributeError, KeyError):
         if error := override_error(argv):
-            print(f"clipjax: --{error}", file=sys.stderr)
-            sys.exit(2)
+            fail(f"--{error}")
         raise
+    except flags.Error as e:
+        missing = [name for name in ("config", "workdir") if f"--{name}=None" in str(e)]
+        if missing:
+            fail(f"{' and '.join('--' + m for m in missing)} must be given, e.g. {USAGE}")
+        fail(str(e).splitlines()[0])
 
 
 def main(argv) -> None:
@@ -38,6 +56,7 @@ def main(argv) -> None:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if FLAGS.distributed:
         jax.distributed.initialize()
+    quiet_library_logs()
     logging.info(
         "JAX %s: %d processes, %d devices (%s)",
         jax.__version__,
@@ -49,8 +68,15 @@ def main(argv) -> None:
         train.run(FLAGS.config, FLAGS.workdir)
     except ConfigError as e:
         logging.error("%s", e)
-        print(f"clipjax: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail(str(e))
+    except TrainingError as e:
+        logging.error("%s", e)
+        fail(str(e), status=1)
+    except Interrupted as e:  # a checkpoint of the step reached is saved
+        logging.warning("%s", e)
+        fail(str(e), status=128 + e.signum)
+    except KeyboardInterrupt:  # before the loop started: nothing to save yet
+        fail("interrupted before training started; nothing was saved.", status=130)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """One metrics path: `metrics.jsonl`, TensorBoard event files and a console progress line."""
 
 import json
+import logging as pylogging
 import os
 import time
 from collections import defaultdict
@@ -8,6 +9,34 @@ from collections import defaultdict
 import jax
 from absl import logging
 from tensorboardX import SummaryWriter
+
+
+class _QuietLibraries(pylogging.Filter):
+    """Drops the INFO lines of libraries that log every save (Orbax prints its whole options),
+    which would bury the progress line; their warnings and errors still show."""
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
+
+
+class _QuietOrbaxTasks(pylogging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" for Orbax's read tasks: when one
+    array of a damaged checkpoint fails to read, the others' failures repeat it, each with a
+    page of tensorstore spec. The checkpoint's own error is reported once, in one line."""
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("never retrieved" in message and "orbax" in message)
+
+
+def quiet_library_logs() -> None:
+    """Install the filters above: on absl's log handler and on asyncio's logger (once)."""
+    handler = logging.get_absl_handler()
+    if not any(isinstance(f, _QuietLibraries) for f in handler.filters):
+        handler.addFilter(_QuietLibraries())
+    tasks = pylogging.getLogger("asyncio")
+    if not any(isinstance(f, _QuietOrbaxTasks) for f in tasks.filters):
+        tasks.addFilter(_QuietOrbaxTasks())
 
 
 class MetricsWriter:
@@ -92,25 +121,27 @@ class Progress:
         self.total_steps, self.batch_size = total_steps, batch_size
         self._last_step, self._last_time = first_step, time.perf_counter()
 
-    def rate(self, step: int) -> tuple[float, float]:
-        """Samples/s since the last call, and the seconds left at that rate."""
+    def rate(self, step: int) -> tuple[float | None, float | None]:
+        """Samples/s since the last call, and the seconds left at that rate; (None, None) when
+        no step was taken since (e.g. the first step is also a logging step)."""
         now = time.perf_counter()
-        steps_per_s = (step - self._last_step) / max(now - self._last_time, 1e-9)
+        steps, seconds = step - self._last_step, now - self._last_time
         self._last_step, self._last_time = step, now
-        eta = (self.total_steps - step) / max(steps_per_s, 1e-9)
-        return steps_per_s * self.batch_size, eta
+        if steps <= 0 or seconds <= 0:
+            return None, None
+        return steps / seconds * self.batch_size, (self.total_steps - step) * seconds / steps
 
-    def line(self, step: int, loss: float, samples_per_s: float, eta_s: float) -> str:
+    def line(self, step: int, loss: float, samples_per_s: float | None, eta_s: float | None) -> str:
+        width = len(str(self.total_steps))
+        head = f"step {step:>{width}}/{self.total_steps}  loss {loss:.4f}"
+        if samples_per_s is None:
+            return f"{head}  (rate after the next steps)"
         minutes, seconds = divmod(int(eta_s), 60)
         hours, minutes = divmod(minutes, 60)
-        width = len(str(self.total_steps))
-        return (
-            f"step {step:>{width}}/{self.total_steps}  loss {loss:.4f}  "
-            f"{samples_per_s:,.0f} samples/s  ETA {hours:d}:{minutes:02d}:{seconds:02d}"
-        )
+        return f"{head}  {samples_per_s:,.0f} samples/s  ETA {hours:d}:{minutes:02d}:{seconds:02d}"
 
-    def log(self, step: int, loss: float) -> float:
-        """Log the progress line; returns samples/s for the metrics."""
+    def log(self, step: int, loss: float) -> float | None:
+        """Log the progress line; returns samples/s for the metrics (None: not measured)."""
         samples_per_s, eta = self.rate(step)
         logging.info(self.line(step, loss, samples_per_s, eta))
         return samples_per_s

@@ -46,6 +46,9 @@ def lookahead(inner: optax.GradientTransformation, sync_period: int, alpha: floa
     return optax.GradientTransformation(init, update)
 
 
+OPTIMIZERS = ("adamw", "sgd_lookahead")
+
+
 def make_optimizer(optim, schedule: optax.Schedule) -> optax.GradientTransformation:
     """`optim.name`: "adamw", or "sgd_lookahead" (SGD with momentum inside Lookahead).
 

@@ -12,6 +12,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from clipjax.errors import ConfigError
+
 MESH_AXES = ("data", "fsdp", "model")
 # The batch is split over every axis that holds a different slice of the data.
 BATCH_AXES = ("data", "fsdp")
@@ -32,22 +34,23 @@ LOGICAL_RULES = (
 
 
 def make_mesh(mesh_config, devices=None) -> Mesh:
-    """A (data, fsdp, model) mesh; one size of -1 takes all devices left over."""
+    """A (data, fsdp, model) mesh; one size of -1 takes all devices left over. ConfigError if
+    the sizes do not fit the devices present."""
     devices = jax.devices() if devices is None else devices
     sizes = {axis: int(mesh_config[axis]) for axis in MESH_AXES}
     free = [axis for axis, size in sizes.items() if size == -1]
     if len(free) > 1:
-        raise ValueError(f"config.mesh: at most one axis may be -1, got {sizes}.")
+        raise ConfigError(f"config.mesh: at most one axis may be -1, got {sizes}.")
     fixed = math.prod(size for size in sizes.values() if size != -1)
     if free:
         if len(devices) % fixed:
-            raise ValueError(
+            raise ConfigError(
                 f"config.mesh: {len(devices)} devices do not split into {sizes}; "
                 f"the fixed axes' product {fixed} must divide the device count."
             )
         sizes[free[0]] = len(devices) // fixed
     if math.prod(sizes.values()) != len(devices):
-        raise ValueError(
+        raise ConfigError(
             f"config.mesh: axis sizes {sizes} use {math.prod(sizes.values())} devices but "
             f"{len(devices)} are present; set one axis to -1 to take the rest."
         )

@@ -4,9 +4,13 @@ Sections: config checks → mesh → objective and model → tokenizer and input
 init) → restore → compile → loop (step, metrics, evals, checkpoints).
 """
 
+import contextlib
 import functools
 import json
 import os
+import signal
+import threading
+import time
 from typing import Any
 
 import flax
@@ -20,7 +24,9 @@ from clipjax import checkpoint, objectives, optimizers, sharding
 from clipjax import config as config_lib
 from clipjax.data import pipeline, sources
 from clipjax.data import tokenizer as tokenizer_lib
+from clipjax.errors import Interrupted, TrainingError
 from clipjax.evaluate import evaluator as evaluator_lib
+from clipjax.lock import workdir_lock
 from clipjax.metrics import MetricsWriter, Progress
 
 
@@ -34,28 +40,38 @@ class TrainState:
     rng: jax.Array  # base key; step keys are fold_in(rng, step)
 
 
+def _all_finite(tree) -> jax.Array:
+    """Whether every element of every leaf is finite (a norm could overflow where none is)."""
+    return jnp.all(jnp.stack([jnp.isfinite(leaf).all() for leaf in jax.tree.leaves(tree)]))
+
+
 def train_step(state: TrainState, batch, *, objective, optimizer, schedule):
-    """One update. Returns the new state and this step's scalar metrics."""
+    """One update. Returns the new state and this step's scalar metrics.
+
+    A step whose loss, gradients or update is not finite is not applied: the state only counts
+    the step, and `train/nonfinite` is 1."""
     rng = jax.random.fold_in(state.rng, state.step)
     grad_fn = jax.value_and_grad(objective.loss, has_aux=True)
     (loss, (metrics, model_state, objective_state)), grads = grad_fn(
         state.params, state.model_state, batch, state.objective_state, rng
     )
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    new_state = state.replace(
-        step=state.step + 1,
+    finite = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(updates)
+    updated = state.replace(
         params=objective.constrain(optax.apply_updates(state.params, updates)),
         model_state=model_state,
         opt_state=opt_state,
         objective_state=objective_state,
     )
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
     metrics = {
         "train/loss": loss,
         "train/lr": schedule(state.step),
         "train/grad_norm": optax.global_norm(grads),
+        "train/nonfinite": 1 - finite.astype(jnp.int32),
         **metrics,
     }
-    return new_state, metrics
+    return new_state.replace(step=state.step + 1), metrics
 
 
 def build(config, mesh):
@@ -122,14 +138,58 @@ def _save_config(config, workdir: str) -> None:
         os.replace(path + ".tmp", path)
 
 
+@contextlib.contextmanager
+def _stop_signals():
+    """While inside, SIGTERM and SIGINT only record their number in the yielded dict (`signal`);
+    a second one acts as it would have. Signals reach only the main thread."""
+    received = {"signal": None}
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+
+    def record(signum, frame):
+        del frame
+        received["signal"] = signum
+        signal.signal(signum, previous[signum])
+
+    for signum in previous:
+        signal.signal(signum, record)
+    try:
+        yield received
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _diverged(step: int, count: int, ckpt: checkpoint.Checkpointer) -> TrainingError:
+    latest = ckpt.latest_step()
+    last = f"{ckpt.directory}/{latest}" if latest is not None else "none yet"
+    return TrainingError(
+        f"stopped at step {step}: {count} steps in a row had a non-finite loss, gradient or "
+        "update "
+        f"(config.max_nonfinite_steps={count}), and none of them was applied. The last good "
+        f"checkpoint is {last}; lower config.optim.lr (or raise config.optim.warmup_steps) and "
+        "run again to resume from it."
+    )
+
+
 def run(config, workdir: str, *, stop_at: int | None = None) -> None:
-    """Train (or resume) in `workdir` until `config.total_steps`, or until step `stop_at`."""
+    """Train (or resume) in `workdir` until `config.total_steps`, or until step `stop_at`.
+
+    SIGTERM or SIGINT ends the current step, saves a checkpoint and raises `Interrupted`."""
     # ---- Config checks, before anything compiles ----
     mesh = sharding.make_mesh(config.mesh)
     config_lib.validate(config, workdir, sharding.data_parallel_size(mesh))
-    if config.data.train.split(":")[0] == "shapes":
+    lock = workdir_lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+    with lock:
+        _train(config, workdir, mesh, stop_at)
+
+
+def _train(config, workdir: str, mesh, stop_at: int | None) -> None:
+    if config.data.train.split(":")[0] in ("shapes", "glyphs"):
         logging.info(
-            "Training on the built-in 'shapes' dataset. For real data set --config.data.train "
+            "Training on a built-in dataset. For real data set --config.data.train "
             "to a source spec (see the README)."
         )
 
@@ -173,26 +233,46 @@ def run(config, workdir: str, *, stop_at: int | None = None) -> None:
         last_step = min(config.total_steps, stop_at or config.total_steps)
         progress = Progress(config.total_steps, config.batch_size, first_step)
         skipped = 0  # bad records the input dropped since the last log row
+        nonfinite, nonfinite_run = 0, 0  # skipped updates since the last row, and in a row
+        last_save = time.monotonic()
         try:
-            for step in range(first_step + 1, last_step + 1):
-                batch = next(train_iter)
-                skipped += int(batch.pop("skipped").sum())
-                state, metrics = step_fn(state, sharding.to_global(batch, mesh))
-                if step == first_step + 1:
-                    jax.block_until_ready(state)
-                    progress = Progress(config.total_steps, config.batch_size, step)
-                    logging.info("Compiled and ran the first step.")
-                if step % config.log_every == 0 or step == last_step:
-                    metrics = jax.device_get(metrics)
-                    metrics["train/samples_per_s"] = progress.log(step, metrics["train/loss"])
-                    metrics["data/skipped"], skipped = skipped, 0
-                    writer.write(step, metrics)
-                if step % config.eval_every == 0 or step == config.total_steps:
-                    results = evaluator_lib.run_all(evaluators, state.params, state.model_state)
-                    logging.info("step %d  %s", step, json.dumps(results))
-                    writer.write(step, results)
-                if step % config.ckpt_every == 0 or step == last_step:
-                    ckpt.save(step, state, train_iter)
+            with _stop_signals() as stop:
+                for step in range(first_step + 1, last_step + 1):
+                    batch = next(train_iter)
+                    skipped += int(batch.pop("skipped").sum())
+                    state, metrics = step_fn(state, sharding.to_global(batch, mesh))
+                    if int(metrics["train/nonfinite"]):
+                        nonfinite, nonfinite_run = nonfinite + 1, nonfinite_run + 1
+                    else:
+                        nonfinite_run = 0
+                    diverged = nonfinite_run >= config.max_nonfinite_steps
+                    if step == first_step + 1:
+                        jax.block_until_ready(state)
+                        progress = Progress(config.total_steps, config.batch_size, step)
+                        logging.info("Compiled and ran the first step.")
+                    if step % config.log_every == 0 or step == last_step or diverged:
+                        metrics = jax.device_get(metrics)
+                        del metrics["train/nonfinite"]
+                        if rate := progress.log(step, metrics["train/loss"]):
+                            metrics["train/samples_per_s"] = rate
+                        metrics["data/skipped"], skipped = skipped, 0
+                        metrics["train/nonfinite_steps"], nonfinite = nonfinite, 0
+                        writer.write(step, metrics)
+                    if diverged:
+                        raise _diverged(step, nonfinite_run, ckpt)
+                    if step % config.eval_every == 0 or step == config.total_steps:
+                        results = evaluator_lib.run_all(evaluators, state.params, state.model_state)
+                        logging.info("step %d  %s", step, json.dumps(results))
+                        writer.write(step, results)
+                    due = config.ckpt_every_secs and (
+                        time.monotonic() - last_save >= config.ckpt_every_secs
+                    )
+                    if step % config.ckpt_every == 0 or step == last_step or due or stop["signal"]:
+                        ckpt.save(step, state, train_iter)
+                        last_save = time.monotonic()
+                    if stop["signal"]:
+                        ckpt.wait()
+                        raise Interrupted(stop["signal"], step, f"{ckpt.directory}/{step}")
         finally:
             ckpt.close()
             writer.close()

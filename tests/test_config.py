@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import pytest
 
 from clipjax import config as config_lib
+from clipjax import sharding
 from clipjax.models.two_tower import TwoTower
 from configs.clip_vitb32 import get_config
 
@@ -227,3 +228,100 @@ def test_saved_evaluations_get_every_field_of_their_kind(tmp_path):
     loaded = config_lib.load_saved(str(tmp_path)).evals.mine
     assert loaded.to_dict() == config_lib.eval_entry("zeroshot", source="shapes:64").to_dict()
     assert loaded.templates == config_lib.EVAL_FIELDS["zeroshot"]["templates"]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("total_steps", 0, "config.total_steps=0 must be a number, at least 1."),
+        ("total_steps", -5, "config.total_steps=-5 must be a number, at least 1."),
+        ("log_every", 0, "config.log_every=0 must be a number, at least 1."),
+        ("eval_every", 0, "config.eval_every=0 must be a number, at least 1."),
+        ("ckpt_every", 0, "config.ckpt_every=0 must be a number, at least 1."),
+        ("keep_ckpts", 0, "config.keep_ckpts=0 must be a number, at least 1."),
+        ("ckpt_every_secs", -1, "config.ckpt_every_secs=-1 must be a number, at least 0."),
+        ("data.num_workers", -1, "config.data.num_workers=-1 must be a number, at least 0."),
+        (
+            "objective",
+            "clap",
+            "config.objective='clap' is unknown; use one of clip, cliplite, declip, siglip. "
+            "Did you mean 'clip'?",
+        ),
+        (
+            "optim.name",
+            "adam",
+            "config.optim.name='adam' is unknown; use one of adamw, sgd_lookahead. "
+            "Did you mean 'adamw'?",
+        ),
+        (
+            "model.dtype",
+            "bf16",
+            "config.model.dtype='bf16' is unknown; use one of float32, bfloat16, float16. "
+            "Did you mean 'bfloat16'?",
+        ),
+    ],
+)
+def test_bad_values_get_one_line(tmp_path, field, value, message):
+    c = get_config("local")
+    *parents, name = field.split(".")
+    node = c
+    for parent in parents:
+        node = node[parent]
+    node[name] = value
+    with pytest.raises(config_lib.ConfigError) as e:
+        _validate(c, tmp_path)
+    assert str(e.value) == message
+
+
+def test_a_mesh_that_does_not_fit_the_devices():
+    c = get_config("local")
+    c.mesh.data = 3
+    with pytest.raises(config_lib.ConfigError) as e:
+        sharding.make_mesh(c.mesh)
+    assert str(e.value) == (
+        "config.mesh: axis sizes {'data': 3, 'fsdp': 1, 'model': 1} use 3 devices but 8 are "
+        "present; set one axis to -1 to take the rest."
+    )
+
+
+def _one_line(args, module="clipjax.main", timeout=120):
+    done = subprocess.run(
+        [sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout
+    )
+    lines = done.stderr.strip().splitlines()
+    assert "Traceback" not in done.stderr, done.stderr
+    return done.returncode, lines[-1]
+
+
+def test_flag_and_config_file_errors_are_one_line(tmp_path):
+    usage = "python -m clipjax.main --config=configs/clip_vitb32.py:local --workdir=/tmp/run"
+    local = "--config=configs/clip_vitb32.py:local"
+    workdir = f"--workdir={tmp_path}"
+    cases = [
+        ([], f"clipjax: --config and --workdir must be given, e.g. {usage}"),
+        ([local], f"clipjax: --workdir must be given, e.g. {usage}"),
+        (
+            ["--config=configs/nope.py", workdir],
+            "clipjax: --config=configs/nope.py: no such file 'configs/nope.py'; give a config "
+            "file such as configs/clip_vitb32.py (add :local for the laptop-sized variant).",
+        ),
+        (
+            ["--config=configs/clip_vitb32.py:lcoal", workdir],
+            "clipjax: --config=configs/clip_vitb32.py:lcoal: configs/clip_vitb32.py takes no "
+            "argument or 'local', got 'lcoal'.",
+        ),
+        (
+            [local, workdir, "--config.batch_size=abc"],
+            "clipjax: flag --config.batch_size=abc: invalid literal for int() with base 10: 'abc'",
+        ),
+        (
+            [local, workdir, "--config.log_every=0"],
+            "clipjax: config.log_every=0 must be a number, at least 1.",
+        ),
+    ]
+    for args, message in cases:
+        assert _one_line(args) == (2, message), args
+    assert _one_line([workdir, "--step=abc"], "clipjax.evaluate")[1] == (
+        f"clipjax.evaluate: {tmp_path} has no config.json: --workdir must be a directory "
+        "clipjax.main trained in."
+    )

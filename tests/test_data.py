@@ -5,12 +5,16 @@ import colorsys
 import csv
 import io
 import logging
+import os
 import pickle
+import subprocess
+import sys
 
 import grain
 import jax
 import ml_collections
 import numpy as np
+import psutil
 import pytest
 from PIL import Image
 
@@ -704,3 +708,43 @@ def test_eval_arrays(tok):
     )
     assert seeded["image"].shape[0] == 10
     assert not np.array_equal(seeded["image"], arrays["image"][:10])
+
+
+_WORKER_PROBE = """
+import time
+import ml_collections
+import psutil
+from absl import flags
+from clipjax.data import pipeline, shapes, tokenizer
+
+if __name__ == "__main__":
+    flags.FLAGS.mark_as_parsed()
+    tok = tokenizer.train(shapes.ShapesSource("train").captions(500), vocab_size=128)
+    data = ml_collections.ConfigDict({"train": "shapes:200", "num_workers": 1,
+        "augment": {"recipe": "clip", "crop_scale": (0.9, 1.0), "flip": True}})
+    it = iter(pipeline.train_dataset(data, tokenizer=tok, image_size=16, context_length=16,
+                                     global_batch_size=8, seed=0))
+    for _ in range(20):
+        next(it)
+    print(" ".join(str(p.pid) for p in psutil.Process().children(recursive=True)), flush=True)
+    time.sleep(120)
+"""
+
+
+def test_grain_workers_die_with_a_killed_trainer(tmp_path):
+    """kill -9 of the training process leaves no Grain worker behind (PR_SET_PDEATHSIG)."""
+    script = tmp_path / "probe.py"
+    script.write_text(_WORKER_PROBE)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root, "JAX_PLATFORMS": "cpu"}
+    probe = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        children = [psutil.Process(int(pid)) for pid in probe.stdout.readline().split()]
+        assert children, "the pipeline started no worker process"
+    finally:
+        probe.kill()
+        probe.wait()
+    gone, alive = psutil.wait_procs(children, timeout=20)
+    assert not alive, [p.cmdline() for p in alive]

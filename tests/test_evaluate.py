@@ -1,8 +1,11 @@
 """Evaluations: metrics on hand-made embeddings with known answers, prompt lists, the linear
 probe against a float64 reference, and the Evaluators end to end on a tiny model."""
 
+import math
+
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -345,3 +348,19 @@ def test_evaluator_rejects_data_that_does_not_fit(
             max_skipped_fraction=0.01,
         )
     assert str(error.value).startswith("config.evals.mine")
+
+
+def test_a_diverged_model_scores_nan_never_perfect(tiny_setup):
+    config, objective, state, tokenizer, mesh = tiny_setup
+    params = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), state.params)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+        evaluators = evaluator_lib.make_evaluators(
+            config, objective=objective, tokenizer=tokenizer, mesh=mesh
+        )
+        results = evaluator_lib.run_all(evaluators, params, state.model_state)
+    assert len(results) == 11 and all(math.isnan(v) for v in results.values()), results
+    # The rank functions alone: NaN scores compare false and would rank every row first.
+    scores = np.full((4, 3), np.nan)
+    assert all(math.isnan(v) for v in topk_accuracy(scores, np.arange(4) % 3).values())
+    recall = recall_at_k(np.full((4, 2), np.nan), np.ones((4, 2)), np.arange(4))
+    assert len(recall) == 6 and all(math.isnan(v) for v in recall.values())

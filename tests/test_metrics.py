@@ -55,3 +55,13 @@ def test_progress_line():
     progress = Progress(total_steps=1000, batch_size=64, first_step=0)
     line = progress.line(step=250, loss=1.23456, samples_per_s=1280.0, eta_s=3725.0)
     assert line == "step  250/1000  loss 1.2346  1,280 samples/s  ETA 1:02:05"
+
+
+def test_progress_line_before_any_rate_is_measured():
+    progress = Progress(total_steps=600, batch_size=128, first_step=1)
+    # Logged at the step it was reset at (the first step is also a logging step).
+    assert progress.rate(1) == (None, None)
+    assert (
+        progress.line(1, 5.0, None, None)
+        == "step   1/600  loss 5.0000  (rate after the next steps)"
+    )

@@ -88,8 +88,13 @@ def test_spec_errors_are_one_line_and_name_the_spec(tmp_path):
     )
     pattern = str(tmp_path / "*.arrayrecord")
     assert error_of(f"arrayrecord:{tmp_path}") == (
-        f"source 'arrayrecord:{tmp_path}': no files match '{pattern}'; write ArrayRecord shards "
+        f"source 'arrayrecord:{tmp_path}': no ArrayRecord shards match '{pattern}'; write them "
         "with `python -m clipjax.tools.convert --input=... --output=DIR`."
+    )
+    (tmp_path / "index.json").write_text("{}")
+    assert error_of(f"arrayrecord:{tmp_path}/*") == (
+        f"source 'arrayrecord:{tmp_path}/*': no ArrayRecord shards match '{tmp_path}/*' (only "
+        "index.json); write them with `python -m clipjax.tools.convert --input=... --output=DIR`."
     )
     assert error_of(f"folder:{tmp_path}") == (
         f"source 'folder:{tmp_path}': a folder of class subfolders has labels but no captions, "
@@ -277,7 +282,9 @@ def test_arrayrecord_reads_packed_records_from_glob_or_directory(tmp_path):
     write_arrayrecord(tmp_path / "b.arrayrecord", items[3:])
     write_arrayrecord(tmp_path / "a.arrayrecord", items[:3])
     (tmp_path / "a.arrayrecord.tmp").write_bytes(b"an unfinished shard")  # not matched
-    for spec in (f"arrayrecord:{tmp_path}", f"arrayrecord:{tmp_path}/*.arrayrecord"):
+    (tmp_path / "index.json").write_text("{}")  # the converter's index: not a shard
+    specs = [f"arrayrecord:{tmp_path}", f"arrayrecord:{tmp_path}/*.arrayrecord"]
+    for spec in [*specs, f"arrayrecord:{tmp_path}/*"]:
         source = pickle.loads(pickle.dumps(sources.make_source(spec, "train")))
         assert len(source) == 5
         assert [source[i] for i in range(5)] == items  # files in sorted name order

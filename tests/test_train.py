@@ -1,12 +1,23 @@
 """The trainer on 8 fake devices: exact resume, the optimizer's masks, incompatible checkpoints."""
 
+import contextlib
+import math
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
 
+import flax.linen as nn
+import jax
+import numpy as np
 import pytest
 
-from clipjax import train
+from clipjax import checkpoint, sharding, train
 from clipjax.config import ConfigError, eval_settings, load_saved
+from clipjax.errors import Interrupted, TrainingError
 from clipjax.evaluate import checkpoint_eval
 from clipjax.metrics import read_metrics
 from tests import tiny
@@ -59,7 +70,9 @@ def test_workdir_contents(runs):
         os.listdir(straight)
     )
     rows = _rows(straight)
-    assert {"train/loss", "train/logit_scale", "train/lr", "train/samples_per_s"} <= set(rows[0])
+    assert {"train/loss", "train/logit_scale", "train/lr", "train/nonfinite_steps"} <= set(rows[0])
+    # The first step includes compiling: its rate is not measured, the next ones are.
+    assert "train/samples_per_s" not in rows[0] and rows[1]["train/samples_per_s"] > 0
     assert all(row["data/skipped"] == 0 for row in rows if "train/loss" in row)
     evals = [row for row in rows if "eval/shapes/zeroshot_top1" in row]
     assert [row["step"] for row in evals] == [6]
@@ -124,3 +137,138 @@ def test_incompatible_checkpoint_is_refused(runs):
     config.model.embed_dim = 24
     with pytest.raises(ConfigError, match=r"incompatible model: params/.* Use a new --workdir"):
         train.run(config, straight)
+
+
+def _count_lines(path: str) -> int:
+    with open(path) as f:
+        return sum(1 for _ in f)
+
+
+def _checkpoint_steps(workdir):
+    return sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")))
+
+
+def test_sigterm_saves_the_step_reached_and_resume_is_exact(runs, tmp_path):
+    """SIGTERM during step k: the step finishes, k is checkpointed, Interrupted says so; a
+    rerun continues on exactly the uninterrupted run's losses."""
+    straight, _, _ = runs
+    config = tiny_config()
+    config.ckpt_every = 100  # only the signal's checkpoint (and the last step's)
+    workdir = str(tmp_path / "run")
+    metrics = os.path.join(workdir, "metrics.jsonl")
+
+    def terminate_after_two_rows():
+        while not os.path.exists(metrics) or _count_lines(metrics) < 2:
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    killer = threading.Thread(target=terminate_after_two_rows, daemon=True)
+    killer.start()
+    with pytest.raises(Interrupted) as e:
+        train.run(config, workdir)
+    killer.join()
+    step = e.value.step
+    assert 2 <= step < 6 and e.value.signum == signal.SIGTERM
+    assert str(e.value) == (
+        f"SIGTERM received: stopped at step {step} and saved {workdir}/checkpoints/{step}; run "
+        "the same command again to resume."
+    )
+    assert _checkpoint_steps(workdir) == [step]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back
+    train.run(config, workdir)
+    assert _losses(workdir) == _losses(straight)
+
+
+def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path):
+    config = tiny_config()
+    config.optim.warmup_steps, config.optim.lr = 0, 1e30  # the first update blows up
+    config.optim.grad_clip = 0.0
+    config.max_nonfinite_steps, config.ckpt_every = 3, 1
+    workdir = str(tmp_path / "run")
+    with pytest.raises(TrainingError) as e:
+        train.run(config, workdir)
+    rows = [r for r in _rows(workdir) if "train/loss" in r]
+    bad = [r["step"] for r in rows if not math.isfinite(r["train/loss"])]
+    assert bad and rows[-1]["step"] == bad[-1] and len(bad) == 3
+    assert [r["train/nonfinite_steps"] for r in rows if r["step"] in bad] == [1, 1, 1]
+    stop = bad[-1]
+    assert str(e.value) == (
+        f"stopped at step {stop}: 3 steps in a row had a non-finite loss, gradient or update "
+        f"(config.max_nonfinite_steps=3), and none of them was applied. The last good "
+        f"checkpoint is {workdir}/checkpoints/{stop - 1}; lower config.optim.lr (or raise "
+        "config.optim.warmup_steps) and run again to resume from it."
+    )
+    # Every checkpoint holds finite values only, and the skipped steps changed no parameter.
+    config = load_saved(workdir)
+    states = {}
+    for step in _checkpoint_steps(workdir):
+        with _restored(config, workdir, step) as state:
+            leaves = [np.asarray(x) for x in jax.tree.leaves(state.params)]
+        assert all(np.isfinite(x).all() for x in leaves)
+        states[step] = leaves
+    for a, b in zip(states[stop - 1], states[bad[0] - 1], strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@contextlib.contextmanager
+def _restored(config, workdir, step):
+    mesh = sharding.make_mesh(config.mesh)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+        _, _, abstract_state, _ = train.build(config, mesh)
+        ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_ckpts)
+        try:
+            yield ckpt.restore_state(abstract_state, step)
+        finally:
+            ckpt.close()
+
+
+@pytest.mark.parametrize(
+    "damage", ["truncate a state data file", "delete state/_METADATA", "delete the input position"]
+)
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(runs, tmp_path, damage):
+    straight, _, _ = runs
+    workdir = str(tmp_path / "copy")
+    shutil.copytree(straight, workdir)
+    os.remove(os.path.join(workdir, "metrics.jsonl"))
+    latest = os.path.join(workdir, "checkpoints", "6")
+    if damage.startswith("truncate"):
+        files = [
+            os.path.join(root, name)
+            for root, _, names in os.walk(os.path.join(latest, "state"))
+            for name in names
+            if os.path.basename(root) == "d"
+        ]
+        for path in files:
+            with open(path, "r+b") as f:
+                f.truncate(os.path.getsize(path) // 2)
+    elif damage.endswith("_METADATA"):
+        os.remove(os.path.join(latest, "state", "_METADATA"))
+    else:
+        shutil.rmtree(os.path.join(latest, "data"))
+    if "input" not in damage:
+        with pytest.raises(ConfigError) as e:
+            checkpoint_eval.evaluate(load_saved(workdir), workdir, 6)
+        assert str(e.value).startswith(f"checkpoint {workdir}/checkpoints/6 does not restore (")
+        assert str(e.value).endswith("; pass --step= one of 3.")
+    else:  # evaluating needs no input position
+        assert checkpoint_eval.evaluate(load_saved(workdir), workdir, 6)[0] == 6
+        os.remove(os.path.join(workdir, "metrics.jsonl"))
+    train.run(tiny_config(), workdir)  # resumes from step 3 and redoes 4-6
+    assert os.listdir(os.path.join(workdir, "damaged_checkpoints"))[0].startswith("6-")
+    assert _losses(workdir) == {s: v for s, v in _losses(straight).items() if s > 3}
+
+
+def test_evaluate_command_line_errors_are_one_line(runs):
+    straight, _, _ = runs
+    for args, message in [
+        (["--step=abc"], "flag --step=abc: invalid literal for int() with base 10: 'abc'"),
+        (["--step=4"], f"{straight}/checkpoints has no checkpoint of step 4; it has steps 3, 6."),
+    ]:
+        done = subprocess.run(
+            [sys.executable, "-m", "clipjax.evaluate", f"--workdir={straight}", *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 2 and "Traceback" not in done.stderr
+        assert done.stderr.strip().splitlines()[-1] == f"clipjax.evaluate: {message}"

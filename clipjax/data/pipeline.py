@@ -8,8 +8,11 @@ for importing it.
 """
 
 import concurrent.futures
+import ctypes
 import dataclasses
 import os
+import signal
+import sys
 
 import grain
 import numpy as np
@@ -48,6 +51,7 @@ class Views:
             )
 
 
+_PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
 # How many skipped records are named in logs and in the threshold error.
 _NAMED_SKIPS = 5
 # The skipped fraction is judged once this many records (or the whole source) were read.
@@ -300,8 +304,19 @@ def train_dataset(
     # Bad records drop out of the chunks, which are regrouped into full batches.
     ds = _DropSkipped(ds, batch_size, data_config.train, len(source), max_fraction)
     if data_config.num_workers > 0:
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_config.num_workers))
+        options = grain.MultiprocessingOptions(num_workers=data_config.num_workers)
+        ds = ds.mp_prefetch(options, worker_init_fn=_init_worker)
     return ds
+
+
+def _init_worker(index: int, count: int) -> None:
+    """In each Grain worker: leave SIGTERM and SIGINT to the trainer, which stops the input
+    after saving; and on Linux, die with the trainer even when it is killed with SIGKILL."""
+    del index, count
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if sys.platform == "linux":
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _eval_example(source, index: int, image_size: int) -> dict | _Skipped:

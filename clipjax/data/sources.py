@@ -342,13 +342,26 @@ def _arrayrecord(spec: str, arg: str, options: dict, split: str, seed: int) -> A
         )
     arg = os.path.expanduser(arg)
     pattern = os.path.join(arg, "*.arrayrecord") if os.path.isdir(arg) else arg
-    paths = sorted(glob.glob(pattern))
+    matches = sorted(glob.glob(pattern))
+    # A glob over the converter's folder also matches index.json and unfinished .tmp shards.
+    paths = [p for p in matches if _is_shard(p)]
     if not paths:
+        seen = f" (only {', '.join(os.path.basename(p) for p in matches[:3])})" if matches else ""
         raise ValueError(
-            f"source {spec!r}: no files match {pattern!r}; write ArrayRecord shards with "
+            f"source {spec!r}: no ArrayRecord shards match {pattern!r}{seen}; write them with "
             "`python -m clipjax.tools.convert --input=... --output=DIR`."
         )
     return ArrayRecordSource(spec, paths)
+
+
+def _is_shard(path: str) -> bool:
+    """An ArrayRecord file: clipjax's `*.arrayrecord`, or TFDS's `*.array_record-NNNNN-of-M`."""
+    name = os.path.basename(path)
+    return (
+        os.path.isfile(path)
+        and not name.endswith(".tmp")
+        and (name.endswith(".arrayrecord") or ".array_record" in name)
+    )
 
 
 # ---------------------------------------------------------------------------- tfds

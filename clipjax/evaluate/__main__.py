@@ -19,6 +19,7 @@ from ml_collections import config_flags
 
 from clipjax import config as config_lib
 from clipjax.evaluate import checkpoint_eval
+from clipjax.metrics import quiet_library_logs
 
 _SAVED_CONFIG = os.path.join(os.path.dirname(__file__), "saved_config.py")
 
@@ -44,18 +45,29 @@ def parse_flags(argv: list[str]) -> list[str]:
                     f"{workdirs[-1]} has no config.json: --workdir must be a directory "
                     "clipjax.main trained in."
                 )
+            try:
+                config_lib.load_saved(workdirs[-1])
+            except config_lib.ConfigError as e:
+                _fail(str(e))
             argv = [argv[0], f"--config={_SAVED_CONFIG}:{workdirs[-1]}", *argv[1:]]
+    elif error := config_lib.config_file_error(argv):
+        _fail(str(error))
     try:
         return FLAGS(argv)
     except (AttributeError, KeyError):
         if error := config_lib.override_error(argv):
             _fail(f"--{error}")
         raise
+    except flags.Error as e:  # e.g. --step=abc, or no --workdir
+        if "--workdir=None" in str(e):
+            _fail("--workdir must be given: a directory clipjax.main trained in.")
+        _fail(str(e).splitlines()[0])
 
 
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    quiet_library_logs()
     try:
         step, results = checkpoint_eval.evaluate(FLAGS.config, FLAGS.workdir, FLAGS.step)
     except config_lib.ConfigError as e:

@@ -23,6 +23,16 @@ from clipjax.evaluate.retrieval import recall_at_k
 from clipjax.evaluate.zeroshot import class_embeddings, topk_accuracy
 
 KINDS = ("zeroshot", "retrieval", "linear_probe")
+# Each kind's metrics; all NaN when the model gives non-finite embeddings.
+METRIC_NAMES = {
+    "zeroshot": ("zeroshot_top1", "zeroshot_top5"),
+    "retrieval": tuple(f"{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)),
+    "linear_probe": ("probe_top1", "probe_top5", "probe_l2"),
+}
+
+
+class _NonFinite(Exception):
+    """An embedding was NaN or infinite (a diverged model): no score means anything."""
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -173,8 +183,21 @@ class Evaluator:
         start = time.perf_counter()
 
         def embed(embed_fn, inputs):
-            return self._embed(embed_fn, params, model_state, inputs)
+            embeds = self._embed(embed_fn, params, model_state, inputs)
+            if not np.isfinite(embeds).all():
+                raise _NonFinite
+            return embeds
 
+        try:
+            metrics = self._score(embed)
+        except _NonFinite:
+            logging.warning("eval %s: the model gives non-finite embeddings; NaN.", self.name)
+            metrics = dict.fromkeys(METRIC_NAMES[self.kind], float("nan"))
+        logging.info("eval %s (%s): %.1f s", self.name, self.kind, time.perf_counter() - start)
+        return {f"eval/{self.name}/{k}": float(v) for k, v in metrics.items()}
+
+    def _score(self, embed) -> dict[str, float]:
+        """This kind's metrics; `embed(embed_fn, inputs)` gives float64 embeddings."""
         images = embed(self.objective.embed_images, self.images)
         if self.kind == "zeroshot":
             prompt_embeds = embed(self.objective.embed_texts, self.prompts)
@@ -196,8 +219,7 @@ class Evaluator:
                 steps=self.settings.steps,
             )
             metrics = {f"probe_{k}": v for k, v in result.items()}
-        logging.info("eval %s (%s): %.1f s", self.name, self.kind, time.perf_counter() - start)
-        return {f"eval/{self.name}/{k}": float(v) for k, v in metrics.items()}
+        return metrics
 
 
 def make_evaluators(config, *, objective, tokenizer, mesh) -> list[Evaluator]:

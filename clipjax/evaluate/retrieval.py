@@ -55,7 +55,10 @@ def recall_at_k(
     Returns:
       `i2t_r{k}`: fraction of images (those with a caption) that have ANY of their captions in
       their top k captions; `t2i_r{k}`: fraction of captions whose image is in their top k.
+      All NaN for non-finite embeddings (NaN scores compare false and would rank first).
     """
+    if not (np.isfinite(image_embeds).all() and np.isfinite(text_embeds).all()):
+        return {f"{d}_r{k}": float("nan") for k in ks for d in ("i2t", "t2i")}
     text_image = np.asarray(text_image)
     t2i = _text_to_image_ranks(image_embeds, text_embeds, text_image)
     i2t = _image_to_text_ranks(image_embeds, text_embeds, text_image)

@@ -22,8 +22,11 @@ def topk_accuracy(scores: np.ndarray, labels: np.ndarray, ks=(1, 5)) -> dict[int
       scores: (n, num_classes), e.g. image embeddings @ class embeddings.T, or logits.
       labels: (n,) int, each row's true class.
     Ties go to the lower class index, as with argmax: two classes with equal scores (e.g. one
-    name listed twice) never both count as right.
+    name listed twice) never both count as right. Non-finite scores give NaN: NaN compares
+    false, so ranks counted by comparison would call every row right.
     """
+    if not np.isfinite(scores).all():
+        return dict.fromkeys(ks, float("nan"))
     labels = np.asarray(labels)
     true = np.take_along_axis(scores, labels[:, None], axis=1)
     classes = np.arange(scores.shape[1])

@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 
 from clipjax import losses
-from clipjax.config import ConfigError
 from clipjax.data.pipeline import Views
+from clipjax.errors import ConfigError
 from clipjax.models.two_tower import TwoTower
 from clipjax.objectives.base import Objective
 

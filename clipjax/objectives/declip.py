@@ -28,8 +28,8 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from clipjax import losses, nn_queue, sharding
-from clipjax.config import ConfigError
 from clipjax.data.pipeline import Views
+from clipjax.errors import ConfigError
 from clipjax.models.two_tower import TwoTower
 from clipjax.objectives.base import Objective
 
