@@ -31,7 +31,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.log_every = 100
     c.eval_every = 2_000
     c.ckpt_every = 2_000
-    c.ckpt_every_secs = 0  # > 0: also save when this many seconds passed since the last save
+    c.ckpt_every_secs = 0.0  # > 0: also save when this many seconds passed since the last save
     c.keep_ckpts = 3
     # Steps whose loss or gradients are not finite are skipped; this many in a row stop the run.
     c.max_nonfinite_steps = 20

@@ -56,22 +56,6 @@ METRICS = {
 BATCH_SIZE = 128  # the :local batch, which every method's :local config uses
 PROCEDURAL = ("shapes", "glyphs")  # datasets with a held-out labelled split
 
-flags.DEFINE_string(
-    "output", None, "Directory for the runs, results.jsonl, study.md and study.png."
-)
-flags.DEFINE_list("datasets", ["shapes:2000", "shapes:10000", "glyphs:2000"], "Training sets.")
-flags.DEFINE_list("methods", ["clip", "declip", "cliplite"], "Methods or --variant names.")
-flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds; each run uses one for everything.")
-flags.DEFINE_float("epochs", 40, "Passes over the training set (steps = ceil(epochs·N/batch)).")
-flags.DEFINE_multi_string(
-    "variant",
-    [],
-    "NAME=BASE:field=value;field=value — a method BASE with config overrides, e.g. "
-    "'declip-no_iss=declip:declip.iss_weight=0'.",
-)
-flags.DEFINE_string("wallclock", "", "Also run every other method for this method's time.")
-flags.DEFINE_integer("eval_examples", 2048, "Held-out images per evaluation (2048 = all).")
-flags.mark_flags_as_required(["output"])
 FLAGS = flags.FLAGS
 
 
@@ -338,5 +322,27 @@ def main(argv) -> None:
     print(table(shown))
 
 
+def define_flags() -> None:
+    """The command's flags, defined only when it runs: importing the module for its functions
+    must not clash with other commands' flags (`clipjax.report` has an --output too)."""
+    flags.DEFINE_string(
+        "output", None, "Directory for the runs, results.jsonl, study.md and study.png."
+    )
+    flags.DEFINE_list("datasets", ["shapes:2000", "shapes:10000", "glyphs:2000"], "Training sets.")
+    flags.DEFINE_list("methods", ["clip", "declip", "cliplite"], "Methods or --variant names.")
+    flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds; each run uses one for everything.")
+    flags.DEFINE_float("epochs", 30, "Passes over the training set (steps = ceil(epochs·N/batch)).")
+    flags.DEFINE_multi_string(
+        "variant",
+        [],
+        "NAME=BASE:field=value;field=value — a method BASE with config overrides, e.g. "
+        "'declip-no_iss=declip:declip.iss_weight=0'.",
+    )
+    flags.DEFINE_string("wallclock", "", "Also run every other method for this method's time.")
+    flags.DEFINE_integer("eval_examples", 2048, "Held-out images per evaluation (2048 = all).")
+    flags.mark_flags_as_required(["output"])
+
+
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -239,7 +239,7 @@ def test_saved_evaluations_get_every_field_of_their_kind(tmp_path):
         ("eval_every", 0, "config.eval_every=0 must be a number, at least 1."),
         ("ckpt_every", 0, "config.ckpt_every=0 must be a number, at least 1."),
         ("keep_ckpts", 0, "config.keep_ckpts=0 must be a number, at least 1."),
-        ("ckpt_every_secs", -1, "config.ckpt_every_secs=-1 must be a number, at least 0."),
+        ("ckpt_every_secs", -1, "config.ckpt_every_secs=-1.0 must be a number, at least 0."),
         ("data.num_workers", -1, "config.data.num_workers=-1 must be a number, at least 0."),
         (
             "objective",

@@ -134,10 +134,10 @@ def test_declip_masked_caption_feeds_the_contrastive_terms_only_when_asked(maske
         expected = ("mlm", "eda") if masked_contrastive else ("mlm", "plain", "eda")
         assert objective.views.text_views == expected
 
+        loss_fn = jax.jit(objective.loss)  # one compile; eager shard_map is slow
+
         def terms(batch):
-            loss = objective.loss(
-                state.params, state.model_state, batch, state.objective_state, None
-            )
+            loss = loss_fn(state.params, state.model_state, batch, state.objective_state, None)
             return {k: float(v) for k, v in loss[1][0].items() if k.startswith("train/loss_")}
 
         # Another masked caption: the MLM term changes; MVS (and NNS) only if t¹ is the masked one.
@@ -156,12 +156,11 @@ def test_declip_without_eda_pairs_the_images_with_the_caption_itself(multi_view)
     with built(config) as (objective, state, _, batch):
         assert objective.views.text_views == ("mlm", "plain")
         args = (state.params, state.model_state, batch, state.objective_state, None)
-        mvs = objective.loss(*args)[1][0]["train/loss_mvs"]
+        mvs = jax.jit(objective.loss)(*args)[1][0]["train/loss_mvs"]
         # Both text views are the plain caption: MVS is the mean of CLIP's loss per image view, or
         # CLIP's loss on the first image view without multi-view supervision.
-        out, _ = objective.forward(
-            state.params, state.model_state, batch, method=objective._forward
-        )
+        forward = jax.jit(lambda p, m, b: objective.forward(p, m, b, method=objective._forward))
+        out, _ = forward(state.params, state.model_state, batch)
     scale = jnp.exp(out["log_scale"])
     np.testing.assert_allclose(out["texts"][0], out["texts"][1])
     images = [np.asarray(i, np.float64) for i in out["images"][: 2 if multi_view else 1]]
