@@ -19,9 +19,9 @@ def test_plan_steps_cover_the_epochs():
 
 def test_command_overrides_are_config_fields():
     run = study.Run("glyphs:2000", "declip", 1, 469, "steps")
-    config, overrides = study.parse_methods(
-        ["no_iss"], ["no_iss=declip:declip.iss_weight=0;data.augment.flip=False"]
-    )["no_iss"]
+    config, overrides = study.parse_methods(["no_iss"], ["no_iss=declip:declip.iss_weight=0"])[
+        "no_iss"
+    ]
     argv = study.command(run, config, overrides, "/tmp/w", 2048)
     assert argv[1:5] == [
         "-m",
@@ -35,9 +35,12 @@ def test_command_overrides_are_config_fields():
     assert settings["config.evals.shapes_probe.train_source"] == "glyphs:2048?seed=1"
     assert settings["config.total_steps"] == settings["config.eval_every"] == "469"
     assert settings["config.seed"] == "1" and settings["config.declip.iss_weight"] == "0"
-    assert settings["config.data.augment.flip"] == "False"
+    assert settings["config.data.augment.flip"] == "False"  # every method's, on glyphs
     for name in settings:
         assert unknown_field_error(name) is None, name
+    shapes_run = study.Run("shapes:2000", "clip", 0, 469, "steps")
+    argv = study.command(shapes_run, *study.METHODS["clip"], "/tmp/w", 2048)
+    assert not [arg for arg in argv if "flip" in arg]
 
 
 def test_flag_errors():

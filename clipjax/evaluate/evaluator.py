@@ -4,7 +4,8 @@ Kinds (fields: `config.EVAL_FIELDS`):
 - `zeroshot`: classify the source's images by their nearest class prompt-ensemble embedding.
   Metrics `zeroshot_top1`, `zeroshot_top5`.
 - `retrieval`: images ↔ all their captions. Metrics `i2t_r{1,5,10}`, `t2i_r{1,5,10}`.
-- `linear_probe`: logistic regression on frozen image embeddings of `train_source`, L2 chosen
+- `linear_probe`: logistic regression on frozen image features of `train_source` (the tower's
+  output before the projection, or with `features="embed"` the unit embedding), L2 chosen
   on a held-out part of it, scored on `source`. Metrics `probe_top1`, `probe_top5`, `probe_l2`.
 """
 
@@ -23,6 +24,7 @@ from clipjax.evaluate.retrieval import recall_at_k
 from clipjax.evaluate.zeroshot import class_embeddings, topk_accuracy
 
 KINDS = ("zeroshot", "retrieval", "linear_probe")
+PROBE_FEATURES = ("tower", "embed")
 # Each kind's metrics; all NaN when the model gives non-finite embeddings.
 METRIC_NAMES = {
     "zeroshot": ("zeroshot_top1", "zeroshot_top5"),
@@ -148,6 +150,11 @@ class Evaluator:
 
     def _init_linear_probe(self, data) -> None:
         settings = self.settings
+        if settings.features not in PROBE_FEATURES:
+            raise ValueError(
+                f"config.evals.{self.name}.features={settings.features!r} is not one of "
+                f"{', '.join(PROBE_FEATURES)}."
+            )
         self.labels = self._labels(data, settings.source)
         train = self._load(settings.train_source, num_examples=settings.train_examples)
         self.train_images = train["image"]
@@ -198,20 +205,25 @@ class Evaluator:
 
     def _score(self, embed) -> dict[str, float]:
         """This kind's metrics; `embed(embed_fn, inputs)` gives float64 embeddings."""
-        images = embed(self.objective.embed_images, self.images)
         if self.kind == "zeroshot":
+            images = embed(self.objective.embed_images, self.images)
             prompt_embeds = embed(self.objective.embed_texts, self.prompts)
             classifier = class_embeddings(prompt_embeds, self.num_classes)
             accuracy = topk_accuracy(images @ classifier.T, self.labels, ks=(1, 5))
             metrics = {f"zeroshot_top{k}": v for k, v in accuracy.items()}
         elif self.kind == "retrieval":
+            images = embed(self.objective.embed_images, self.images)
             captions = embed(self.objective.embed_texts, self.captions)
             metrics = recall_at_k(images, captions, self.text_image)
         else:
+            features = {
+                "tower": self.objective.image_features,
+                "embed": self.objective.embed_images,
+            }[self.settings.features]
             result = linear_probe.probe(
-                embed(self.objective.embed_images, self.train_images),
+                embed(features, self.train_images),
                 self.train_labels,
-                images,
+                embed(features, self.images),
                 self.labels,
                 self.num_classes,
                 l2_grid=tuple(self.settings.l2),

@@ -13,7 +13,8 @@ class Objective:
       loss(params, model_state, batch, state, rng)
           -> (loss, (metrics, new_model_state, new_state))
       constrain(params) -> params          a projection applied after every update
-      embed_images(params, model_state, images), embed_texts(params, model_state, tokens)
+      embed_images(params, model_state, images), embed_texts(params, model_state, tokens),
+      image_features(params, model_state, images)
           -> (n, d) unit vectors used by the evaluations
     `views` says which views of each example the input pipeline makes.
     `model_state` holds the model's non-parameter collections (BatchNorm statistics).
@@ -43,6 +44,11 @@ class Objective:
     def embed_images(self, params, model_state, images):
         variables = {"params": params, **model_state}
         return self.model.apply(variables, images, method=TwoTower.encode_image)["embed"]
+
+    def image_features(self, params, model_state, images):
+        """The image tower's output before the projection (B, width_v), for linear probes."""
+        variables = {"params": params, **model_state}
+        return self.model.apply(variables, images, method=TwoTower.encode_image)["features"]
 
     def embed_texts(self, params, model_state, tokens):
         variables = {"params": params, **model_state}
