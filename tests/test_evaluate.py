@@ -297,6 +297,45 @@ def test_evaluators_end_to_end(tiny_setup):
     assert len(zeroshot.prompts) == len(shapes.CLASS_NAMES) * len(shapes.PROMPT_TEMPLATES)
 
 
+@pytest.mark.parametrize("features", ["tower", "embed"])
+def test_probe_fits_the_chosen_features(tiny_setup, features):
+    """The probe's metrics are those of linear_probe.probe on the tower's output before the
+    projection (width_v), or on the unit embeddings (embed_dim)."""
+    config, objective, state, tokenizer, mesh = tiny_setup
+    config = config.copy_and_resolve_references()  # the fixture's is shared
+    config.evals = {"probe": config.evals.shapes_probe}
+    config.evals.probe.features = features
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+        (probe,) = evaluator_lib.make_evaluators(
+            config, objective=objective, tokenizer=tokenizer, mesh=mesh
+        )
+        results = probe(state.params, state.model_state)
+        embed_fn = jax.jit(
+            objective.image_features if features == "tower" else objective.embed_images
+        )
+        train, test = (
+            np.asarray(
+                embed_fn(state.params, state.model_state, image_ops.normalize(images)), np.float64
+            )
+            for images in (probe.train_images, probe.images)
+        )
+    width = objective.model.image_features_dim if features == "tower" else config.model.embed_dim
+    assert train.shape[1] == width
+    settings = probe.settings
+    want = linear_probe.probe(
+        train,
+        probe.train_labels,
+        test,
+        probe.labels,
+        probe.num_classes,
+        tuple(settings.l2),
+        settings.holdout,
+        settings.steps,
+    )
+    assert results["eval/probe/probe_l2"] == want["l2"]
+    np.testing.assert_allclose(results["eval/probe/probe_top1"], want["top1"], atol=1 / len(test))
+
+
 def _fake_eval_arrays(labels, class_names, num_captions=0):
     def eval_arrays(spec, **kwargs):
         del spec, kwargs
@@ -329,6 +368,12 @@ def _fake_eval_arrays(labels, class_names, num_captions=0):
         ({"kind": "zeroshot", "classes": "imagenet21k"}, [0, 1], ["a", "b"], "neither a preset"),
         ({"kind": "retrieval", "source": "folder:/v"}, [0, 1], ["a", "b"], "has no captions"),
         ({"kind": "linear_probe", "train_source": "t"}, [-1, -1], [], "no class labels"),
+        (
+            {"kind": "linear_probe", "train_source": "t", "features": "pooled"},
+            [0, 1],
+            ["a", "b"],
+            r"features='pooled' is not one of tower, embed\.",
+        ),
     ],
 )
 def test_evaluator_rejects_data_that_does_not_fit(
