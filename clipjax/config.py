@@ -15,6 +15,7 @@ import ml_collections
 
 from clipjax import objectives, optimizers
 from clipjax.data import image_ops, sources
+from clipjax.data import tokenizer as tokenizer_lib
 from clipjax.errors import ConfigError
 from clipjax.models.resnet import resnet_size
 from clipjax.models.vit import vit_size
@@ -43,11 +44,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.embed_dim = 512
     c.model.projection = "linear"  # tower → joint space; "mi_block" for CLIP-Lite's critic
     c.model.dtype = "float32"  # compute dtype; "bfloat16" on TPU/GPU
+    c.model.quick_gelu = False  # OpenAI's x·σ(1.702x) GELU, which its released weights need
     c.model.image = ml_collections.ConfigDict()
     c.model.image.variant = "B/32"  # ViT "<size>/<patch>", or ResNet "RN50", "RN101", ...
     c.model.image.size = 224
     c.model.image.depth = -1  # ViT depth; -1: the variant's own
     c.model.image.width = -1  # ResNet stem width; -1: the variant's own
+    c.model.image.output_dim = -1  # ResNet attention-pool output width; -1: the variant's own
     c.model.text = ml_collections.ConfigDict()
     c.model.text.width = 512
     c.model.text.depth = 12
@@ -436,10 +439,9 @@ def validate(config, workdir: str, data_parallel: int) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     _check_sources(config)
-    path = config.data.tokenizer.path
-    if path and not os.path.exists(path):
-        raise ConfigError(
-            f"config.data.tokenizer.path: no sentencepiece model at {path!r}. Point it at an "
-            "existing .model file, or set it to '' to train one from the training captions."
-        )
+    if path := config.data.tokenizer.path:
+        try:
+            tokenizer_lib.load(path)
+        except ValueError as e:
+            raise ConfigError(f"config.data.tokenizer.path: {e}") from None
     _check_workdir(workdir)

@@ -94,10 +94,14 @@ def test_missing_tokenizer_file(tmp_path):
     with pytest.raises(config_lib.ConfigError) as e:
         _validate(c, tmp_path)
     assert str(e.value) == (
-        f"config.data.tokenizer.path: no sentencepiece model at '{tmp_path}/missing.model'. "
-        "Point it at an existing .model file, or set it to '' to train one from the training "
-        "captions."
+        f"config.data.tokenizer.path: no tokenizer at '{tmp_path}/missing.model'. Point it at "
+        "an existing sentencepiece .model or OpenAI's bpe_simple_vocab_16e6.txt.gz, or set it "
+        "to '' to train one from the training captions."
     )
+    (tmp_path / "broken.model").write_bytes(b"not a model")
+    c.data.tokenizer.path = str(tmp_path / "broken.model")
+    with pytest.raises(config_lib.ConfigError, match="broken.model does not load as a "):
+        _validate(c, tmp_path)
 
 
 def test_unwritable_workdir(tmp_path):

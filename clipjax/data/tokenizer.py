@@ -1,4 +1,5 @@
-"""SentencePiece tokenizer: load one, or train a small one on the training captions."""
+"""Tokenizers: a sentencepiece model (loaded, or trained small on the training captions), or
+OpenAI's byte-level BPE vocabulary (`clipjax.data.bpe`)."""
 
 import io
 import os
@@ -7,6 +8,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 import sentencepiece as spm
+
+from clipjax.data import bpe
 
 MASK_PIECE = "[MASK]"
 _WORKDIR_MODEL = "tokenizer.model"
@@ -99,6 +102,24 @@ def train(captions: Iterable[str], vocab_size: int) -> Tokenizer:
     return Tokenizer(model.getvalue())
 
 
+def load(path: str):
+    """A sentencepiece `.model`, or OpenAI's BPE vocabulary `bpe_simple_vocab_16e6.txt.gz`
+    (any `.gz`) -> its tokenizer."""
+    if not os.path.isfile(path):
+        raise ValueError(
+            f"no tokenizer at {path!r}. Point it at an existing sentencepiece .model or "
+            "OpenAI's bpe_simple_vocab_16e6.txt.gz, or set it to '' to train one from the "
+            "training captions."
+        )
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return bpe.BpeTokenizer(data) if path.endswith(".gz") else Tokenizer(data)
+    except Exception as e:  # noqa: BLE001 - sentencepiece and gzip raise many kinds
+        kind = "OpenAI BPE vocabulary" if path.endswith(".gz") else "sentencepiece model"
+        raise ValueError(f"{path} does not load as a {kind} ({e}).") from None
+
+
 def saved_in(workdir: str) -> bool:
     """Whether a run in `workdir` trained and saved its own tokenizer there."""
     return os.path.isfile(os.path.join(workdir, _WORKDIR_MODEL))
@@ -107,19 +128,13 @@ def saved_in(workdir: str) -> bool:
 def load_or_train(tokenizer_config, workdir: str, captions: Iterable[str]) -> Tokenizer:
     """The tokenizer of a run (`tokenizer_config` is `config.data.tokenizer`).
 
-    - `path` set: load that model.
+    - `path` set: load that model (sentencepiece, or OpenAI's BPE vocabulary `.txt.gz`).
     - `path` empty: reuse `workdir/tokenizer.model` if present (a resumed run), else train one
       with `vocab_size` on `captions` and save it there.
     """
     path = tokenizer_config.path
     if path:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"config.data.tokenizer.path: no sentencepiece model at {path!r}. Point it at an "
-                "existing .model file, or set it to '' to train one from the training captions."
-            )
-        with open(path, "rb") as f:
-            return Tokenizer(f.read())
+        return load(path)
     saved = os.path.join(workdir, _WORKDIR_MODEL)
     if os.path.isfile(saved):
         with open(saved, "rb") as f:

@@ -67,11 +67,20 @@ class Attention(nn.Module):
         )(out)
 
 
+def quick_gelu(x):
+    """x · σ(1.702 x): the GELU approximation OpenAI's CLIP models were trained with."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
 class Mlp(nn.Module):
-    """Dense(mlp_dim) -> exact GELU -> Dense(width), with biases: (B, L, W) -> (B, L, W)."""
+    """Dense(mlp_dim) -> GELU -> Dense(width), with biases: (B, L, W) -> (B, L, W).
+
+    GELU is exact (torch's, as open_clip uses) or, with `quick_gelu`, OpenAI's approximation.
+    """
 
     mlp_dim: int
     dtype: jnp.dtype = jnp.float32
+    quick_gelu: bool = False
 
     @nn.compact
     def __call__(self, x):
@@ -83,7 +92,7 @@ class Mlp(nn.Module):
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)),
             name="fc_in",
         )(x)
-        x = nn.gelu(x, approximate=False)  # open_clip uses torch's exact GELU
+        x = quick_gelu(x) if self.quick_gelu else nn.gelu(x, approximate=False)
         return nn.Dense(
             width,
             dtype=self.dtype,
@@ -100,13 +109,15 @@ class Block(nn.Module):
     mlp_dim: int
     causal: bool = False
     dtype: jnp.dtype = jnp.float32
+    quick_gelu: bool = False
 
     @nn.compact
     def __call__(self, x):
         x = x + Attention(self.heads, self.causal, self.dtype, name="attn")(
             layer_norm(self.dtype, "ln_attn")(x)
         )
-        x = x + Mlp(self.mlp_dim, self.dtype, name="mlp")(layer_norm(self.dtype, "ln_mlp")(x))
+        mlp = Mlp(self.mlp_dim, self.dtype, self.quick_gelu, name="mlp")
+        x = x + mlp(layer_norm(self.dtype, "ln_mlp")(x))
         return nn.with_logical_constraint(x, ACTIVATION_AXES)
 
 
@@ -118,10 +129,18 @@ class Transformer(nn.Module):
     mlp_dim: int
     causal: bool = False
     dtype: jnp.dtype = jnp.float32
+    quick_gelu: bool = False
 
     @nn.compact
     def __call__(self, x):
         x = nn.with_logical_constraint(x, ACTIVATION_AXES)
         for i in range(self.depth):
-            x = Block(self.heads, self.mlp_dim, self.causal, self.dtype, name=f"block_{i:02d}")(x)
+            x = Block(
+                self.heads,
+                self.mlp_dim,
+                self.causal,
+                self.dtype,
+                self.quick_gelu,
+                name=f"block_{i:02d}",
+            )(x)
         return x

@@ -158,17 +158,21 @@ class ModifiedResNet(nn.Module):
     """Images (B, H, W, 3), already normalised, H and W multiples of 32 -> (B, output_dim).
 
     `width` overrides the variant's stem width (e.g. RN50's blocks at width 16 on CPU); the
-    attention pool then has width * 32 / 64 heads. `train` makes BatchNorm use and update
-    batch statistics (apply with `mutable=["batch_stats"]`).
+    attention pool then has width * 32 / 64 heads. `output_dim` overrides the attention pool's
+    output width (an imported open_clip model's embedding width). `train` makes BatchNorm use
+    and update batch statistics (apply with `mutable=["batch_stats"]`).
     """
 
     variant: str
     width: int = -1  # -1: the variant's own width
     dtype: jnp.dtype = jnp.float32
+    output_dim: int = -1  # -1: the variant's own
 
     @nn.compact
     def __call__(self, images, train: bool = False):
         layers, width, heads, output_dim, _ = resnet_size(self.variant)
+        if self.output_dim != -1:
+            output_dim = self.output_dim
         if self.width != -1:
             if self.width <= 0 or self.width % 2:
                 raise ValueError(

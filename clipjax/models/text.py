@@ -13,6 +13,7 @@ class TextTransformer(nn.Module):
 
     Returns `(pooled, states)`: `states` (B, L, width) are the final-LayerNorm token states and
     `pooled` (B, width) is the state at the end-of-text token, the last non-pad position.
+    `quick_gelu` selects OpenAI's GELU approximation (for imported OpenAI weights).
     """
 
     vocab_size: int
@@ -22,6 +23,7 @@ class TextTransformer(nn.Module):
     heads: int
     mlp_ratio: int = 4
     dtype: jnp.dtype = jnp.float32
+    quick_gelu: bool = False
 
     @nn.compact
     def __call__(self, tokens):
@@ -53,9 +55,12 @@ class TextTransformer(nn.Module):
             self.mlp_ratio * self.width,
             causal=True,
             dtype=self.dtype,
+            quick_gelu=self.quick_gelu,
             name="transformer",
         )(x)
         states = layer_norm(self.dtype, "ln_final")(x)
-        eot = jnp.sum(tokens != PAD_ID, axis=1) - 1  # (B,)
+        # The last non-pad position; not the count of non-pad ids, since a vocabulary may also
+        # give id 0 to a real token (OpenAI's BPE: "!").
+        eot = jnp.argmax(jnp.where(tokens != PAD_ID, jnp.arange(length), -1), axis=1)  # (B,)
         pooled = jnp.take_along_axis(states, eot[:, None, None], axis=1)[:, 0]
         return nn.with_logical_constraint(pooled, ("batch", "embed")), states

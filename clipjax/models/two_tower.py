@@ -51,6 +51,8 @@ class TwoTower(nn.Module):
     text_heads: int
     image_depth: int = -1  # ViT only
     image_width: int = -1  # ResNet only
+    image_output_dim: int = -1  # ResNet only: the attention pool's output width
+    quick_gelu: bool = False  # OpenAI's GELU approximation in both transformers
     projection: str = "linear"
     log_scale_init: float = LOGIT_SCALE_INIT
     bias_init: float | None = None  # a learned logit bias when set (SigLIP)
@@ -71,6 +73,8 @@ class TwoTower(nn.Module):
             image_variant=image.variant,
             image_depth=image.depth,
             image_width=image.width,
+            image_output_dim=image.output_dim,
+            quick_gelu=model_config.quick_gelu,
             text_vocab_size=text.vocab_size,
             text_context_length=text.context_length,
             text_width=text.width,
@@ -85,14 +89,22 @@ class TwoTower(nn.Module):
     def image_features_dim(self) -> int:
         """Width of the image tower's pooled feature: the ViT width or the ResNet output."""
         if self.image_variant.startswith("RN"):
-            return resnet_size(self.image_variant)[3]
+            return (
+                self.image_output_dim
+                if self.image_output_dim != -1
+                else resnet_size(self.image_variant)[3]
+            )
         return vit_size(self.image_variant)[0]
 
     def setup(self):
         if self.image_variant.startswith("RN"):
-            self.image_tower = ModifiedResNet(self.image_variant, self.image_width, self.dtype)
+            self.image_tower = ModifiedResNet(
+                self.image_variant, self.image_width, self.dtype, self.image_output_dim
+            )
         else:
-            self.image_tower = VisionTransformer(self.image_variant, self.image_depth, self.dtype)
+            self.image_tower = VisionTransformer(
+                self.image_variant, self.image_depth, self.dtype, self.quick_gelu
+            )
         self.text_tower = TextTransformer(
             self.text_vocab_size,
             self.text_context_length,
@@ -100,6 +112,7 @@ class TwoTower(nn.Module):
             self.text_depth,
             self.text_heads,
             dtype=self.dtype,
+            quick_gelu=self.quick_gelu,
         )
         if self.projection == "linear":
             self.image_projection = _projection(self.embed_dim, "image_projection")

@@ -37,6 +37,7 @@ class VisionTransformer(nn.Module):
     variant: str
     depth: int = -1  # -1: the variant's own depth
     dtype: jnp.dtype = jnp.float32
+    quick_gelu: bool = False
 
     @nn.compact
     def __call__(self, images):
@@ -78,6 +79,7 @@ class VisionTransformer(nn.Module):
             heads,
             mlp_dim,
             dtype=self.dtype,
+            quick_gelu=self.quick_gelu,
             name="transformer",
         )(x)
         pooled = layer_norm(self.dtype, "ln_post")(x[:, 0])
