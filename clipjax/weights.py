@@ -242,7 +242,7 @@ def to_state_dict(variables, model) -> dict[str, np.ndarray]:
     state_dict = {}
     for rule in rules(model):
         arrays = [np.asarray(flat[path], np.float32) for path in rule.paths]
-        state_dict[rule.name] = np.ascontiguousarray(rule.to_torch(arrays))
+        state_dict[rule.name] = rule.to_torch(arrays).copy(order="C")  # keeps 0-d shapes
         if rule.name.endswith(".running_var"):
             counter = rule.name.removesuffix(".running_var") + _COUNTER
             state_dict[counter] = np.zeros((), np.int64)
@@ -323,8 +323,8 @@ def open_clip_config(config, eos_id: int, pad_id: int) -> dict:
         model_cfg["init_logit_bias"] = -10.0  # the tensor's value comes from the weights
     preprocess_cfg = {
         "size": image.size,
-        "mean": [float(m) for m in image_ops.CLIP_MEAN],
-        "std": [float(s) for s in image_ops.CLIP_STD],
+        "mean": [round(float(m), 8) for m in image_ops.CLIP_MEAN],
+        "std": [round(float(s), 8) for s in image_ops.CLIP_STD],
         "interpolation": "bicubic",
         "resize_mode": "shortest",
     }
