@@ -36,6 +36,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_ckpts = 3
     # Steps whose loss or gradients are not finite are skipped; this many in a row stop the run.
     c.max_nonfinite_steps = 20
+    # A clipjax workdir, export or open_clip folder whose weights start a new run (parameters
+    # and BatchNorm statistics; objective heads it lacks start fresh; a fresh optimizer).
+    c.init_from = ""
 
     # Mesh axis sizes; -1 takes every device left. Pure data parallel by default.
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "model": 1})
@@ -444,4 +447,9 @@ def validate(config, workdir: str, data_parallel: int) -> None:
             tokenizer_lib.load(path)
         except ValueError as e:
             raise ConfigError(f"config.data.tokenizer.path: {e}") from None
+    if config.init_from and not os.path.isdir(config.init_from):
+        raise ConfigError(
+            f"config.init_from={config.init_from!r} is not a folder: name a clipjax workdir, "
+            "a clipjax export or an open_clip local-dir folder."
+        )
     _check_workdir(workdir)

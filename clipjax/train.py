@@ -17,6 +17,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from absl import logging
 
@@ -173,6 +174,54 @@ def _diverged(step: int, count: int, ckpt: checkpoint.Checkpointer) -> TrainingE
     )
 
 
+# Leaves a loaded model must provide; the rest (objective heads) may start fresh.
+_TOWERS = ("image_tower/", "text_tower/", "image_projection/", "text_projection/", "log_scale")
+
+
+def _init_from(loaded_model, path: str, state, model_config):
+    """`state` with the parameters and BatchNorm statistics of `loaded_model` (a
+    `clipjax.load` of `path`) wherever their names match; objective heads the model lacks keep
+    their initial values. ConfigError, in one line, for a tower tensor missing or mis-shaped."""
+    from clipjax import weights
+
+    if bool(loaded_model.config.model.quick_gelu) != bool(model_config.quick_gelu):
+        raise config_lib.ConfigError(
+            f"config.init_from={path!r} was trained with quick_gelu="
+            f"{loaded_model.config.model.quick_gelu}; set "
+            f"--config.model.quick_gelu={loaded_model.config.model.quick_gelu}."
+        )
+    loaded = weights.flatten(loaded_model.variables)
+    current = weights.flatten({"params": state.params, **state.model_state})
+    replaced = {}
+    for name, leaf in current.items():
+        inner = name.split("/", 1)[1]
+        if name not in loaded:
+            if inner.startswith(_TOWERS):
+                raise config_lib.ConfigError(
+                    f"config.init_from={path!r} has no {name}: its model is not this config's "
+                    "(compare config.model with the folder's config)."
+                )
+            continue
+        value = np.asarray(loaded[name], leaf.dtype)
+        if value.shape != leaf.shape:
+            raise config_lib.ConfigError(
+                f"config.init_from={path!r}: {name} has shape {value.shape}, this config's "
+                f"model {leaf.shape}; set config.model to the loaded model's shapes."
+            )
+        replaced[name] = jax.make_array_from_callback(
+            leaf.shape, leaf.sharding, lambda index, value=value: value[index]
+        )
+    logging.info(
+        "init_from %s: %d tensors loaded, %d kept their initial values (objective heads)",
+        path,
+        len(replaced),
+        len(current) - len(replaced),
+    )
+    merged = flax.traverse_util.unflatten_dict({**current, **replaced}, sep="/")
+    model_state = {k: v for k, v in merged.items() if k != "params"}
+    return state.replace(params=merged["params"], model_state=model_state)
+
+
 def run(config, workdir: str, *, stop_at: int | None = None) -> None:
     """Train (or resume) in `workdir` until `config.total_steps`, or until step `stop_at`.
 
@@ -200,9 +249,17 @@ def _train(config, workdir: str, mesh, stop_at: int | None) -> None:
         _save_config(config, workdir)
 
         # ---- Tokenizer and input ----
-        tokenizer = tokenizer_lib.load_or_train(
-            config.data.tokenizer, workdir, sources.captions(config.data.train)
-        )
+        loaded_model = None
+        if config.init_from and ckpt.latest_step() is None:
+            from clipjax import inference  # only runs that start from weights need it
+
+            loaded_model = inference.load(config.init_from)
+        if loaded_model and not config.data.tokenizer.path:  # the loaded model's own
+            tokenizer = tokenizer_lib.save(loaded_model.tokenizer, workdir)
+        else:
+            tokenizer = tokenizer_lib.load_or_train(
+                config.data.tokenizer, workdir, sources.captions(config.data.train)
+            )
         if tokenizer.vocab_size > config.model.text.vocab_size:
             raise config_lib.ConfigError(
                 f"config.model.text.vocab_size={config.model.text.vocab_size} is smaller than "
@@ -225,10 +282,16 @@ def _train(config, workdir: str, mesh, stop_at: int | None) -> None:
         state = ckpt.restore(abstract_state, train_iter)
         if state is None:
             state = init(jax.random.PRNGKey(config.seed))
+            if loaded_model:
+                state = _init_from(loaded_model, config.init_from, state, config.model)
         first_step = int(state.step)
 
         # ---- Loop ----
         writer = MetricsWriter(workdir)
+        if loaded_model and first_step == 0:  # where the loaded weights start from
+            results = evaluator_lib.run_all(evaluators, state.params, state.model_state)
+            logging.info("step 0 (%s)  %s", config.init_from, json.dumps(results))
+            writer.write(0, results)
         last_step = min(config.total_steps, stop_at or config.total_steps)
         progress = Progress(config.total_steps, config.batch_size, first_step)
         skipped = 0  # bad records the input dropped since the last log row

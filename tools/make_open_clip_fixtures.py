@@ -74,6 +74,7 @@ CAPTIONS = [
     "<|startoftext|> OpenAI's special tokens <|endoftext|>, as text",
     "<start_of_text> open_clip's <END_OF_TEXT> are ids",
     "hello! world!",
+    "wow!~ id 0 is a piece",
     "",
     " ".join(["an over-long caption that keeps going"] * 12),
 ]

@@ -56,6 +56,10 @@ class BpeTokenizer:
         self.vocab_gz = vocab_gz
         lines = gzip.decompress(vocab_gz).decode("utf-8").split("\n")
         merges = [tuple(line.split()) for line in lines[1 : NUM_MERGES + 1]]
+        if len(merges) != NUM_MERGES or any(len(merge) != 2 for merge in merges):
+            raise ValueError(
+                f"{len(merges)} merge lines where OpenAI's vocabulary has {NUM_MERGES} pairs"
+            )
         self._byte_chars = _byte_chars()
         singles = list(self._byte_chars.values())
         vocab = [*singles, *(c + "</w>" for c in singles), *("".join(m) for m in merges)]

@@ -13,6 +13,7 @@ from clipjax.data import bpe
 
 MASK_PIECE = "[MASK]"
 _WORKDIR_MODEL = "tokenizer.model"
+_WORKDIR_BPE = "bpe_simple_vocab_16e6.txt.gz"
 
 
 class Tokenizer:
@@ -121,28 +122,35 @@ def load(path: str):
 
 
 def saved_in(workdir: str) -> bool:
-    """Whether a run in `workdir` trained and saved its own tokenizer there."""
-    return os.path.isfile(os.path.join(workdir, _WORKDIR_MODEL))
+    """Whether a run in `workdir` saved its tokenizer there."""
+    return any(os.path.isfile(os.path.join(workdir, n)) for n in (_WORKDIR_MODEL, _WORKDIR_BPE))
+
+
+def save(tokenizer, workdir: str):
+    """Write `tokenizer` into `workdir` (a resumed run reads it back); returns it."""
+    if isinstance(tokenizer, bpe.BpeTokenizer):
+        name, data = _WORKDIR_BPE, tokenizer.vocab_gz
+    else:
+        name, data = _WORKDIR_MODEL, tokenizer.model_proto
+    os.makedirs(workdir, exist_ok=True)
+    # Written to a temporary file first so that a crash never leaves a truncated file behind.
+    with tempfile.NamedTemporaryFile(dir=workdir, suffix=".tmp", delete=False) as f:
+        f.write(data)
+    os.replace(f.name, os.path.join(workdir, name))
+    return tokenizer
 
 
 def load_or_train(tokenizer_config, workdir: str, captions: Iterable[str]) -> Tokenizer:
     """The tokenizer of a run (`tokenizer_config` is `config.data.tokenizer`).
 
     - `path` set: load that model (sentencepiece, or OpenAI's BPE vocabulary `.txt.gz`).
-    - `path` empty: reuse `workdir/tokenizer.model` if present (a resumed run), else train one
-      with `vocab_size` on `captions` and save it there.
+    - `path` empty: reuse the one saved in `workdir` (a resumed run), else train one with
+      `vocab_size` on `captions` and save it there.
     """
     path = tokenizer_config.path
     if path:
         return load(path)
-    saved = os.path.join(workdir, _WORKDIR_MODEL)
-    if os.path.isfile(saved):
-        with open(saved, "rb") as f:
-            return Tokenizer(f.read())
-    tokenizer = train(captions, tokenizer_config.vocab_size)
-    os.makedirs(workdir, exist_ok=True)
-    # Written to a temporary file first so that a crash never leaves a truncated model behind.
-    with tempfile.NamedTemporaryFile(dir=workdir, suffix=".tmp", delete=False) as f:
-        f.write(tokenizer.model_proto)
-    os.replace(f.name, saved)
-    return tokenizer
+    for name in (_WORKDIR_MODEL, _WORKDIR_BPE):
+        if os.path.isfile(os.path.join(workdir, name)):
+            return load(os.path.join(workdir, name))
+    return save(train(captions, tokenizer_config.vocab_size), workdir)

@@ -3,11 +3,17 @@ r"""Evaluate a workdir's checkpoint with the evaluations its config lists.
   python -m clipjax.evaluate --workdir=/tmp/clip_local
   python -m clipjax.evaluate --workdir=/tmp/clip_local --step=400 \
       --config.evals.shapes.templates=clip
+  python -m clipjax.evaluate --model=/models/ViT-B-32-openai \
+      --config=configs/clip_vitb32.py:local
 
 The config is the one the run was trained with (`workdir/config.json`); `--config.evals...`
 overrides change its evaluations, and `--config=FILE` replaces it (for evaluations the run did
 not list; the model must match the checkpoint). Results are printed as JSON and appended to
 `workdir/metrics.jsonl` (and TensorBoard) as `eval/<name>/<metric>` at the checkpoint's step.
+
+`--model=PATH` evaluates any model `clipjax.load` reads (a workdir, a clipjax export, an
+open_clip folder) with the evaluations of `--config=FILE`; the model's shapes replace the
+config's. Results are printed only.
 """
 
 import json
@@ -26,7 +32,7 @@ _SAVED_CONFIG = os.path.join(os.path.dirname(__file__), "saved_config.py")
 config_flags.DEFINE_config_file("config", None, "Config file; default: the workdir's own.")
 flags.DEFINE_string("workdir", None, "A directory clipjax.main trained in.")
 flags.DEFINE_integer("step", None, "Checkpoint step to evaluate; default: the latest.")
-flags.mark_flags_as_required(["workdir"])
+flags.DEFINE_string("model", None, "Instead of --workdir: any model clipjax.load reads.")
 FLAGS = flags.FLAGS
 
 
@@ -58,18 +64,26 @@ def parse_flags(argv: list[str]) -> list[str]:
         if error := config_lib.override_error(argv):
             _fail(f"--{error}")
         raise
-    except flags.Error as e:  # e.g. --step=abc, or no --workdir
-        if "--workdir=None" in str(e):
-            _fail("--workdir must be given: a directory clipjax.main trained in.")
+    except flags.Error as e:  # e.g. --step=abc
         _fail(str(e).splitlines()[0])
 
 
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if bool(FLAGS.workdir) == bool(FLAGS.model):
+        _fail(
+            "give --workdir (a directory clipjax.main trained in) or --model (any model "
+            "clipjax.load reads, with --config=FILE for its evaluations)."
+        )
+    if FLAGS.model and FLAGS.config is None:
+        _fail("--model needs --config=FILE: the config whose evaluations to run.")
     quiet_library_logs()
     try:
-        step, results = checkpoint_eval.evaluate(FLAGS.config, FLAGS.workdir, FLAGS.step)
+        if FLAGS.model:
+            step, results = None, checkpoint_eval.evaluate_model(FLAGS.config, FLAGS.model)
+        else:
+            step, results = checkpoint_eval.evaluate(FLAGS.config, FLAGS.workdir, FLAGS.step)
     except config_lib.ConfigError as e:
         logging.error("%s", e)
         _fail(str(e))

@@ -1,13 +1,15 @@
-"""Evaluating a saved checkpoint (the library side of `python -m clipjax.evaluate`)."""
+"""Evaluating a saved checkpoint or a loadable model (the library side of
+`python -m clipjax.evaluate`)."""
 
 import flax.linen as nn
 import jax
 
-from clipjax import checkpoint, sharding, train
+from clipjax import checkpoint, inference, sharding, train
 from clipjax import config as config_lib
 from clipjax.data import tokenizer as tokenizer_lib
 from clipjax.evaluate import evaluator as evaluator_lib
 from clipjax.metrics import MetricsWriter
+from clipjax.objectives.base import Objective
 
 
 def evaluate(config, workdir: str, step: int | None = None) -> tuple[int, dict[str, float]]:
@@ -41,3 +43,28 @@ def evaluate(config, workdir: str, step: int | None = None) -> tuple[int, dict[s
     writer.write(step, results)
     writer.close()
     return step, results
+
+
+class _Towers(Objective):
+    """A loaded model's embeddings, as the evaluators ask an objective for them."""
+
+    def __init__(self, model):
+        self.model = model
+
+
+def evaluate_model(config, model_path: str) -> dict[str, float]:
+    """Run `config.evals` on any model `clipjax.load` reads (a workdir's latest checkpoint, an
+    export, an open_clip folder). The model's own shapes replace `config.model`."""
+    model = inference.load(model_path)
+    config.model = model.config.model
+    mesh = sharding.make_mesh(config.mesh)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+        try:
+            evaluators = evaluator_lib.make_evaluators(
+                config, objective=_Towers(model.module), tokenizer=model.tokenizer, mesh=mesh
+            )
+        except ValueError as e:
+            raise config_lib.ConfigError(str(e)) from None
+        params = model.variables["params"]
+        model_state = {k: v for k, v in model.variables.items() if k != "params"}
+        return evaluator_lib.run_all(evaluators, params, model_state)
