@@ -29,6 +29,8 @@ from clipjax.errors import Interrupted, TrainingError
 from clipjax.evaluate import evaluator as evaluator_lib
 from clipjax.lock import workdir_lock
 from clipjax.metrics import MetricsWriter, Progress
+from clipjax.models.resnet import resnet_size
+from clipjax.models.vit import vit_size
 
 
 @flax.struct.dataclass
@@ -178,18 +180,43 @@ def _diverged(step: int, count: int, ckpt: checkpoint.Checkpointer) -> TrainingE
 _TOWERS = ("image_tower/", "text_tower/", "image_projection/", "text_projection/", "log_scale")
 
 
+def _model_shapes(model_config) -> dict:
+    """The `config.model` fields that fix the towers' weights, with -1 resolved."""
+    image, text = model_config.image, model_config.text
+    if image.variant.startswith("RN"):
+        layers, width, _, output_dim, _ = resnet_size(image.variant)
+        depth = -1
+        width = width if image.width == -1 else image.width
+        output_dim = output_dim if image.output_dim == -1 else image.output_dim
+    else:
+        depth = vit_size(image.variant)[1] if image.depth == -1 else image.depth
+        width = output_dim = -1
+    return {
+        "embed_dim": model_config.embed_dim,
+        "quick_gelu": bool(model_config.quick_gelu),
+        "image.variant": image.variant,
+        "image.size": image.size,
+        "image.depth": depth,
+        "image.width": width,
+        "image.output_dim": output_dim,
+        **{f"text.{k}": text[k] for k in ("width", "depth", "heads", "context_length")},
+        "text.vocab_size": text.vocab_size,
+    }
+
+
 def _init_from(loaded_model, path: str, state, model_config):
     """`state` with the parameters and BatchNorm statistics of `loaded_model` (a
     `clipjax.load` of `path`) wherever their names match; objective heads the model lacks keep
     their initial values. ConfigError, in one line, for a tower tensor missing or mis-shaped."""
     from clipjax import weights
 
-    if bool(loaded_model.config.model.quick_gelu) != bool(model_config.quick_gelu):
-        raise config_lib.ConfigError(
-            f"config.init_from={path!r} was trained with quick_gelu="
-            f"{loaded_model.config.model.quick_gelu}; set "
-            f"--config.model.quick_gelu={loaded_model.config.model.quick_gelu}."
-        )
+    theirs, ours = _model_shapes(loaded_model.config.model), _model_shapes(model_config)
+    for field, value in theirs.items():
+        if ours[field] != value:
+            raise config_lib.ConfigError(
+                f"config.init_from={path!r} has model.{field}={value!r}, this config "
+                f"{ours[field]!r}; set --config.model.{field}={value}."
+            )
     loaded = weights.flatten(loaded_model.variables)
     current = weights.flatten({"params": state.params, **state.model_state})
     replaced = {}
