@@ -14,6 +14,8 @@ import math
 from collections.abc import Callable
 
 import flax
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from clipjax.data import image_ops
@@ -51,7 +53,7 @@ def _same_from(tensor, shapes):
 
 
 def _vector_to(arrays):
-    return np.concatenate([a.reshape(-1) for a in arrays])
+    return jnp.concatenate([a.reshape(-1) for a in arrays])
 
 
 def _vector_from(tensor, shapes):
@@ -66,7 +68,7 @@ def _matrix(n_in: int):
     """Kernels whose first `n_in` axes are inputs ↔ torch (out, in), stacked along out."""
 
     def to_torch(arrays):
-        return np.concatenate([a.reshape(math.prod(a.shape[:n_in]), -1).T for a in arrays])
+        return jnp.concatenate([a.reshape(math.prod(a.shape[:n_in]), -1).T for a in arrays])
 
     def from_torch(tensor, shapes):
         outs = [math.prod(s[n_in:]) for s in shapes]
@@ -233,20 +235,36 @@ def flatten(variables) -> dict:
     return flax.traverse_util.flatten_dict(flax.core.unfreeze(variables), sep="/")
 
 
+def _tensors(flat: dict, model) -> dict:
+    """open_clip's tensors (the BatchNorm counters aside) from flat clipjax leaves; jax-
+    traceable, so `jax.eval_shape` gives the shapes of a model too big to build."""
+    return {rule.name: rule.to_torch([flat[path] for path in rule.paths]) for rule in rules(model)}
+
+
+def _with_counters(tensors: dict, counter) -> dict:
+    out = {}
+    for name, tensor in tensors.items():
+        out[name] = tensor
+        if name.endswith(".running_var"):
+            out[name.removesuffix(".running_var") + _COUNTER] = counter
+    return out
+
+
 def to_state_dict(variables, model) -> dict[str, np.ndarray]:
     """clipjax variables (params and batch_stats) -> open_clip's state_dict, float32.
 
     Leaves that open_clip has no place for (objective heads: SimSiam, masked LM, priors) are
     left out."""
-    flat = flatten(variables)
-    state_dict = {}
-    for rule in rules(model):
-        arrays = [np.asarray(flat[path], np.float32) for path in rule.paths]
-        state_dict[rule.name] = rule.to_torch(arrays).copy(order="C")  # keeps 0-d shapes
-        if rule.name.endswith(".running_var"):
-            counter = rule.name.removesuffix(".running_var") + _COUNTER
-            state_dict[counter] = np.zeros((), np.int64)
-    return state_dict
+    flat = {path: jnp.asarray(leaf, jnp.float32) for path, leaf in flatten(variables).items()}
+    tensors = {name: np.array(tensor) for name, tensor in _tensors(flat, model).items()}
+    return _with_counters(tensors, np.zeros((), np.int64))
+
+
+def state_dict_shapes(model, like: dict) -> dict[str, tuple[int, ...]]:
+    """The shapes `to_state_dict` gives for `model` whose flat variables are shaped as `like`
+    (ShapeDtypeStructs): nothing is allocated."""
+    shapes = jax.eval_shape(lambda flat: _tensors(flat, model), like)
+    return _with_counters({name: tuple(s.shape) for name, s in shapes.items()}, ())
 
 
 def from_state_dict(state_dict: dict, model, like: dict, source: str) -> dict[str, np.ndarray]:

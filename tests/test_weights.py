@@ -2,6 +2,7 @@
 made by tools/make_open_clip_fixtures.py), exported names and shapes against open_clip's
 state_dicts, round trips, and every error."""
 
+import importlib
 import json
 import os
 import shutil
@@ -47,7 +48,7 @@ def _module(name, **fields):
 
 def _init(module, config, seed=0):
     size, length = config.model.image.size, config.model.text.context_length
-    variables = module.init(
+    variables = jax.jit(module.init)(
         jax.random.PRNGKey(seed), jnp.zeros((1, size, size, 3)), jnp.zeros((1, length), jnp.int32)
     )
     return jax.tree.map(np.asarray, jax.device_get(flax.linen.meta.unbox(variables)))
@@ -211,3 +212,38 @@ def test_load_errors_are_one_line(tmp_path, small_tokenizer):
         )
     with pytest.raises(config_lib.ConfigError, match="one set of weights; drop step"):
         inference.load(os.path.join(FIXTURES, "vit"), step=3)
+
+
+def _shapes(model_config):
+    module = TwoTower.from_config(model_config)
+    size, length = model_config.image.size, model_config.text.context_length
+    with flax.linen.logical_axis_rules(()):
+        like = jax.eval_shape(
+            module.init,
+            jax.random.PRNGKey(0),
+            jnp.zeros((1, size, size, 3)),
+            jnp.zeros((1, length), jnp.int32),
+        )
+    return weights.state_dict_shapes(module, weights.flatten(flax.linen.meta.unbox(like)))
+
+
+@pytest.mark.parametrize("name", ["ViT-B-32", "ViT-B-16", "ViT-L-14", "RN50", "RN101"])
+def test_official_open_clip_shapes_import(name):
+    """The OpenAI and LAION checkpoints' shapes (open_clip's model configs, built on torch's
+    meta device in the fixture script): every tensor has its place, with its shape."""
+    with open(os.path.join(FIXTURES, "shapes.json")) as f:
+        official = json.load(f)[name]
+    config = config_lib.base_config()
+    config.model.update(weights.model_config_from_open_clip(official["model_cfg"], name)["model"])
+    want = {k: tuple(v) for k, v in official["shapes"].items()}
+    assert _shapes(config.model) == want
+
+
+@pytest.mark.parametrize("config_name, name", [("clip_vitb32", "ViT-B-32"), ("declip_r50", "RN50")])
+def test_full_size_configs_export_open_clip_shapes(config_name, name):
+    """clipjax's own ViT-B/32 and RN50 (whose extra projection is folded) export as open_clip's
+    ViT-B-32 and RN50."""
+    with open(os.path.join(FIXTURES, "shapes.json")) as f:
+        want = {k: tuple(v) for k, v in json.load(f)[name]["shapes"].items()}
+    config = importlib.import_module(f"configs.{config_name}").get_config()
+    assert _shapes(config.model) == want

@@ -16,6 +16,8 @@ It writes:
   OpenAI-styled (QuickGELU, argmax pooling, a 0 token inside a caption); the ResNet pools at
   an explicit eos id. BatchNorm and LayerNorm parameters and statistics are randomised, so
   that none is the identity.
+- `shapes.json`: the model_cfg and state_dict shapes of open_clip's ViT-B-32, ViT-B-16,
+  ViT-L-14, RN50 and RN101 (the OpenAI and LAION checkpoints' shapes), built without weights.
 - `bpe.json`: open_clip's tokenizer ids of tricky captions at context lengths 77 and 12.
 - `bpe_simple_vocab_16e6.txt.gz`: OpenAI's BPE vocabulary, copied from the open_clip package
   (MIT licence, as open_clip's and OpenAI CLIP's code).
@@ -148,6 +150,21 @@ def write_model(name, model_cfg, output, seed):
     print(f"{folder}: {len(state_dict)} tensors, open_clip {open_clip.__version__}")
 
 
+OFFICIAL = ("ViT-B-32", "ViT-B-16", "ViT-L-14", "RN50", "RN101")
+
+
+def write_official_shapes(output):
+    models = {}
+    for name in OFFICIAL:
+        model_cfg = open_clip.get_model_config(name)
+        with torch.device("meta"):  # shapes only
+            model = open_clip.CLIP(**model_cfg)
+        shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+        models[name] = {"model_cfg": model_cfg, "shapes": shapes}
+    with open(os.path.join(output, "shapes.json"), "w") as f:
+        json.dump(models, f)
+
+
 def write_bpe(output):
     tokenizer = open_clip.tokenizer.SimpleTokenizer()
     ids = {str(n): tokenizer(CAPTIONS, context_length=n).tolist() for n in (77, 12)}
@@ -164,6 +181,7 @@ def main():
     os.makedirs(args.output, exist_ok=True)
     for seed, (name, model_cfg) in enumerate(MODELS.items()):
         write_model(name, model_cfg, args.output, seed)
+    write_official_shapes(args.output)
     write_bpe(args.output)
 
 
