@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 from PIL import Image
 
 from clipjax import checkpoint, sharding, weights
@@ -33,7 +34,9 @@ from clipjax import config as config_lib
 from clipjax.data import image_ops
 from clipjax.data import tokenizer as tokenizer_lib
 from clipjax.errors import ConfigError
+from clipjax.models.resnet import resnet_size
 from clipjax.models.two_tower import TwoTower
+from clipjax.models.vit import vit_size
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
@@ -117,6 +120,41 @@ class Model:
             return np.zeros((0, self.config.model.embed_dim), np.float32)
         return np.concatenate(out)
 
+    def merge_into(self, variables: dict, model_config) -> dict:
+        """`variables` (a new run's initial params and BatchNorm statistics, jax arrays in
+        their shardings) with this model's values wherever their names match; objective heads
+        this model lacks keep their initial values. ConfigError, in one line, when
+        `model_config` (the run's `config.model`) has other shapes than this model."""
+        theirs, ours = _model_shapes(self.config.model), _model_shapes(model_config)
+        for field, value in theirs.items():
+            if ours[field] != value:
+                raise ConfigError(
+                    f"config.init_from: the model has model.{field}={value!r}, this config "
+                    f"{ours[field]!r}; set --config.model.{field}={value}."
+                )
+        loaded, current = weights.flatten(self.variables), weights.flatten(variables)
+        replaced = {}
+        for name, leaf in current.items():
+            if name not in loaded:
+                if name.split("/", 1)[1].startswith(_TOWERS):
+                    raise ConfigError(f"config.init_from: the model has no {name}.")
+                continue
+            value = np.asarray(loaded[name], leaf.dtype)
+            if value.shape != leaf.shape:
+                raise ConfigError(
+                    f"config.init_from: {name} has shape {value.shape}, this config's model "
+                    f"{leaf.shape}; set config.model to the loaded model's shapes."
+                )
+            replaced[name] = jax.make_array_from_callback(
+                leaf.shape, leaf.sharding, lambda index, value=value: value[index]
+            )
+        logging.info(
+            "init_from: %d tensors loaded, %d kept their initial values (objective heads)",
+            len(replaced),
+            len(current) - len(replaced),
+        )
+        return flax.traverse_util.unflatten_dict({**current, **replaced}, sep="/")
+
     @functools.cached_property
     def _image_fn(self):
         return jax.jit(lambda v, x: self.module.apply(v, x, method=TwoTower.encode_image)["embed"])
@@ -124,6 +162,33 @@ class Model:
     @functools.cached_property
     def _text_fn(self):
         return jax.jit(lambda v, x: self.module.apply(v, x, method=TwoTower.encode_text)["embed"])
+
+
+# Leaves a loaded model must provide to a new run; the rest (objective heads) may start fresh.
+_TOWERS = ("image_tower/", "text_tower/", "image_projection/", "text_projection/", "log_scale")
+
+
+def _model_shapes(model_config) -> dict:
+    """The `config.model` fields that fix the towers' weights, with -1 resolved."""
+    image, text = model_config.image, model_config.text
+    depth = width = output_dim = -1
+    if image.variant.startswith("RN"):
+        _, width, _, output_dim, _ = resnet_size(image.variant)
+        width = width if image.width == -1 else image.width
+        output_dim = output_dim if image.output_dim == -1 else image.output_dim
+    else:
+        depth = vit_size(image.variant)[1] if image.depth == -1 else image.depth
+    return {
+        "embed_dim": model_config.embed_dim,
+        "quick_gelu": bool(model_config.quick_gelu),
+        "image.variant": image.variant,
+        "image.size": image.size,
+        "image.depth": depth,
+        "image.width": width,
+        "image.output_dim": output_dim,
+        **{f"text.{k}": text[k] for k in ("width", "depth", "heads", "context_length")},
+        "text.vocab_size": text.vocab_size,
+    }
 
 
 def load(path: str, step: int | None = None, tokenizer: str | None = None) -> Model:

@@ -17,7 +17,6 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from absl import logging
 
@@ -29,8 +28,6 @@ from clipjax.errors import Interrupted, TrainingError
 from clipjax.evaluate import evaluator as evaluator_lib
 from clipjax.lock import workdir_lock
 from clipjax.metrics import MetricsWriter, Progress
-from clipjax.models.resnet import resnet_size
-from clipjax.models.vit import vit_size
 
 
 @flax.struct.dataclass
@@ -176,79 +173,6 @@ def _diverged(step: int, count: int, ckpt: checkpoint.Checkpointer) -> TrainingE
     )
 
 
-# Leaves a loaded model must provide; the rest (objective heads) may start fresh.
-_TOWERS = ("image_tower/", "text_tower/", "image_projection/", "text_projection/", "log_scale")
-
-
-def _model_shapes(model_config) -> dict:
-    """The `config.model` fields that fix the towers' weights, with -1 resolved."""
-    image, text = model_config.image, model_config.text
-    if image.variant.startswith("RN"):
-        layers, width, _, output_dim, _ = resnet_size(image.variant)
-        depth = -1
-        width = width if image.width == -1 else image.width
-        output_dim = output_dim if image.output_dim == -1 else image.output_dim
-    else:
-        depth = vit_size(image.variant)[1] if image.depth == -1 else image.depth
-        width = output_dim = -1
-    return {
-        "embed_dim": model_config.embed_dim,
-        "quick_gelu": bool(model_config.quick_gelu),
-        "image.variant": image.variant,
-        "image.size": image.size,
-        "image.depth": depth,
-        "image.width": width,
-        "image.output_dim": output_dim,
-        **{f"text.{k}": text[k] for k in ("width", "depth", "heads", "context_length")},
-        "text.vocab_size": text.vocab_size,
-    }
-
-
-def _init_from(loaded_model, path: str, state, model_config):
-    """`state` with the parameters and BatchNorm statistics of `loaded_model` (a
-    `clipjax.load` of `path`) wherever their names match; objective heads the model lacks keep
-    their initial values. ConfigError, in one line, for a tower tensor missing or mis-shaped."""
-    from clipjax import weights
-
-    theirs, ours = _model_shapes(loaded_model.config.model), _model_shapes(model_config)
-    for field, value in theirs.items():
-        if ours[field] != value:
-            raise config_lib.ConfigError(
-                f"config.init_from={path!r} has model.{field}={value!r}, this config "
-                f"{ours[field]!r}; set --config.model.{field}={value}."
-            )
-    loaded = weights.flatten(loaded_model.variables)
-    current = weights.flatten({"params": state.params, **state.model_state})
-    replaced = {}
-    for name, leaf in current.items():
-        inner = name.split("/", 1)[1]
-        if name not in loaded:
-            if inner.startswith(_TOWERS):
-                raise config_lib.ConfigError(
-                    f"config.init_from={path!r} has no {name}: its model is not this config's "
-                    "(compare config.model with the folder's config)."
-                )
-            continue
-        value = np.asarray(loaded[name], leaf.dtype)
-        if value.shape != leaf.shape:
-            raise config_lib.ConfigError(
-                f"config.init_from={path!r}: {name} has shape {value.shape}, this config's "
-                f"model {leaf.shape}; set config.model to the loaded model's shapes."
-            )
-        replaced[name] = jax.make_array_from_callback(
-            leaf.shape, leaf.sharding, lambda index, value=value: value[index]
-        )
-    logging.info(
-        "init_from %s: %d tensors loaded, %d kept their initial values (objective heads)",
-        path,
-        len(replaced),
-        len(current) - len(replaced),
-    )
-    merged = flax.traverse_util.unflatten_dict({**current, **replaced}, sep="/")
-    model_state = {k: v for k, v in merged.items() if k != "params"}
-    return state.replace(params=merged["params"], model_state=model_state)
-
-
 def run(config, workdir: str, *, stop_at: int | None = None) -> None:
     """Train (or resume) in `workdir` until `config.total_steps`, or until step `stop_at`.
 
@@ -310,7 +234,10 @@ def _train(config, workdir: str, mesh, stop_at: int | None) -> None:
         if state is None:
             state = init(jax.random.PRNGKey(config.seed))
             if loaded_model:
-                state = _init_from(loaded_model, config.init_from, state, config.model)
+                variables = loaded_model.merge_into(
+                    {"params": state.params, **state.model_state}, config.model
+                )
+                state = state.replace(params=variables.pop("params"), model_state=variables)
         first_step = int(state.step)
 
         # ---- Loop ----

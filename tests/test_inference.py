@@ -165,7 +165,7 @@ def test_init_from_starts_at_the_loaded_weights(run, tmp_path):
     with pytest.raises(ConfigError) as e:
         train.run(config, str(tmp_path / "mismatch"))
     assert str(e.value) == (
-        f"config.init_from={output!r} has model.text.width=32, this config 64; set "
+        "config.init_from: the model has model.text.width=32, this config 64; set "
         "--config.model.text.width=32."
     )
 
