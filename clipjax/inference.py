@@ -23,7 +23,6 @@ import os
 import flax
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -251,18 +250,7 @@ def _load_open_clip(folder: str, tokenizer_path: str | None) -> Model:
         config = config_lib.base_config()
     config.model.update(fields["model"])
     module = TwoTower.from_config(config.model, bias_init=0.0 if fields["logit_bias"] else None)
-    size, length = config.model.image.size, config.model.text.context_length
-    with nn.logical_axis_rules(()):  # shapes only: no sharding, even inside a mesh
-        like = weights.flatten(
-            nn.meta.unbox(
-                jax.eval_shape(
-                    module.init,
-                    jax.random.PRNGKey(0),
-                    jnp.zeros((1, size, size, 3)),
-                    jnp.zeros((1, length), jnp.int32),
-                )
-            )
-        )
+    like = weights.abstract_leaves(module, config.model)
     weights_path = os.path.join(folder, OPEN_CLIP_WEIGHTS)
     try:
         state_dict = load_file(weights_path)

@@ -14,6 +14,7 @@ import math
 from collections.abc import Callable
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -233,6 +234,20 @@ _COUNTER = ".num_batches_tracked"
 def flatten(variables) -> dict:
     """{"params": ..., "batch_stats": ...} -> {"params/a/b/kernel": leaf}."""
     return flax.traverse_util.flatten_dict(flax.core.unfreeze(variables), sep="/")
+
+
+def abstract_leaves(model, model_config) -> dict:
+    """`model`'s flat variables as ShapeDtypeStructs, for inputs of `model_config`'s sizes;
+    nothing is compiled or allocated, and no sharding applies (even inside a mesh)."""
+    size, length = model_config.image.size, model_config.text.context_length
+    with nn.logical_axis_rules(()):
+        shapes = jax.eval_shape(
+            model.init,
+            jax.random.PRNGKey(0),
+            jnp.zeros((1, size, size, 3)),
+            jnp.zeros((1, length), jnp.int32),
+        )
+    return flatten(nn.meta.unbox(shapes))
 
 
 def _tensors(flat: dict, model) -> dict:

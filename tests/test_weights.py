@@ -9,7 +9,6 @@ import shutil
 
 import flax
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
@@ -49,16 +48,8 @@ def _module(name, **fields):
 def _init(module, config, seed=0):
     """Random variables of `module`'s shapes (positive BatchNorm variances), without compiling
     its init."""
-    size, length = config.model.image.size, config.model.text.context_length
-    with flax.linen.logical_axis_rules(()):
-        shapes = jax.eval_shape(
-            module.init,
-            jax.random.PRNGKey(0),
-            jnp.zeros((1, size, size, 3)),
-            jnp.zeros((1, length), jnp.int32),
-        )
     rng = np.random.default_rng(seed)
-    flat = weights.flatten(flax.linen.meta.unbox(shapes))
+    flat = weights.abstract_leaves(module, config.model)
     return flax.traverse_util.unflatten_dict(
         {
             path: np.abs(value) + 0.5 if path.endswith("/var") else value
@@ -226,15 +217,7 @@ def test_load_errors_are_one_line(tmp_path, small_tokenizer):
 
 def _shapes(model_config):
     module = TwoTower.from_config(model_config)
-    size, length = model_config.image.size, model_config.text.context_length
-    with flax.linen.logical_axis_rules(()):
-        like = jax.eval_shape(
-            module.init,
-            jax.random.PRNGKey(0),
-            jnp.zeros((1, size, size, 3)),
-            jnp.zeros((1, length), jnp.int32),
-        )
-    return weights.state_dict_shapes(module, weights.flatten(flax.linen.meta.unbox(like)))
+    return weights.state_dict_shapes(module, weights.abstract_leaves(module, model_config))
 
 
 @pytest.mark.parametrize("name", ["ViT-B-32", "ViT-B-16", "ViT-L-14", "RN50", "RN101"])
