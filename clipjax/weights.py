@@ -247,7 +247,13 @@ def abstract_leaves(model, model_config) -> dict:
             jnp.zeros((1, size, size, 3)),
             jnp.zeros((1, length), jnp.int32),
         )
-    return flatten(nn.meta.unbox(shapes))
+    boxed = lambda leaf: isinstance(leaf, nn.meta.AxisMetadata)  # noqa: E731
+    unboxed = jax.tree.map(
+        lambda leaf: leaf.unbox(apply_constraint=False) if boxed(leaf) else leaf,
+        shapes,
+        is_leaf=boxed,
+    )
+    return flatten(unboxed)
 
 
 def _tensors(flat: dict, model) -> dict:
