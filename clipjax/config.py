@@ -17,6 +17,7 @@ from clipjax import objectives, optimizers
 from clipjax.data import image_ops, sources
 from clipjax.data import tokenizer as tokenizer_lib
 from clipjax.errors import ConfigError
+from clipjax.models.layers import REMAT_POLICIES
 from clipjax.models.resnet import resnet_size
 from clipjax.models.vit import vit_size
 
@@ -48,6 +49,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.projection = "linear"  # tower → joint space; "mi_block" for CLIP-Lite's critic
     c.model.dtype = "float32"  # compute dtype; "bfloat16" on TPU/GPU
     c.model.quick_gelu = False  # OpenAI's x·σ(1.702x) GELU, which its released weights need
+    c.model.scan_layers = False  # nn.scan over transformer blocks: compile time flat in depth
+    c.model.remat = "none"  # what the blocks' backward keeps: "none" (all), "dots", "full"
     c.model.image = ml_collections.ConfigDict()
     c.model.image.variant = "B/32"  # ViT "<size>/<patch>", or ResNet "RN50", "RN101", ...
     c.model.image.size = 224
@@ -89,6 +92,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.lookahead_alpha = 0.5  # sgd_lookahead: slow step size
 
     # Objective-specific fields, read only when config.objective names them.
+    c.clip = ml_collections.ConfigDict()
+    # InfoNCE (CLIP; DeCLIP's MVS and NNS) as a ring over devices: (B/k)² logits per device
+    c.clip.chunked = True
     c.siglip = ml_collections.ConfigDict()
     c.siglip.chunked = True  # ring over devices: at most (B/k)² logits per device
     c.siglip.scale_init = math.log(10.0)  # t' with t = exp(t')
@@ -403,6 +409,7 @@ def _check_values(config) -> None:
         "objective": (config.objective, sorted(objectives.OBJECTIVES)),
         "optim.name": (config.optim.name, optimizers.OPTIMIZERS),
         "model.dtype": (config.model.dtype, DTYPES),
+        "model.remat": (config.model.remat, tuple(REMAT_POLICIES)),
     }
     for name, (value, known) in names.items():
         if value not in known:

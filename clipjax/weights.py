@@ -256,9 +256,39 @@ def abstract_leaves(model, model_config) -> dict:
     return flatten(unboxed)
 
 
+_SCANNED = "/transformer/blocks/"  # model.scan_layers: one module, depth-first leaves
+
+
+def _unscan(flat: dict) -> dict:
+    """Flat leaves with every scanned tower's stacked block leaves (`.../transformer/blocks/x`,
+    depth first) split into the per-block leaves `rules` names (`.../transformer/block_00/x`,
+    ...); jax-traceable."""
+    out = {}
+    for path, leaf in flat.items():
+        if _SCANNED not in path:
+            out[path] = leaf
+            continue
+        head, tail = path.split(_SCANNED)
+        for i in range(leaf.shape[0]):
+            out[f"{head}/transformer/block_{i:02d}/{tail}"] = leaf[i]
+    return out
+
+
+def _rescan(leaves: dict, like: dict) -> dict:
+    """Per-block `leaves` stacked into the scanned leaves of `like` (the inverse of `_unscan`)."""
+    out = dict(leaves)
+    for path, leaf in like.items():
+        if _SCANNED in path:
+            head, tail = path.split(_SCANNED)
+            blocks = [f"{head}/transformer/block_{i:02d}/{tail}" for i in range(leaf.shape[0])]
+            out[path] = np.stack([out.pop(block) for block in blocks])
+    return out
+
+
 def _tensors(flat: dict, model) -> dict:
-    """open_clip's tensors (the BatchNorm counters aside) from flat clipjax leaves; jax-
-    traceable, so `jax.eval_shape` gives the shapes of a model too big to build."""
+    """open_clip's tensors (the BatchNorm counters aside) from flat clipjax leaves, scanned
+    or not; jax-traceable, so `jax.eval_shape` gives the shapes of a model too big to build."""
+    flat = _unscan(flat)
     return {rule.name: rule.to_torch([flat[path] for path in rule.paths]) for rule in rules(model)}
 
 
@@ -293,6 +323,7 @@ def from_state_dict(state_dict: dict, model, like: dict, source: str) -> dict[st
     flattened variables of `model`, or their ShapeDtypeStructs). Leaves with no open_clip
     tensor (objective heads) are not in the result. A missing, extra or mis-shaped tensor
     raises WeightsError naming it."""
+    scanned_like, like = like, jax.eval_shape(_unscan, like)
     known, leaves = set(), {}
     for rule in rules(model):
         known.add(rule.name)
@@ -316,7 +347,7 @@ def from_state_dict(state_dict: dict, model, like: dict, source: str) -> dict[st
             f"{source}: tensor {extra[0]!r} has no place in the model its config describes"
             + (f" (and {len(extra) - 1} more)." if len(extra) > 1 else ".")
         )
-    return leaves
+    return _rescan(leaves, scanned_like)
 
 
 # ----------------------------------------------------------------------------- model configs

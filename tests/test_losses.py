@@ -46,9 +46,13 @@ def _assert_matches(value, grads, reference, tol=1e-5):
         np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
 
 
-def test_clip_loss_single_device_matches_numpy():
+CLIP_BODIES = [losses.clip_loss, losses.clip_loss_ring]
+
+
+@pytest.mark.parametrize("body", CLIP_BODIES)
+def test_clip_loss_single_device_matches_numpy(body):
     u, v, s = _embeddings()
-    value, grads = jax.value_and_grad(losses.clip_loss, argnums=(0, 1, 2))(u, v, s)
+    value, grads = jax.value_and_grad(body, argnums=(0, 1, 2))(u, v, s)
     _assert_matches(value, grads, clip_reference(u, v, s))
 
 
@@ -60,10 +64,11 @@ def test_clip_loss_single_device_matches_numpy():
         {"data": 2, "fsdp": 2, "model": 2},
     ],
 )
-def test_clip_loss_sharded_matches_numpy(mesh_shape):
+@pytest.mark.parametrize("body", CLIP_BODIES)
+def test_clip_loss_sharded_matches_numpy(mesh_shape, body):
     mesh = sharding.make_mesh(mesh_shape)
     u, v, s = _embeddings()
-    loss = losses.on_batch_shards(losses.clip_loss, mesh, num_batched=2)
+    loss = losses.on_batch_shards(body, mesh, num_batched=2)
     u_sharded, v_sharded = (jax.device_put(x, sharding.batch_sharding(mesh)) for x in (u, v))
     value, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(u_sharded, v_sharded, s)
     _assert_matches(value, grads, clip_reference(u, v, s))
@@ -71,15 +76,16 @@ def test_clip_loss_sharded_matches_numpy(mesh_shape):
     assert grads[0].sharding.is_equivalent_to(sharding.batch_sharding(mesh), 2)
 
 
-def test_clip_loss_pmap_runs_the_same_body():
+@pytest.mark.parametrize("body", CLIP_BODIES)
+def test_clip_loss_pmap_runs_the_same_body(body):
     u, v, s = _embeddings()
     n = jax.device_count()
     split = lambda x: x.reshape(n, -1, x.shape[-1])  # noqa: E731
 
     def per_device(u, v, s):
-        return jax.value_and_grad(
-            functools.partial(losses.clip_loss, axis_name="batch"), argnums=(0, 1, 2)
-        )(u, v, s)
+        return jax.value_and_grad(functools.partial(body, axis_name="batch"), argnums=(0, 1, 2))(
+            u, v, s
+        )
 
     value, (gu, gv, gs) = jax.pmap(per_device, axis_name="batch", in_axes=(0, 0, None))(
         split(u), split(v), s
@@ -105,6 +111,23 @@ def test_clip_loss_builds_only_local_rows():
     )
     assert "f32[8,64]" in hlo
     assert "f32[64,64]" not in hlo
+
+
+@pytest.mark.parametrize("body", [losses.clip_loss_ring, losses.info_nce_ring])
+def test_infonce_ring_builds_only_local_blocks(body):
+    """Forward and backward of the ring forms hold (B/k, B/k) logits, never (B/k, B), and
+    gather nothing: chunks move with collective permutes."""
+    mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "model": 1})
+    u, v, s = _embeddings(batch=64)
+    loss = losses.on_batch_shards(body, mesh, num_batched=2)
+    embeds = [jax.device_put(x, sharding.batch_sharding(mesh)) for x in (u, v)]
+    hlo = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(*embeds, s).compile()
+    hlo = hlo.as_text()
+    assert "f32[8,8]" in hlo
+    assert "f32[8,64]" not in hlo
+    assert "f32[64,64]" not in hlo
+    assert "all-gather" not in hlo
+    assert "collective-permute" in hlo
 
 
 MESH_SHAPES = [
@@ -459,17 +482,18 @@ def _shard_value_and_grad(body, mesh, arrays, replicated=(), argnums=(0,), has_a
     return jax.jit(grad)(*placed, *replicated)
 
 
-def test_info_nce_matches_numpy_on_one_and_eight_devices():
+@pytest.mark.parametrize("body", [losses.info_nce, losses.info_nce_ring])
+def test_info_nce_matches_numpy_on_one_and_eight_devices(body):
     u, v, s = _embeddings(seed=6)
     reference = info_nce_reference(u, v, s)
-    value, grads = jax.value_and_grad(losses.info_nce, argnums=(0, 1, 2))(u, v, s)
+    value, grads = jax.value_and_grad(body, argnums=(0, 1, 2))(u, v, s)
     _assert_matches(value, grads, reference)
     for mesh_shape in MESH_SHAPES:
         mesh = sharding.make_mesh(mesh_shape)
-        value, grads = _shard_value_and_grad(losses.info_nce, mesh, (u, v), (s,), (0, 1, 2))
+        value, grads = _shard_value_and_grad(body, mesh, (u, v), (s,), (0, 1, 2))
         _assert_matches(value, grads, reference)
     # One direction only: swapping query and key changes the value.
-    assert abs(float(losses.info_nce(v, u, s)) - reference[0]) > 1e-3
+    assert abs(float(body(v, u, s)) - reference[0]) > 1e-3
 
 
 def _simsiam_inputs(batch=32, dim=12):
@@ -540,11 +564,11 @@ def test_masked_lm_loss_without_masked_tokens_is_zero_not_nan():
         assert np.all(np.asarray(grad) == 0.0)
 
 
-@pytest.mark.parametrize("body", ["info_nce", "simsiam_loss", "masked_lm_loss"])
+@pytest.mark.parametrize("body", ["info_nce", "info_nce_ring", "simsiam_loss", "masked_lm_loss"])
 def test_new_losses_under_pmap_match_numpy(body):
     n = jax.device_count()
     split = lambda x: x.reshape(n, -1, *x.shape[1:])  # noqa: E731
-    if body == "info_nce":
+    if body.startswith("info_nce"):
         u, v, s = _embeddings(seed=6)
         batched, replicated, want = (u, v), (s,), info_nce_reference(u, v, s)[0]
     elif body == "simsiam_loss":

@@ -127,6 +127,36 @@ def test_state_dict_round_trip(kind):
         np.testing.assert_allclose(got_embeds, want_embeds, atol=1e-6)
 
 
+def test_scanned_towers_export_and_import_like_unrolled_ones():
+    """model.scan_layers stacks the blocks' leaves: the state_dict is the same, and an import
+    into a scanned model stacks it back."""
+    module, config = _module("vit", quick_gelu=False)
+    config.model.image.size = 32
+    variables = _init(module, config, seed=2)
+    scanned = module.clone(scan_layers=True)
+    scanned_like = weights.abstract_leaves(scanned, config.model)
+    stacked = {}
+    for path in scanned_like:
+        if "/transformer/blocks/" in path:
+            head, tail = path.split("/transformer/blocks/")
+            depth = scanned_like[path].shape[0]
+            blocks = [f"{head}/transformer/block_{i:02d}/{tail}" for i in range(depth)]
+            stacked[path] = np.stack([weights.flatten(variables)[b] for b in blocks])
+        else:
+            stacked[path] = weights.flatten(variables)[path]
+    state_dict = weights.to_state_dict(variables, module)
+    scanned_state_dict = weights.to_state_dict(
+        flax.traverse_util.unflatten_dict(stacked, sep="/"), scanned
+    )
+    assert scanned_state_dict.keys() == state_dict.keys()
+    for name, tensor in state_dict.items():
+        np.testing.assert_array_equal(scanned_state_dict[name], tensor, err_msg=name)
+    leaves = weights.from_state_dict(state_dict, scanned, scanned_like, "sd")
+    assert leaves.keys() == stacked.keys()
+    for path, leaf in stacked.items():
+        np.testing.assert_array_equal(leaves[path], leaf, err_msg=path)
+
+
 def test_state_dict_errors_name_the_tensor(tmp_path):
     module, config = _module("vit")
     variables = _init(module, config)

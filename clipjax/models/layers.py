@@ -8,6 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from clipjax.models import precision
+
 LN_EPS = 1e-5  # CLIP's LayerNorm epsilon (Flax defaults to 1e-6)
 
 ACTIVATION_AXES = ("batch", "length", "embed")
@@ -17,18 +19,59 @@ QKV_INIT = nn.initializers.xavier_uniform(in_axis=0, out_axis=(1, 2))
 OUT_INIT = nn.initializers.xavier_uniform(in_axis=(0, 1), out_axis=2)
 
 
-def layer_norm(dtype, name: str) -> nn.LayerNorm:
+def layer_norm(name: str) -> nn.LayerNorm:
+    """CLIP's LayerNorm, in float32 whatever the compute dtype (the precision policy)."""
     return nn.LayerNorm(
         epsilon=LN_EPS,
-        dtype=dtype,
+        dtype=jnp.float32,
         scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
         name=name,
     )
 
 
+class Linear(nn.Module):
+    """`einsum(spec, x, kernel) + bias` under the precision policy (`precision.einsum`).
+
+    The kernel keeps its full `shape` from init on, so its logical `axes` name the array as
+    created. The bias spans the kernel's axes that the output keeps, in the kernel's order.
+    """
+
+    spec: str  # e.g. "BLW,WHD->BHLD": input, kernel and output indices
+    shape: tuple[int, ...]
+    axes: tuple[str | None, ...]
+    use_bias: bool = True
+    kernel_init: nn.initializers.Initializer = DENSE_INIT
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param(
+            "kernel", nn.with_logical_partitioning(self.kernel_init, self.axes), self.shape
+        )
+        y = precision.einsum(self.spec, x, kernel, self.dtype)
+        if not self.use_bias:
+            return y
+        indices, out = self.spec.split("->")
+        kernel_indices = indices.split(",")[1]
+        kept = [i for i, index in enumerate(kernel_indices) if index in out]
+        bias = self.param(
+            "bias",
+            nn.with_logical_partitioning(nn.initializers.zeros, tuple(self.axes[i] for i in kept)),
+            tuple(self.shape[i] for i in kept),
+        )
+        # Broadcast over the output's other axes, in the output's order of the kept ones.
+        order = sorted(range(len(kept)), key=lambda k: out.index(kernel_indices[kept[k]]))
+        sizes = {kernel_indices[i]: self.shape[i] for i in kept}
+        return y + bias.transpose(order).reshape([sizes.get(index, 1) for index in out])
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention with q/k/v/out biases: (B, L, W) -> (B, L, W)."""
+    """Multi-head self-attention with q/k/v/out biases: (B, L, W) -> (B, L, W).
+
+    The four projections and both attention products follow the precision policy; the
+    softmax is float32.
+    """
 
     heads: int
     causal: bool = False
@@ -36,33 +79,34 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        width = x.shape[-1]
+        width, length = x.shape[-1], x.shape[1]
         if width % self.heads:
             raise ValueError(f"Width {width} is not divisible by {self.heads} attention heads.")
         head_dim = width // self.heads
 
-        # Einsum kernels keep their (embed, heads, kv) shape from init on, so the logical
-        # axis names apply to the array as created (DenseGeneral initialises it flat).
-        def project(name):  # (B, L, W) -> (B, L, heads, head_dim)
-            return nn.Einsum(
+        def project(name):  # (B, L, W) -> (B, heads, L, head_dim)
+            return Linear(
+                "BLW,WHD->BHLD",
                 (width, self.heads, head_dim),
-                "BLW,WHD->BLHD",
+                ("embed", "heads", "kv"),
+                kernel_init=QKV_INIT,
                 dtype=self.dtype,
-                kernel_init=nn.with_logical_partitioning(QKV_INIT, ("embed", "heads", "kv")),
-                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "kv")),
                 name=name,
             )(x)
 
-        # jax.nn.dot_product_attention takes the softmax in float32 even for bfloat16 inputs.
-        out = jax.nn.dot_product_attention(
-            project("query"), project("key"), project("value"), is_causal=self.causal
-        )
-        return nn.Einsum(
+        query, key, value = project("query"), project("key"), project("value")
+        logits = precision.einsum("BHTD,BHSD->BHTS", query, key, self.dtype) * head_dim**-0.5
+        if self.causal:
+            allowed = jnp.tril(jnp.ones((length, length), bool))
+            logits = jnp.where(allowed, logits, jnp.finfo(logits.dtype).min)
+        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+        out = precision.einsum("BHTS,BHSD->BHTD", weights, value, self.dtype)
+        return Linear(
+            "BHLD,HDW->BLW",
             (self.heads, head_dim, width),
-            "BLHD,HDW->BLW",
+            ("heads", "kv", "embed"),
+            kernel_init=OUT_INIT,
             dtype=self.dtype,
-            kernel_init=nn.with_logical_partitioning(OUT_INIT, ("heads", "kv", "embed")),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
             name="out",
         )(out)
 
@@ -73,7 +117,7 @@ def quick_gelu(x):
 
 
 class Mlp(nn.Module):
-    """Dense(mlp_dim) -> GELU -> Dense(width), with biases: (B, L, W) -> (B, L, W).
+    """Linear(mlp_dim) -> GELU -> Linear(width), with biases: (B, L, W) -> (B, L, W).
 
     GELU is exact (torch's, as open_clip uses) or, with `quick_gelu`, OpenAI's approximation.
     """
@@ -85,20 +129,12 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x):
         width = x.shape[-1]
-        x = nn.Dense(
-            self.mlp_dim,
-            dtype=self.dtype,
-            kernel_init=nn.with_logical_partitioning(DENSE_INIT, ("embed", "mlp")),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)),
-            name="fc_in",
+        x = Linear(
+            "BLW,WM->BLM", (width, self.mlp_dim), ("embed", "mlp"), dtype=self.dtype, name="fc_in"
         )(x)
         x = quick_gelu(x) if self.quick_gelu else nn.gelu(x, approximate=False)
-        return nn.Dense(
-            width,
-            dtype=self.dtype,
-            kernel_init=nn.with_logical_partitioning(DENSE_INIT, ("mlp", "embed")),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-            name="fc_out",
+        return Linear(
+            "BLM,MW->BLW", (self.mlp_dim, width), ("mlp", "embed"), dtype=self.dtype, name="fc_out"
         )(x)
 
 
@@ -114,15 +150,33 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x):
         x = x + Attention(self.heads, self.causal, self.dtype, name="attn")(
-            layer_norm(self.dtype, "ln_attn")(x)
+            layer_norm("ln_attn")(x)
         )
         mlp = Mlp(self.mlp_dim, self.dtype, self.quick_gelu, name="mlp")
-        x = x + mlp(layer_norm(self.dtype, "ln_mlp")(x))
+        x = x + mlp(layer_norm("ln_mlp")(x))
         return nn.with_logical_constraint(x, ACTIVATION_AXES)
 
 
+# model.remat -> what the backward pass keeps of a block's forward (the rest is recomputed).
+REMAT_POLICIES = {
+    "none": None,  # keep everything: no recomputation
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only each block's input
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep the matmuls
+}
+
+
+def _block_step(block, x, _):
+    """One scan step: the carry goes through this layer's block."""
+    return block(x), None
+
+
 class Transformer(nn.Module):
-    """`depth` pre-LN blocks named block_00, block_01, ...: (B, L, W) -> (B, L, W)."""
+    """`depth` pre-LN blocks: (B, L, W) -> (B, L, W).
+
+    The blocks are named block_00, block_01, ..., or with `scan` one `blocks` module whose
+    parameters have a leading depth axis, applied by `nn.scan` (one block is compiled, not
+    `depth`). `remat` names a policy of REMAT_POLICIES for what the backward pass keeps.
+    """
 
     depth: int
     heads: int
@@ -130,17 +184,32 @@ class Transformer(nn.Module):
     causal: bool = False
     dtype: jnp.dtype = jnp.float32
     quick_gelu: bool = False
+    scan: bool = False
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, x):
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(
+                f"model.remat={self.remat!r} is unknown; use one of {', '.join(REMAT_POLICIES)}."
+            )
+        block = Block
+        if self.remat != "none":
+            # Inside a scan, common subexpressions cannot merge across steps: no need to guard.
+            block = nn.remat(Block, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan)
+        args = (self.heads, self.mlp_dim, self.causal, self.dtype, self.quick_gelu)
         x = nn.with_logical_constraint(x, ACTIVATION_AXES)
+        if self.scan:
+            layers = nn.scan(
+                _block_step,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                length=self.depth,
+                # The depth axis of every parameter is not sharded.
+                metadata_params={nn.PARTITION_NAME: None},
+            )
+            x, _ = layers(block(*args, name="blocks"), x, None)
+            return x
         for i in range(self.depth):
-            x = Block(
-                self.heads,
-                self.mlp_dim,
-                self.causal,
-                self.dtype,
-                self.quick_gelu,
-                name=f"block_{i:02d}",
-            )(x)
+            x = block(*args, name=f"block_{i:02d}")(x)
         return x

@@ -13,7 +13,8 @@ class TextTransformer(nn.Module):
 
     Returns `(pooled, states)`: `states` (B, L, width) are the final-LayerNorm token states and
     `pooled` (B, width) is the state at the end-of-text token, the last non-pad position.
-    `quick_gelu` selects OpenAI's GELU approximation (for imported OpenAI weights).
+    `quick_gelu` selects OpenAI's GELU approximation (for imported OpenAI weights);
+    `scan_layers` and `remat` are the Transformer's `scan` and `remat`.
     """
 
     vocab_size: int
@@ -24,6 +25,8 @@ class TextTransformer(nn.Module):
     mlp_ratio: int = 4
     dtype: jnp.dtype = jnp.float32
     quick_gelu: bool = False
+    scan_layers: bool = False
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, tokens):
@@ -36,7 +39,6 @@ class TextTransformer(nn.Module):
         x = nn.Embed(
             self.vocab_size,
             self.width,
-            dtype=self.dtype,
             # CLIP's initial scales: 0.02 for tokens, 0.01 for positions.
             embedding_init=nn.with_logical_partitioning(
                 nn.initializers.normal(0.02), ("vocab", "embed")
@@ -48,7 +50,7 @@ class TextTransformer(nn.Module):
             nn.with_logical_partitioning(nn.initializers.normal(0.01), (None, "embed")),
             (self.context_length, self.width),
         )
-        x = x + pos_embed[:length].astype(self.dtype)
+        x = x + pos_embed[:length]  # the residual stream is float32 (the precision policy)
         x = Transformer(
             self.depth,
             self.heads,
@@ -56,9 +58,11 @@ class TextTransformer(nn.Module):
             causal=True,
             dtype=self.dtype,
             quick_gelu=self.quick_gelu,
+            scan=self.scan_layers,
+            remat=self.remat,
             name="transformer",
         )(x)
-        states = layer_norm(self.dtype, "ln_final")(x)
+        states = layer_norm("ln_final")(x)
         # The last non-pad position; not the count of non-pad ids, since a vocabulary may also
         # give id 0 to a real token (OpenAI's BPE: "!").
         eot = jnp.argmax(jnp.where(tokens != PAD_ID, jnp.arange(length), -1), axis=1)  # (B,)

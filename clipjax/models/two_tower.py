@@ -53,6 +53,8 @@ class TwoTower(nn.Module):
     image_width: int = -1  # ResNet only
     image_output_dim: int = -1  # ResNet only: the attention pool's output width
     quick_gelu: bool = False  # OpenAI's GELU approximation in both transformers
+    scan_layers: bool = False  # nn.scan over the transformer blocks of both towers
+    remat: str = "none"  # what the blocks' backward pass keeps (layers.REMAT_POLICIES)
     projection: str = "linear"
     log_scale_init: float = LOGIT_SCALE_INIT
     bias_init: float | None = None  # a learned logit bias when set (SigLIP)
@@ -75,6 +77,8 @@ class TwoTower(nn.Module):
             image_width=image.width,
             image_output_dim=image.output_dim,
             quick_gelu=model_config.quick_gelu,
+            scan_layers=model_config.scan_layers,
+            remat=model_config.remat,
             text_vocab_size=text.vocab_size,
             text_context_length=text.context_length,
             text_width=text.width,
@@ -103,7 +107,12 @@ class TwoTower(nn.Module):
             )
         else:
             self.image_tower = VisionTransformer(
-                self.image_variant, self.image_depth, self.dtype, self.quick_gelu
+                self.image_variant,
+                self.image_depth,
+                self.dtype,
+                self.quick_gelu,
+                self.scan_layers,
+                self.remat,
             )
         self.text_tower = TextTransformer(
             self.text_vocab_size,
@@ -113,6 +122,8 @@ class TwoTower(nn.Module):
             self.text_heads,
             dtype=self.dtype,
             quick_gelu=self.quick_gelu,
+            scan_layers=self.scan_layers,
+            remat=self.remat,
         )
         if self.projection == "linear":
             self.image_projection = _projection(self.embed_dim, "image_projection")

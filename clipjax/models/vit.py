@@ -3,7 +3,7 @@
 import flax.linen as nn
 import jax.numpy as jnp
 
-from clipjax.models.layers import Transformer, layer_norm
+from clipjax.models.layers import Linear, Transformer, layer_norm
 
 # size -> (width, depth, mlp_dim, heads)
 VIT_SIZES = {
@@ -38,6 +38,8 @@ class VisionTransformer(nn.Module):
     depth: int = -1  # -1: the variant's own depth
     dtype: jnp.dtype = jnp.float32
     quick_gelu: bool = False
+    scan_layers: bool = False
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, images):
@@ -48,39 +50,44 @@ class VisionTransformer(nn.Module):
                 f"model.image.size={height}x{image_width} is not divisible by the patch size "
                 f"{patch} of ViT variant {self.variant!r}; use a multiple of {patch}."
             )
-        x = nn.Conv(
-            width,
-            (patch, patch),
-            strides=patch,
-            padding="VALID",
+        # The patch embedding: a stride-`patch` convolution, taken as one product over each
+        # patch's pixels (its kernel keeps the convolution's (patch, patch, 3, width) layout).
+        batch, channels = images.shape[0], images.shape[3]
+        patches = images.reshape(
+            batch, height // patch, patch, image_width // patch, patch, channels
+        )
+        x = Linear(
+            "bhpwqc,pqcd->bhwd",
+            (patch, patch, channels, width),
+            (None, None, None, "embed"),
             use_bias=False,
+            kernel_init=nn.initializers.lecun_normal(),
             dtype=self.dtype,
-            kernel_init=nn.with_logical_partitioning(
-                nn.initializers.lecun_normal(), (None, None, None, "embed")
-            ),
             name="patch_embed",
-        )(images)
-        x = x.reshape(x.shape[0], -1, width)  # (B, patches, width)
+        )(patches)
+        x = x.reshape(batch, -1, width)  # (B, patches, width), row-major like the conv's
 
         embed_init = nn.initializers.normal(width**-0.5)  # CLIP's scale for both
         class_token = self.param(
             "class_token", nn.with_logical_partitioning(embed_init, ("embed",)), (width,)
         )
-        class_tokens = jnp.broadcast_to(class_token.astype(self.dtype), (x.shape[0], 1, width))
+        class_tokens = jnp.broadcast_to(class_token, (x.shape[0], 1, width))
         x = jnp.concatenate([class_tokens, x], axis=1)
         pos_embed = self.param(
             "pos_embed", nn.with_logical_partitioning(embed_init, (None, "embed")), x.shape[1:]
         )
-        x = x + pos_embed.astype(self.dtype)
+        x = x + pos_embed
 
-        x = layer_norm(self.dtype, "ln_pre")(x)
+        x = layer_norm("ln_pre")(x)
         x = Transformer(
             depth if self.depth == -1 else self.depth,
             heads,
             mlp_dim,
             dtype=self.dtype,
             quick_gelu=self.quick_gelu,
+            scan=self.scan_layers,
+            remat=self.remat,
             name="transformer",
         )(x)
-        pooled = layer_norm(self.dtype, "ln_post")(x[:, 0])
+        pooled = layer_norm("ln_post")(x[:, 0])
         return nn.with_logical_constraint(pooled, ("batch", "embed"))

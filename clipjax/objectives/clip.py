@@ -10,11 +10,13 @@ MAX_LOGIT_SCALE = 100.0
 
 
 class Clip(Objective):
-    """One image view and one plain caption per example; no extra state."""
+    """One image view and one plain caption per example; no extra state. With
+    `config.clip.chunked` the texts travel around the device ring (`losses.clip_loss_ring`)."""
 
     def __init__(self, config, mesh):
         self.model = TwoTower.from_config(config.model)
-        self._contrastive = losses.on_batch_shards(losses.clip_loss, mesh, num_batched=2)
+        body = losses.clip_loss_ring if config.clip.chunked else losses.clip_loss
+        self._contrastive = losses.on_batch_shards(body, mesh, num_batched=2)
 
     def loss(self, params, model_state, batch, state, rng):
         del rng  # deterministic given the batch

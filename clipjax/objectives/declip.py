@@ -57,20 +57,23 @@ def _forward(model: TwoTower, batch, train: bool, text_keys: tuple[str, str]):
     }
 
 
-def _terms(views: dict, queue: dict, scale, *, axis_name, multi_view: bool):
+def _terms(views: dict, queue: dict, scale, *, axis_name, multi_view: bool, chunked: bool):
     """The four DeCLIP terms and the updated queue, on each device's slices (inside shard_map).
 
     `views`: "images" and "texts", [view 1, view 2] of (b, d) unit embeddings; "simsiam",
-    [(z, p)] per image view; "mlm", (logits, labels). `queue`: `nn_queue` state."""
+    [(z, p)] per image view; "mlm", (logits, labels). `queue`: `nn_queue` state. `chunked`
+    computes the InfoNCE terms as rings over the devices (`config.clip.chunked`)."""
+    clip_loss = losses.clip_loss_ring if chunked else losses.clip_loss
+    info_nce = losses.info_nce_ring if chunked else losses.info_nce
     images, texts = views["images"], views["texts"]
     pairs = [(i, t) for i in images for t in texts] if multi_view else [(images[0], texts[0])]
-    mvs = sum(losses.clip_loss(i, t, scale, axis_name) for i, t in pairs) / len(pairs)
+    mvs = sum(clip_loss(i, t, scale, axis_name) for i, t in pairs) / len(pairs)
     (z1, p1), (z2, p2) = views["simsiam"]
     iss = losses.simsiam_loss(p1, p2, z1, z2, axis_name)
     tss, mlm_accuracy = losses.masked_lm_loss(*views["mlm"], axis_name)
     # Neighbours come from the queue as it was before this step: never the batch itself.
     neighbours = [nn_queue.lookup(t, queue["embeds"], axis_name) for t in texts]
-    nns = sum(losses.info_nce(i, n, scale, axis_name) for i in images for n in neighbours) / 4
+    nns = sum(info_nce(i, n, scale, axis_name) for i in images for n in neighbours) / 4
     for t in texts:  # t¹ of the whole batch first, then t²
         queue = nn_queue.enqueue(queue, jax.lax.stop_gradient(t), axis_name)
     terms = {"mvs": mvs, "iss": iss, "tss": tss, "nns": nns, "mlm_accuracy": mlm_accuracy}
@@ -111,7 +114,12 @@ class DeClip(Objective):
         batched, whole = PartitionSpec(sharding.BATCH_AXES), PartitionSpec()
         queue = {"embeds": batched, "pointer": whole, "count": whole}
         self._terms = jax.shard_map(
-            functools.partial(_terms, axis_name=sharding.BATCH_AXES, multi_view=cfg.multi_view),
+            functools.partial(
+                _terms,
+                axis_name=sharding.BATCH_AXES,
+                multi_view=cfg.multi_view,
+                chunked=config.clip.chunked,
+            ),
             mesh=mesh,
             in_specs=(batched, queue, whole),  # every view is split over the batch axes
             out_specs=(whole, queue),
