@@ -124,7 +124,10 @@ def compare(config, precision: str, rounds: int, steps: int) -> dict:
     config = config.copy_and_resolve_references()
     config.model.dtype = precision
     torch_precision = OPEN_CLIP_PRECISION[precision]
-    steps_by_name = {"open_clip": OpenClipStep(config, torch_precision), "clipjax": ClipjaxStep(config)}
+    steps_by_name = {
+        "open_clip": OpenClipStep(config, torch_precision),
+        "clipjax": ClipjaxStep(config),
+    }
     for step in steps_by_name.values():
         step(), step()  # compile / warm up
     times = {name: [] for name in steps_by_name}
