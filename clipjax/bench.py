@@ -8,7 +8,9 @@ and prints the median over `--steps` steps. The last line is one JSON object:
   samples_per_s, step_s        median step time and the throughput it gives
   flops_per_sample             XLA's cost analysis of the compiled step (flops_source says so)
   mfu                          achieved flop rate / matmul peak measured here, all devices
-  matmul_peak_flops_per_s      per device: median of a jitted float32 matmul
+  matmul_peak_flops_per_s      per device: median of a jitted 2048² matmul in the config's
+                               precision (float32, or `model.dtype` operands with float32
+                               accumulation), `matmul_peak_dtype`
   compile_s                    XLA compile time of the train step
   temp_bytes_per_device        scratch memory of the compiled step (memory analysis)
 For DeCLIP it adds CLIP's step on the same backbone and batch (`step_ratio_vs_clip`) and the
@@ -49,16 +51,25 @@ from clipjax import losses, nn_queue, objectives, sharding, train
 from clipjax.data import sources
 from clipjax.data import tokenizer as tokenizer_lib
 from clipjax.data.pipeline import Views
+from clipjax.models import precision
 
-config_flags.DEFINE_config_file("config", None, "Config file (`path.py[:arg]`).", lock_config=True)
-flags.DEFINE_integer("steps", 10, "Timed steps after the first (compiling) one.")
-flags.DEFINE_bool("loss_only", False, "Compile only the losses on embeddings; report memory.")
-flags.DEFINE_list("batch_sizes", ["4096", "8192", "16384", "32768"], "Global batches, loss_only.")
-flags.DEFINE_integer("fake_devices", 0, "On CPU, split the host into this many devices.")
-flags.DEFINE_bool("data_only", False, "Time only the training input pipeline (images/s).")
-flags.DEFINE_integer("warmup_batches", 10, "data_only: batches read before timing.")
-flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """Defined only when the command runs, so other tools can import this module."""
+    config_flags.DEFINE_config_file(
+        "config", None, "Config file (`path.py[:arg]`).", lock_config=True
+    )
+    flags.DEFINE_integer("steps", 10, "Timed steps after the first (compiling) one.")
+    flags.DEFINE_bool("loss_only", False, "Compile only the losses on embeddings; report memory.")
+    flags.DEFINE_list(
+        "batch_sizes", ["4096", "8192", "16384", "32768"], "Global batches, loss_only."
+    )
+    flags.DEFINE_integer("fake_devices", 0, "On CPU, split the host into this many devices.")
+    flags.DEFINE_bool("data_only", False, "Time only the training input pipeline (images/s).")
+    flags.DEFINE_integer("warmup_batches", 10, "data_only: batches read before timing.")
+    flags.mark_flags_as_required(["config"])
 
 
 def _median_seconds(fn, repeats: int) -> float:
@@ -70,10 +81,11 @@ def _median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def matmul_peak(size: int = 2048, repeats: int = 10) -> float:
-    """Float32 matmul flop/s of one device, median over repeats."""
+def matmul_peak(dtype="float32", size: int = 2048, repeats: int = 10) -> float:
+    """Matmul flop/s of one device in the precision policy of `dtype` (float32; or operands in
+    `dtype` accumulated in float32), median over repeats."""
     a = jax.device_put(jnp.ones((size, size), jnp.float32), jax.devices()[0])
-    matmul = jax.jit(lambda x: x @ x)
+    matmul = jax.jit(lambda x: precision.einsum("ij,jk->ik", x, x, dtype))
     jax.block_until_ready(matmul(a))
     return 2 * size**3 / _median_seconds(lambda: matmul(a), repeats)
 
@@ -156,7 +168,7 @@ def benchmark(config, steps: int) -> dict:
     step_s, compile_s, compiled = _time_step(config, steps)
     # The compiled module is one device's program: its flops are per device.
     flops_per_step = compiled.cost_analysis()["flops"] * jax.device_count()
-    peak = matmul_peak()
+    peak = matmul_peak(config.model.dtype)
     result = {
         "config_batch_size": config.batch_size,
         "devices": jax.device_count(),
@@ -166,6 +178,7 @@ def benchmark(config, steps: int) -> dict:
         "flops_source": "xla_cost_analysis",
         "mfu": flops_per_step / step_s / (peak * jax.device_count()),
         "matmul_peak_flops_per_s": peak,
+        "matmul_peak_dtype": config.model.dtype,
         "compile_s": compile_s,
         "temp_bytes_per_device": compiled.memory_analysis().temp_size_in_bytes,
     }
@@ -186,6 +199,7 @@ def benchmark(config, steps: int) -> dict:
 # name -> (loss body, its replicated scalar arguments: scale, and bias for the sigmoid)
 LOSSES = {
     "clip_allgather": (losses.clip_loss, (10.0,)),
+    "clip_ring": (losses.clip_loss_ring, (10.0,)),
     "sigmoid_allgather": (losses.sigmoid_loss, (10.0, -10.0)),
     "sigmoid_ring": (losses.sigmoid_loss_ring, (10.0, -10.0)),
 }
@@ -273,4 +287,5 @@ if __name__ == "__main__":
     sys.argv = [
         {"--data-only": "--data_only", "--nodata-only": "--nodata_only"}.get(a, a) for a in sys.argv
     ]
+    define_flags()
     app.run(main)

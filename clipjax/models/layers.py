@@ -111,6 +111,13 @@ class Attention(nn.Module):
         )(out)
 
 
+def gelu(x):
+    """Exact GELU, x · Φ(x) = ½x(1 + erf(x/√2)), as torch's (open_clip's) default. Through erf:
+    `jax.nn.gelu`'s erfc form costs about twice as much on CPU, for accuracy only at x ≪ 0,
+    where both are ~0 (the largest difference is about 1e-6)."""
+    return 0.5 * x * (1.0 + jax.lax.erf(x * 0.5**0.5))
+
+
 def quick_gelu(x):
     """x · σ(1.702 x): the GELU approximation OpenAI's CLIP models were trained with."""
     return x * jax.nn.sigmoid(1.702 * x)
@@ -132,7 +139,7 @@ class Mlp(nn.Module):
         x = Linear(
             "BLW,WM->BLM", (width, self.mlp_dim), ("embed", "mlp"), dtype=self.dtype, name="fc_in"
         )(x)
-        x = quick_gelu(x) if self.quick_gelu else nn.gelu(x, approximate=False)
+        x = quick_gelu(x) if self.quick_gelu else gelu(x)
         return Linear(
             "BLM,MW->BLW", (self.mlp_dim, width), ("mlp", "embed"), dtype=self.dtype, name="fc_out"
         )(x)
