@@ -23,6 +23,16 @@ each loss to its `temp_bytes_per_device` per global batch, next to the logits fl
 
   python -m clipjax.bench --config=configs/siglip_vitb16.py --loss_only --fake_devices=8
 
+With `--compile_only`, the train step is lowered and compiled from the state's shapes alone
+(no state is allocated, so any model size works) and the JSON gives `lower_s`,
+`compile_s`, `temp_bytes_per_device` and the parameter count. ViT-H/14 at open_clip's shapes,
+with its blocks scanned:
+
+  python -m clipjax.bench --config=configs/clip_vitb32.py --compile_only \
+      --config.model.image.variant=H/14 --config.model.embed_dim=1024 \
+      --config.model.text.width=1024 --config.model.text.heads=16 \
+      --config.model.text.depth=24 --config.model.scan_layers=True
+
 With `--data_only` (or `--data-only`), only the config's real training input pipeline runs (its
 source, workers, views and batch; the tokenizer trained in a temporary directory as the trainer
 does, or `config.data.tokenizer.path`): after `--warmup_batches`, `--steps` batches are timed in
@@ -68,6 +78,7 @@ def define_flags() -> None:
     )
     flags.DEFINE_integer("fake_devices", 0, "On CPU, split the host into this many devices.")
     flags.DEFINE_bool("data_only", False, "Time only the training input pipeline (images/s).")
+    flags.DEFINE_bool("compile_only", False, "Only lower and compile the train step; report times.")
     flags.DEFINE_integer("warmup_batches", 10, "data_only: batches read before timing.")
     flags.mark_flags_as_required(["config"])
 
@@ -130,6 +141,30 @@ def _time_step(config, steps: int):
             jax.block_until_ready((state, metrics))
             times.append(time.perf_counter() - start)
     return statistics.median(times), compile_s, compiled
+
+
+def compile_times(config) -> dict:
+    """Lower and compile `config`'s train step from abstract shapes: nothing is allocated."""
+    mesh = sharding.make_mesh(config.mesh)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+        objective, _, abstract_state, step_fn = train.build(config, mesh)
+        batch = synthetic_batch(config, mesh, objective.views)  # small: only the state is big
+        start = time.perf_counter()
+        lowered = step_fn.lower(abstract_state, batch)
+        lower_s = time.perf_counter() - start
+        start = time.perf_counter()
+        compiled = lowered.compile()
+        compile_s = time.perf_counter() - start
+    return {
+        "image_variant": config.model.image.variant,
+        "scan_layers": bool(config.model.scan_layers),
+        "remat": config.model.remat,
+        "dtype": config.model.dtype,
+        "params": sum(x.size for x in jax.tree.leaves(abstract_state.params)),
+        "lower_s": lower_s,
+        "compile_s": compile_s,
+        "temp_bytes_per_device": compiled.memory_analysis().temp_size_in_bytes,
+    }
 
 
 def nn_lookup_seconds(config, repeats: int = 10) -> float:
@@ -274,6 +309,8 @@ def main(argv) -> None:
         jax.config.update("jax_num_cpu_devices", FLAGS.fake_devices)
     if FLAGS.data_only:
         result = data_throughput(FLAGS.config, FLAGS.steps, FLAGS.warmup_batches)
+    elif FLAGS.compile_only:
+        result = compile_times(FLAGS.config)
     elif FLAGS.loss_only:
         result = loss_memory(FLAGS.config, [int(b) for b in FLAGS.batch_sizes])
     else:

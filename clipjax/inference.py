@@ -246,8 +246,9 @@ def _load_open_clip(folder: str, tokenizer_path: str | None) -> Model:
     run_config = os.path.join(folder, "config.json")
     if os.path.isfile(run_config):  # a clipjax export: the run's own config
         config = config_lib.load_saved(folder)
-    else:
+    else:  # imported weights: embeddings in float32, as open_clip computes them
         config = config_lib.base_config()
+        config.model.dtype = "float32"
     config.model.update(fields["model"])
     module = TwoTower.from_config(config.model, bias_init=0.0 if fields["logit_bias"] else None)
     like = weights.abstract_leaves(module, config.model)

@@ -40,6 +40,7 @@ def _model_cfg(name):
 
 def _module(name, **fields):
     config = config_lib.base_config()
+    config.model.dtype = "float32"  # exact comparisons
     config.model.update(weights.model_config_from_open_clip(_model_cfg(name), "f")["model"])
     config.model.update(fields)
     return TwoTower.from_config(config.model), config
@@ -60,6 +61,21 @@ def _init(module, config, seed=0):
         },
         sep="/",
     )
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_imported_open_clip_models_give_open_clip_embeddings(name, small_tokenizer):
+    model = inference.load(os.path.join(FIXTURES, name), tokenizer=small_tokenizer)
+    assert model.config.model.dtype == "float32"  # imports embed in float32, like open_clip
+    fixture = np.load(os.path.join(FIXTURES, name, "embeddings.npz"))
+    images = model.encode_image(fixture["images"])
+    texts = model.encode_text(fixture["tokens"])
+    assert np.abs(images - fixture["image_embeds"]).max() <= 1e-5
+    assert np.abs(texts - fixture["text_embeds"]).max() <= 1e-5
+    np.testing.assert_allclose(model.logit_scale, 1 / 0.07, rtol=1e-3)  # float16-stored
+    # The ViT is OpenAI-styled: QuickGELU, and a caption with a 0 ("!") token inside.
+    assert model.config.model.quick_gelu == (name == "vit")
+    assert (fixture["tokens"][1, 1:-1] == 0).any() or name == "resnet"
 
 
 @pytest.mark.parametrize("name", MODELS)
