@@ -55,15 +55,15 @@ class Linear(nn.Module):
         indices, out = self.spec.split("->")
         kernel_indices = indices.split(",")[1]
         kept = [i for i, index in enumerate(kernel_indices) if index in out]
+        if sorted(kept, key=lambda i: out.index(kernel_indices[i])) != kept:
+            raise ValueError(f"{self.spec!r}: the output must keep the kernel's axes in order.")
         bias = self.param(
             "bias",
             nn.with_logical_partitioning(nn.initializers.zeros, tuple(self.axes[i] for i in kept)),
             tuple(self.shape[i] for i in kept),
         )
-        # Broadcast over the output's other axes, in the output's order of the kept ones.
-        order = sorted(range(len(kept)), key=lambda k: out.index(kernel_indices[kept[k]]))
         sizes = {kernel_indices[i]: self.shape[i] for i in kept}
-        return y + bias.transpose(order).reshape([sizes.get(index, 1) for index in out])
+        return y + bias.reshape([sizes.get(index, 1) for index in out])
 
 
 class Attention(nn.Module):
@@ -84,6 +84,9 @@ class Attention(nn.Module):
             raise ValueError(f"Width {width} is not divisible by {self.heads} attention heads.")
         head_dim = width // self.heads
 
+        # Heads before positions: both attention products are plain batched matmuls. With
+        # positions first, XLA:CPU fails on some backward products with bfloat16 operands
+        # ("Unsupported element type for DotThunk: BF16 x BF16 = F32").
         def project(name):  # (B, L, W) -> (B, heads, L, head_dim)
             return Linear(
                 "BLW,WHD->BHLD",
