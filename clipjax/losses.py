@@ -88,21 +88,27 @@ def _ring_lse(query_embed, key_embed, logit_scale, axis_name, columns: bool):
     running column log-sum-exp of its keys; each device folds every chunk it receives into the
     running row log-sum-exp of its queries (an online log-sum-exp in both directions). After
     k − 1 hops a chunk has met every device's queries, and one more hop brings its column
-    log-sum-exp home. Blocks are rematerialised: the backward pass recomputes each block's
-    logits from its chunk instead of keeping all k as residuals (the idea of Inf-CL).
+    log-sum-exp home. The hops are a `lax.scan` of a rematerialised step, so one block at a
+    time is alive, forward and backward: the backward pass recomputes each block's logits from
+    its chunk (the idea of Inf-CL).
     """
-    block = jax.checkpoint(functools.partial(_lse_block, columns=columns))
-    rows, cols = block(query_embed, key_embed, logit_scale)
+    block = functools.partial(_lse_block, logit_scale=logit_scale, columns=columns)
+    rows, cols = block(query_embed, key_embed)
     if axis_name is None:
         return rows, cols
     devices = jax.lax.axis_size(axis_name)
     to_next = [(i, (i + 1) % devices) for i in range(devices)]
-    keys = key_embed
-    for _ in range(devices - 1):
+
+    @jax.checkpoint
+    def hop(carry, _):
+        keys, rows, cols = carry
         keys, cols = jax.lax.ppermute((keys, cols), axis_name, to_next)
-        block_rows, block_cols = block(query_embed, keys, logit_scale)
+        block_rows, block_cols = block(query_embed, keys)
         rows = jnp.logaddexp(rows, block_rows)
         cols = jnp.logaddexp(cols, block_cols) if columns else None
+        return (keys, rows, cols), None
+
+    (_, rows, cols), _ = jax.lax.scan(hop, (key_embed, rows, cols), length=devices - 1)
     if columns:
         cols = jax.lax.ppermute(cols, axis_name, to_next)
     return rows, cols
