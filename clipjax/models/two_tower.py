@@ -1,4 +1,8 @@
-"""The two-tower model: image and text towers, projections, the logit scale and objective heads."""
+"""The two-tower model: image and text towers, projections, the logit scale and a logit bias.
+
+Objectives that add heads subclass it in their own module (DeCLIP's SimSiam and masked-LM
+heads, CLIP-Lite's prior discriminators and view critics), so a new method touches only its
+own file."""
 
 import functools
 import math
@@ -6,7 +10,7 @@ import math
 import flax.linen as nn
 import jax.numpy as jnp
 
-from clipjax.models.heads import MaskedLMHead, MIBlock, PriorDiscriminator, SimSiamHead
+from clipjax.models.heads import MIBlock
 from clipjax.models.resnet import ModifiedResNet, resnet_size
 from clipjax.models.text import TextTransformer
 from clipjax.models.vit import VisionTransformer, vit_size
@@ -27,16 +31,16 @@ def _projection(embed_dim: int, name: str) -> nn.Dense:
     )
 
 
-def _normalize(x):
+def normalize(x):
     return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
 
 
 class TwoTower(nn.Module):
-    """Image and text towers mapped into one joint space, plus what the objectives add.
+    """Image and text towers mapped into one joint space.
 
     Parameters: image_tower, text_tower, image_projection, text_projection, log_scale (θ, the
     logit scale in log space; each objective maps it to s = exp(θ) with its own clamp), and
-    optionally `bias` (SigLIP) and `image_prior` / `text_prior` discriminators (CLIP-Lite).
+    optionally `bias` (SigLIP).
     The image tower is a ModifiedResNet for variants named "RN..." (its BatchNorm statistics in
     `batch_stats`), else a VisionTransformer. The projections are linear maps ("linear") or
     CLIP-Lite's MI blocks ("mi_block"). Build it from `config.model` with `from_config`.
@@ -58,17 +62,12 @@ class TwoTower(nn.Module):
     projection: str = "linear"
     log_scale_init: float = LOGIT_SCALE_INIT
     bias_init: float | None = None  # a learned logit bias when set (SigLIP)
-    priors: tuple[str, ...] = ()  # prior discriminators on "image" / "text" features
-    view_critics: tuple[str, ...] = ()  # CLIP-Lite's "image" / "text" view-to-view critics
-    simsiam_bn_groups: int = 0  # > 0: a SimSiam head whose BatchNorm uses this many groups
-    mlm_max_masked: int = 0  # > 0: a masked-LM head scoring this many positions a caption
     dtype: jnp.dtype = jnp.float32
 
     @classmethod
     def from_config(cls, model_config, **objective_fields) -> "TwoTower":
         """From the `config.model` ConfigDict (see `clipjax/config.py`); objectives add their
-        own fields (`log_scale_init`, `bias_init`, `priors`, `view_critics`,
-        `simsiam_bn_groups`, `mlm_max_masked`)."""
+        own fields (`log_scale_init`, `bias_init`, and those of their subclasses)."""
         image, text = model_config.image, model_config.text
         return cls(
             embed_dim=model_config.embed_dim,
@@ -141,25 +140,11 @@ class TwoTower(nn.Module):
         )
         if self.bias_init is not None:
             self.bias = self.param("bias", scalar(nn.initializers.constant(self.bias_init)), ())
-        self.image_prior = PriorDiscriminator() if "image" in self.priors else None
-        self.text_prior = PriorDiscriminator() if "text" in self.priors else None
-        self.image_view_critic = MIBlock(self.embed_dim) if "image" in self.view_critics else None
-        self.text_view_critic = MIBlock(self.embed_dim) if "text" in self.view_critics else None
-        self.view_log_scales = {
-            kind: self.param(
-                f"{kind}_view_log_scale", scalar(nn.initializers.constant(LOGIT_SCALE_INIT)), ()
-            )
-            for kind in self.view_critics
-        }
-        if self.simsiam_bn_groups:
-            self.simsiam = SimSiamHead(self.simsiam_bn_groups)
-        if self.mlm_max_masked:
-            self.masked_lm = MaskedLMHead(self.text_vocab_size, self.mlm_max_masked)
 
     def _project(self, projection, features, train):
         if self.projection == "mi_block":
-            return _normalize(projection(features, train=train))
-        return _normalize(projection(features))
+            return normalize(projection(features, train=train))
+        return normalize(projection(features))
 
     def encode_image(self, images, train: bool = False):
         """Images (B, H, W, 3) -> features (B, width_v) before projection, embed (B, embed_dim)
@@ -188,38 +173,13 @@ class TwoTower(nn.Module):
             "embed": self._project(self.text_projection, features, train),
         }
 
-    def view_embed(self, kind: str, features, train: bool = False):
-        """A view critic's unit embedding (B, embed_dim) of "image" or "text" tower features."""
-        critic = {"image": self.image_view_critic, "text": self.text_view_critic}[kind]
-        return _normalize(critic(features, train=train))
-
-    def discriminate(self, kind: str, features):
-        """Prior-discriminator logits (B,) of the "image" or "text" prior on features (B, d)."""
-        return {"image": self.image_prior, "text": self.text_prior}[kind](features)
-
-    def __call__(self, images, tokens, train: bool = False, mlm_labels=None):
-        """Both encodings and `log_scale` θ; where the model has them, the logit `bias`, the
-        prior discriminators' logits on the tower features (`prior_logits`, by kind), the
-        view critics' embeddings (`<kind>.view_embed`) and log temperatures
-        (`view_log_scales`), the SimSiam head's (z, p) on the image features
-        (`image.simsiam`), and the masked-LM
-        head's (logits, labels) at the masked positions of `mlm_labels` (`text.mlm`)."""
+    def __call__(self, images, tokens, train: bool = False):
+        """Both encodings, `log_scale` θ and, where the model has one, the logit `bias`."""
         out = {
             "image": self.encode_image(images, train=train),
             "text": self.encode_text(tokens, train=train),
             "log_scale": self.log_scale,
         }
-        if self.simsiam_bn_groups:
-            out["image"]["simsiam"] = self.simsiam(out["image"]["features"], train=train)
-        if self.mlm_max_masked:
-            labels = jnp.zeros_like(tokens) if mlm_labels is None else mlm_labels
-            out["text"]["mlm"] = self.masked_lm(out["text"]["states"], labels)
         if self.bias_init is not None:
             out["bias"] = self.bias
-        if self.priors:
-            out["prior_logits"] = {k: self.discriminate(k, out[k]["features"]) for k in self.priors}
-        for kind in self.view_critics:
-            out[kind]["view_embed"] = self.view_embed(kind, out[kind]["features"], train=train)
-        if self.view_critics:
-            out["view_log_scales"] = self.view_log_scales
         return out

@@ -8,17 +8,61 @@ Optional JSD terms between two image views and between two captions (off by defa
 same one-negative form with critics of their own.
 """
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from clipjax import losses
 from clipjax.data.pipeline import Views
 from clipjax.errors import ConfigError
-from clipjax.models.two_tower import TwoTower
+from clipjax.models.heads import MIBlock, PriorDiscriminator
+from clipjax.models.two_tower import LOGIT_SCALE_INIT, TwoTower, normalize
 from clipjax.objectives.base import Objective
 
 
-def _forward(model: TwoTower, batch, prior_samples, train: bool):
+class ClipLiteModel(TwoTower):
+    """The two towers plus CLIP-Lite's heads: prior discriminators on the "image" / "text"
+    tower features (`priors`), and for the optional view terms a critic per kind with its
+    own log temperature (`view_critics`)."""
+
+    priors: tuple[str, ...] = ()
+    view_critics: tuple[str, ...] = ()
+
+    def setup(self):
+        super().setup()
+        self.image_prior = PriorDiscriminator() if "image" in self.priors else None
+        self.text_prior = PriorDiscriminator() if "text" in self.priors else None
+        self.image_view_critic = MIBlock(self.embed_dim) if "image" in self.view_critics else None
+        self.text_view_critic = MIBlock(self.embed_dim) if "text" in self.view_critics else None
+        init = nn.with_logical_partitioning(nn.initializers.constant(LOGIT_SCALE_INIT), ())
+        self.view_log_scales = {
+            kind: self.param(f"{kind}_view_log_scale", init, ()) for kind in self.view_critics
+        }
+
+    def view_embed(self, kind: str, features, train: bool = False):
+        """A view critic's unit embedding (B, embed_dim) of "image" or "text" tower features."""
+        critic = {"image": self.image_view_critic, "text": self.text_view_critic}[kind]
+        return normalize(critic(features, train=train))
+
+    def discriminate(self, kind: str, features):
+        """Prior-discriminator logits (B,) of the "image" or "text" prior on features (B, d)."""
+        return {"image": self.image_prior, "text": self.text_prior}[kind](features)
+
+    def __call__(self, images, tokens, train: bool = False):
+        """TwoTower's outputs plus the priors' logits on the tower features (`prior_logits`,
+        by kind), the view critics' embeddings (`<kind>.view_embed`) and log temperatures
+        (`view_log_scales`)."""
+        out = super().__call__(images, tokens, train=train)
+        if self.priors:
+            out["prior_logits"] = {k: self.discriminate(k, out[k]["features"]) for k in self.priors}
+        for kind in self.view_critics:
+            out[kind]["view_embed"] = self.view_embed(kind, out[kind]["features"], train=train)
+        if self.view_critics:
+            out["view_log_scales"] = self.view_log_scales
+        return out
+
+
+def _forward(model: ClipLiteModel, batch, prior_samples, train: bool):
     """The towers; prior-discriminator logits on real features and on prior samples; and, for
     the optional view terms, the view critics' embeddings of the second image / caption view."""
     out = model(batch["image"], batch["text"], train=train)
@@ -60,7 +104,7 @@ class ClipLite(Objective):
             image_views=2 if "image" in self.view_weights else 1,
             text_views=("plain", "eda") if "text" in self.view_weights else ("plain",),
         )
-        self.model = TwoTower.from_config(
+        self.model = ClipLiteModel.from_config(
             config.model, priors=self.priors, view_critics=tuple(self.view_weights)
         )
         self.prior_weight = lite.prior_weight

@@ -30,6 +30,7 @@ from jax.sharding import PartitionSpec
 from clipjax import losses, nn_queue, sharding
 from clipjax.data.pipeline import Views
 from clipjax.errors import ConfigError
+from clipjax.models.heads import MaskedLMHead, SimSiamHead
 from clipjax.models.two_tower import TwoTower
 from clipjax.objectives.base import Objective
 
@@ -39,7 +40,31 @@ MAX_LOGIT_SCALE = 100.0
 MLM_RATIO = 0.15
 
 
-def _forward(model: TwoTower, batch, train: bool, text_keys: tuple[str, str]):
+class DeClipModel(TwoTower):
+    """The two towers plus DeCLIP's heads: SimSiam's projector and predictor on the image
+    features (BatchNorm statistics over `simsiam_bn_groups` groups of the batch) and the
+    masked-LM head, scoring up to `mlm_max_masked` positions a caption."""
+
+    simsiam_bn_groups: int = 1
+    mlm_max_masked: int = 1
+
+    def setup(self):
+        super().setup()
+        self.simsiam = SimSiamHead(self.simsiam_bn_groups)
+        self.masked_lm = MaskedLMHead(self.text_vocab_size, self.mlm_max_masked)
+
+    def __call__(self, images, tokens, train: bool = False, mlm_labels=None):
+        """TwoTower's outputs plus the SimSiam head's (z, p) on the image features
+        (`image.simsiam`) and the masked-LM head's (logits, labels) at the masked positions
+        of `mlm_labels` (`text.mlm`)."""
+        out = super().__call__(images, tokens, train=train)
+        out["image"]["simsiam"] = self.simsiam(out["image"]["features"], train=train)
+        labels = jnp.zeros_like(tokens) if mlm_labels is None else mlm_labels
+        out["text"]["mlm"] = self.masked_lm(out["text"]["states"], labels)
+        return out
+
+
+def _forward(model: DeClipModel, batch, train: bool, text_keys: tuple[str, str]):
     """Both image views and the two contrastive captions (batch keys `text_keys`) through the
     towers, plus the SimSiam and MLM heads."""
     images = [model.encode_image(batch[key], train=train) for key in ("image", "image_2")]
@@ -99,7 +124,7 @@ class DeClip(Objective):
                 f"{sharding.data_parallel_size(mesh)} data-parallel devices; use a multiple."
             )
         groups = 1 if cfg.sync_bn else sharding.data_parallel_size(mesh)
-        self.model = TwoTower.from_config(
+        self.model = DeClipModel.from_config(
             config.model,
             simsiam_bn_groups=groups,
             mlm_max_masked=max(1, math.ceil(MLM_RATIO * config.model.text.context_length)),
