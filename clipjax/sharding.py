@@ -69,6 +69,28 @@ def logical_sharding(mesh: Mesh, logical_specs):
     return nn.logical_to_mesh_sharding(logical_specs, mesh, LOGICAL_RULES)
 
 
+def check_divisible(shapes, logical_specs, mesh: Mesh) -> None:
+    """ConfigError naming the first array whose logically named dimension does not split over
+    the mesh axes the rules map it to (e.g. 3 attention heads over mesh.model=2)."""
+    rules = dict(LOGICAL_RULES)
+    specs = jax.tree_util.tree_leaves_with_path(
+        logical_specs, is_leaf=lambda x: isinstance(x, PartitionSpec)
+    )
+    for (path, spec), leaf in zip(specs, jax.tree.leaves(shapes), strict=True):
+        for dim, name in enumerate(spec or ()):
+            axes = rules.get(name) if isinstance(name, str) else None
+            axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+            size = math.prod(mesh.shape[axis] for axis in axes)
+            if size > 1 and leaf.shape[dim] % size:
+                where = ", ".join(f"mesh.{axis}={mesh.shape[axis]}" for axis in axes)
+                name_path = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+                raise ConfigError(
+                    f"config.mesh: {name_path} has {leaf.shape[dim]} "
+                    f"'{name}' (dimension {dim}), which do not split over {where}; use mesh "
+                    "sizes that divide it."
+                )
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading dimension over the batch axes, the rest replicated."""
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES))

@@ -96,15 +96,18 @@ def build(config, mesh):
         )
 
     abstract_boxed = jax.eval_shape(init_boxed, jax.random.PRNGKey(0))
-    state_sharding = sharding.logical_sharding(mesh, nn.get_partition_spec(abstract_boxed))
+    abstract_values = jax.tree.map(
+        lambda x: x.value if isinstance(x, nn.Partitioned) else x,
+        abstract_boxed,
+        is_leaf=lambda x: isinstance(x, nn.Partitioned),
+    )
+    logical_specs = nn.get_partition_spec(abstract_boxed)
+    sharding.check_divisible(abstract_values, logical_specs, mesh)
+    state_sharding = sharding.logical_sharding(mesh, logical_specs)
     init = jax.jit(lambda rng: nn.meta.unbox(init_boxed(rng)), out_shardings=state_sharding)
     abstract_state = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        jax.tree.map(
-            lambda x: x.value if isinstance(x, nn.Partitioned) else x,
-            abstract_boxed,
-            is_leaf=lambda x: isinstance(x, nn.Partitioned),
-        ),
+        abstract_values,
         state_sharding,
     )
     step_fn = jax.jit(

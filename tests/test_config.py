@@ -3,12 +3,13 @@
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pytest
 
 from clipjax import config as config_lib
-from clipjax import sharding
+from clipjax import sharding, train
 from clipjax.models.two_tower import TwoTower
 from configs.clip_vitb32 import get_config
 
@@ -286,6 +287,34 @@ def test_a_mesh_that_does_not_fit_the_devices():
         "config.mesh: axis sizes {'data': 3, 'fsdp': 1, 'model': 1} use 3 devices but 8 are "
         "present; set one axis to -1 to take the rest."
     )
+
+
+@pytest.mark.parametrize(
+    "mesh, message",
+    [
+        (
+            {"data": 4, "model": 2},  # the Ti image tower has 3 heads
+            "config.mesh: params/image_tower/transformer/block_00/attn/key/bias has 3 'heads' "
+            "(dimension 0), which do not split over mesh.model=2; use mesh sizes that divide "
+            "it.",
+        ),
+        (
+            {"data": 1, "fsdp": 8},  # every 'embed' dimension splits over fsdp: 64 / 8
+            None,
+        ),
+    ],
+)
+def test_a_mesh_that_does_not_divide_the_model_is_one_line(mesh, message):
+    c = get_config("local")
+    c.mesh.update(mesh)
+    mesh = sharding.make_mesh(c.mesh)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+        if message is None:
+            train.build(c, mesh)
+            return
+        with pytest.raises(config_lib.ConfigError) as e:
+            train.build(c, mesh)
+    assert str(e.value) == message
 
 
 def _one_line(args, module="clipjax.main", timeout=120):
