@@ -3,7 +3,8 @@ r"""Training entry point.
   python -m clipjax.main --config=configs/clip_vitb32.py:local --workdir=/tmp/clip_local
 
 Overrides: `--config.batch_size=256 --config.optim.lr=3e-4`. Multi-host (TPU pods, SLURM): add
-`--distributed` on every host.
+`--distributed` on every host; the cluster is detected, or named with `--coordinator=HOST:PORT
+--num_processes=N --process_id=I`.
 """
 
 import sys
@@ -20,6 +21,9 @@ from clipjax.metrics import quiet_library_logs
 config_flags.DEFINE_config_file("config", None, "Config file (`path.py[:arg]`).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the tokenizer.")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host).")
+flags.DEFINE_string("coordinator", None, "--distributed: process 0's HOST:PORT; default: detect.")
+flags.DEFINE_integer("num_processes", None, "--distributed: the number of processes.")
+flags.DEFINE_integer("process_id", None, "--distributed: this process's index, from 0.")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -51,11 +55,44 @@ def parse_flags(argv: list[str]) -> list[str]:
         fail(str(e).splitlines()[0])
 
 
+def distributed_arguments(coordinator, num_processes, process_id) -> dict:
+    """`jax.distributed.initialize`'s arguments from the three flags: all three, or none (the
+    cluster is detected: Cloud TPU, SLURM, ...). ConfigError names what is missing or wrong."""
+    given = {
+        "coordinator_address": coordinator,
+        "num_processes": num_processes,
+        "process_id": process_id,
+    }
+    if all(value is None for value in given.values()):
+        return {}
+    flag = {"coordinator_address": "--coordinator", "num_processes": "--num_processes"}
+    missing = [flag.get(k, "--process_id") for k, value in given.items() if value is None]
+    if missing:
+        raise ConfigError(
+            f"--distributed with --coordinator, --num_processes or --process_id needs all "
+            f"three; {' and '.join(missing)} missing (or give none to detect the cluster)."
+        )
+    host, _, port = coordinator.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--coordinator={coordinator!r} must be HOST:PORT, e.g. localhost:8476.")
+    if num_processes < 1 or not 0 <= process_id < num_processes:
+        raise ConfigError(
+            f"--process_id={process_id} must be in [0, --num_processes={num_processes})."
+        )
+    return given
+
+
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if FLAGS.distributed:
-        jax.distributed.initialize()
+        try:
+            arguments = distributed_arguments(
+                FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id
+            )
+        except ConfigError as e:
+            fail(str(e))
+        jax.distributed.initialize(**arguments)
     quiet_library_logs()
     logging.info(
         "JAX %s: %d processes, %d devices (%s)",

@@ -351,6 +351,22 @@ def test_flag_and_config_file_errors_are_one_line(tmp_path):
             [local, workdir, "--config.log_every=0"],
             "clipjax: config.log_every=0 must be a number, at least 1.",
         ),
+        (
+            [local, workdir, "--distributed", "--coordinator=localhost:8476"],
+            "clipjax: --distributed with --coordinator, --num_processes or --process_id needs "
+            "all three; --num_processes and --process_id missing (or give none to detect the "
+            "cluster).",
+        ),
+        (
+            [local, workdir, "--distributed", "--coordinator=localhost"]
+            + ["--num_processes=2", "--process_id=0"],
+            "clipjax: --coordinator='localhost' must be HOST:PORT, e.g. localhost:8476.",
+        ),
+        (
+            [local, workdir, "--distributed", "--coordinator=localhost:8476"]
+            + ["--num_processes=2", "--process_id=2"],
+            "clipjax: --process_id=2 must be in [0, --num_processes=2).",
+        ),
     ]
     for args, message in cases:
         assert _one_line(args) == (2, message), args
