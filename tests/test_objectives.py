@@ -1,6 +1,7 @@
 """Every objective's `:local` config trains on 8 devices: finite, decreasing loss, its metrics."""
 
 import contextlib
+import functools
 
 import flax.linen as nn
 import jax
@@ -182,3 +183,55 @@ def _clip_loss_numpy(images, texts, scale):
         return -(x[labels, labels] - np.log(np.exp(x).sum(1))).mean()
 
     return (ce(logits) + ce(logits.T)) / 2
+
+
+def test_declip_terms_are_the_same_with_the_infonce_rings():
+    """`clip.chunked` swaps MVS's and NNS's all-gather InfoNCE for the rings: on 8 devices the
+    four terms, their gradients with respect to the views and the new queue are unchanged."""
+    from clipjax.objectives import declip
+
+    rng = np.random.default_rng(0)
+    b, d, length, vocab = 32, 16, 6, 11
+
+    def unit(*shape):
+        x = rng.normal(size=shape).astype(np.float32)
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    views = {
+        "images": [unit(b, d), unit(b, d)],
+        "texts": [unit(b, d), unit(b, d)],
+        "simsiam": [tuple(rng.normal(size=(2, b, 8)).astype(np.float32)) for _ in range(2)],
+        "mlm": (
+            rng.normal(size=(b, length, vocab)).astype(np.float32),
+            rng.integers(0, vocab, (b, length)).astype(np.int32),
+        ),
+    }
+    queue = {"embeds": unit(64, d), "pointer": np.int32(0), "count": np.int32(64)}
+    mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "model": 1})
+    batched, whole = jax.sharding.PartitionSpec(sharding.BATCH_AXES), jax.sharding.PartitionSpec()
+    queue_specs = {"embeds": batched, "pointer": whole, "count": whole}
+    results = []
+    for chunked in (False, True):
+        terms = jax.shard_map(
+            functools.partial(
+                declip._terms, axis_name=sharding.BATCH_AXES, multi_view=True, chunked=chunked
+            ),
+            mesh=mesh,
+            in_specs=(batched, queue_specs, whole),
+            out_specs=(whole, queue_specs),
+        )
+
+        def total(embeds, terms=terms):  # gradients with respect to the contrastive views
+            values, new_queue = terms({**views, **embeds}, queue, 7.5)
+            return sum(values[k] for k in ("mvs", "iss", "tss", "nns")), (values, new_queue)
+
+        embeds = {"images": views["images"], "texts": views["texts"]}
+        (_, (values, new_queue)), grads = jax.jit(jax.value_and_grad(total, has_aux=True))(embeds)
+        results.append((values, new_queue, grads))
+    (values, new_queue, grads), (ring_values, ring_queue, ring_grads) = results
+    for key in values:
+        np.testing.assert_allclose(ring_values[key], values[key], rtol=1e-5, atol=1e-6)
+    for got, want in zip(
+        jax.tree.leaves((ring_queue, ring_grads)), jax.tree.leaves((new_queue, grads)), strict=True
+    ):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
