@@ -30,7 +30,6 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import open_clip  # noqa: E402
@@ -38,7 +37,7 @@ import torch  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from clipjax import bench, sharding, train, weights  # noqa: E402
+from clipjax import bench, weights  # noqa: E402
 
 config_flags.DEFINE_config_file("config", None, "Config file (`path.py[:arg]`).", lock_config=True)
 flags.DEFINE_integer("rounds", 5, "Alternating rounds (each library once per round).")
@@ -98,12 +97,7 @@ class ClipjaxStep:
     """clipjax's compiled train step of `config` on one fixed synthetic batch."""
 
     def __init__(self, config):
-        self.mesh = sharding.make_mesh(config.mesh)
-        with jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-            objective, init, _, step_fn = train.build(config, self.mesh)
-            self.state = init(jax.random.PRNGKey(config.seed))
-            self.batch = bench.synthetic_batch(config, self.mesh, objective.views)
-            self.step = step_fn.lower(self.state, self.batch).compile()
+        self.step, self.state, self.batch, _ = bench.compiled_step(config)
 
     def __call__(self):
         self.state, metrics = self.step(self.state, self.batch)

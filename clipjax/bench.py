@@ -121,25 +121,28 @@ def synthetic_batch(config, mesh, views: Views) -> dict:
     return sharding.to_global({k: v[start : start + per_process] for k, v in batch.items()}, mesh)
 
 
-def _time_step(config, steps: int):
-    """(median step seconds, compile seconds, compiled step) of `config`'s train step."""
+def compiled_step(config):
+    """`config`'s train step compiled for synthetic inputs: (step, state, batch, compile s)."""
     mesh = sharding.make_mesh(config.mesh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
         objective, init, _, step_fn = train.build(config, mesh)
         state = init(jax.random.PRNGKey(config.seed))
         batch = synthetic_batch(config, mesh, objective.views)
-
         start = time.perf_counter()
         compiled = step_fn.lower(state, batch).compile()
-        compile_s = time.perf_counter() - start
+    return compiled, state, batch, time.perf_counter() - start
 
-        state, _ = compiled(state, batch)  # warm-up
-        times = []
-        for _ in range(steps):
-            start = time.perf_counter()
-            state, metrics = compiled(state, batch)
-            jax.block_until_ready((state, metrics))
-            times.append(time.perf_counter() - start)
+
+def _time_step(config, steps: int):
+    """(median step seconds, compile seconds, compiled step) of `config`'s train step."""
+    compiled, state, batch, compile_s = compiled_step(config)
+    state, _ = compiled(state, batch)  # warm-up
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready((state, metrics))
+        times.append(time.perf_counter() - start)
     return statistics.median(times), compile_s, compiled
 
 

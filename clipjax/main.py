@@ -58,15 +58,11 @@ def parse_flags(argv: list[str]) -> list[str]:
 def distributed_arguments(coordinator, num_processes, process_id) -> dict:
     """`jax.distributed.initialize`'s arguments from the three flags: all three, or none (the
     cluster is detected: Cloud TPU, SLURM, ...). ConfigError names what is missing or wrong."""
-    given = {
-        "coordinator_address": coordinator,
-        "num_processes": num_processes,
-        "process_id": process_id,
-    }
+    given = {"--coordinator": coordinator, "--num_processes": num_processes}
+    given["--process_id"] = process_id
     if all(value is None for value in given.values()):
         return {}
-    flag = {"coordinator_address": "--coordinator", "num_processes": "--num_processes"}
-    missing = [flag.get(k, "--process_id") for k, value in given.items() if value is None]
+    missing = [flag for flag, value in given.items() if value is None]
     if missing:
         raise ConfigError(
             f"--distributed with --coordinator, --num_processes or --process_id needs all "
@@ -79,7 +75,11 @@ def distributed_arguments(coordinator, num_processes, process_id) -> dict:
         raise ConfigError(
             f"--process_id={process_id} must be in [0, --num_processes={num_processes})."
         )
-    return given
+    return {
+        "coordinator_address": coordinator,
+        "num_processes": num_processes,
+        "process_id": process_id,
+    }
 
 
 def main(argv) -> None:

@@ -69,6 +69,17 @@ def logical_sharding(mesh: Mesh, logical_specs):
     return nn.logical_to_mesh_sharding(logical_specs, mesh, LOGICAL_RULES)
 
 
+def unboxed(tree):
+    """`tree` with each logically partitioned leaf replaced by its value, without applying a
+    sharding constraint (so it works on shapes, inside a mesh or not)."""
+    boxed = lambda leaf: isinstance(leaf, nn.meta.AxisMetadata)  # noqa: E731
+    return jax.tree.map(
+        lambda leaf: leaf.unbox(apply_constraint=False) if boxed(leaf) else leaf,
+        tree,
+        is_leaf=boxed,
+    )
+
+
 def check_divisible(shapes, logical_specs, mesh: Mesh) -> None:
     """ConfigError naming the first array whose logically named dimension does not split over
     the mesh axes the rules map it to (e.g. 3 attention heads over mesh.model=2)."""

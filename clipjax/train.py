@@ -96,11 +96,7 @@ def build(config, mesh):
         )
 
     abstract_boxed = jax.eval_shape(init_boxed, jax.random.PRNGKey(0))
-    abstract_values = jax.tree.map(
-        lambda x: x.value if isinstance(x, nn.Partitioned) else x,
-        abstract_boxed,
-        is_leaf=lambda x: isinstance(x, nn.Partitioned),
-    )
+    abstract_values = sharding.unboxed(abstract_boxed)
     logical_specs = nn.get_partition_spec(abstract_boxed)
     sharding.check_divisible(abstract_values, logical_specs, mesh)
     state_sharding = sharding.logical_sharding(mesh, logical_specs)

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from clipjax import sharding
 from clipjax.data import image_ops
 from clipjax.errors import ConfigError
 from clipjax.models.resnet import RESNET_SIZES, resnet_size
@@ -247,16 +248,16 @@ def abstract_leaves(model, model_config) -> dict:
             jnp.zeros((1, size, size, 3)),
             jnp.zeros((1, length), jnp.int32),
         )
-    boxed = lambda leaf: isinstance(leaf, nn.meta.AxisMetadata)  # noqa: E731
-    unboxed = jax.tree.map(
-        lambda leaf: leaf.unbox(apply_constraint=False) if boxed(leaf) else leaf,
-        shapes,
-        is_leaf=boxed,
-    )
-    return flatten(unboxed)
+    return flatten(sharding.unboxed(shapes))
 
 
 _SCANNED = "/transformer/blocks/"  # model.scan_layers: one module, depth-first leaves
+
+
+def _block_paths(scanned_path: str, depth: int) -> list[str]:
+    """The per-block paths (`.../transformer/block_00/x`, ...) of a scanned leaf's path."""
+    head, tail = scanned_path.split(_SCANNED)
+    return [f"{head}/transformer/block_{i:02d}/{tail}" for i in range(depth)]
 
 
 def _unscan(flat: dict) -> dict:
@@ -268,9 +269,8 @@ def _unscan(flat: dict) -> dict:
         if _SCANNED not in path:
             out[path] = leaf
             continue
-        head, tail = path.split(_SCANNED)
-        for i in range(leaf.shape[0]):
-            out[f"{head}/transformer/block_{i:02d}/{tail}"] = leaf[i]
+        for i, block in enumerate(_block_paths(path, leaf.shape[0])):
+            out[block] = leaf[i]
     return out
 
 
@@ -279,9 +279,7 @@ def _rescan(leaves: dict, like: dict) -> dict:
     out = dict(leaves)
     for path, leaf in like.items():
         if _SCANNED in path:
-            head, tail = path.split(_SCANNED)
-            blocks = [f"{head}/transformer/block_{i:02d}/{tail}" for i in range(leaf.shape[0])]
-            out[path] = np.stack([out.pop(block) for block in blocks])
+            out[path] = np.stack([out.pop(block) for block in _block_paths(path, leaf.shape[0])])
     return out
 
 
