@@ -116,9 +116,8 @@ def synthetic_batch(config, mesh, views: Views) -> dict:
         batch["text" if kind == "plain" else f"text_{kind}"] = tokens()
         if kind == "mlm":
             batch["mlm_labels"] = np.where(rng.random((n, length)) < 0.15, tokens(), 0)
-    per_process = n // jax.process_count()
-    start = jax.process_index() * per_process
-    return sharding.to_global({k: v[start : start + per_process] for k, v in batch.items()}, mesh)
+    lo, hi = sharding.process_rows(mesh, n)
+    return sharding.to_global({k: v[lo:hi] for k, v in batch.items()}, mesh, n)
 
 
 def compiled_step(config):

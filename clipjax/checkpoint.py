@@ -6,7 +6,10 @@ the uninterrupted run would have. Saves are asynchronous and atomic: a step dire
 only once it is complete.
 """
 
+import glob
+import json
 import os
+import re
 import time
 
 import grain
@@ -15,6 +18,9 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from clipjax.errors import ConfigError
+
+# Grain's file of one process's input position: process_<index>-of-<count>.json
+_PROCESS_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json")
 
 
 def _single_writer_for_one_process() -> None:
@@ -108,28 +114,29 @@ class Checkpointer:
 
     def _restore_first(self, steps, abstract_state, data_iterator, reasons):
         for step in steps:
-            args = ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state),
-                data=grain.checkpoint.CheckpointRestore(data_iterator),
-            )
+            written_by = self._input_written_by(step)
+            args = {"state": ocp.args.StandardRestore(abstract_state)}
+            if written_by is None:  # the input's position restores as it was saved
+                args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+            else:  # checked before the state is read: ConfigError if it cannot move
+                batches = self._global_position(step, written_by)
             try:
-                restored = self.manager.restore(step, args=args)
+                restored = self.manager.restore(step, args=ocp.args.Composite(**args))
             except Exception as e:  # noqa: BLE001 - a damaged checkpoint, whatever broke
                 reasons.append(f"{step}: {_reason(e)}")
-                aside = os.path.join(os.path.dirname(self.directory), "damaged_checkpoints")
-                os.makedirs(aside, exist_ok=True)
-                moved = os.path.join(aside, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
-                os.replace(os.path.join(self.directory, str(step)), moved)
-                logging.warning(
-                    "Checkpoint %s/%d does not restore (%s); moved it to %s and trying the one "
-                    "before it.",
-                    self.directory,
-                    step,
-                    _reason(e),
-                    moved,
-                )
+                self._set_aside(step, e)
                 continue
             logging.info("Resuming from %s/%d", self.directory, step)
+            if written_by is not None:
+                data_iterator.start_at(batches)
+                logging.info(
+                    "Checkpoint %d was written by %d processes; the input continues from "
+                    "global batch %d on %d.",
+                    step,
+                    written_by,
+                    batches,
+                    jax.process_count(),
+                )
             return restored.state
         if steps:
             raise ConfigError(
@@ -137,6 +144,59 @@ class Checkpointer:
                 "moved to damaged_checkpoints/. Run again to start from step 0."
             )
         return None
+
+    def _set_aside(self, step: int, error: Exception) -> None:
+        """Move a checkpoint that does not restore to `workdir/damaged_checkpoints/` (process 0
+        does; the others only see it gone)."""
+        aside = os.path.join(os.path.dirname(self.directory), "damaged_checkpoints")
+        moved = os.path.join(aside, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if jax.process_index() == 0:
+            os.makedirs(aside, exist_ok=True)
+            os.replace(os.path.join(self.directory, str(step)), moved)
+        logging.warning(
+            "Checkpoint %s/%d does not restore (%s); moved it to %s and trying the one "
+            "before it.",
+            self.directory,
+            step,
+            _reason(error),
+            moved,
+        )
+
+    def _input_files(self, step: int) -> list[str]:
+        return glob.glob(os.path.join(self.directory, str(step), "data", "process_*-of-*.json"))
+
+    def _input_written_by(self, step: int) -> int | None:
+        """The number of processes that wrote checkpoint `step`'s input position, when it is
+        not this run's; None when it is (or the files are missing: restoring names that)."""
+        names = [_PROCESS_FILE.fullmatch(os.path.basename(f)) for f in self._input_files(step)]
+        count = max((int(name[2]) for name in names if name), default=None)
+        return None if count in (None, jax.process_count()) else count
+
+    def _global_position(self, step: int, written_by: int) -> int:
+        """The global batch that follows checkpoint `step`, saved by `written_by` processes.
+        ConfigError if their positions cannot move to this run's process count."""
+        states = []
+        for path in sorted(self._input_files(step)):
+            with open(path) as f:
+                states.append(json.load(f))
+        how = (
+            f"resume it with {written_by} processes (e.g. launch/local.sh {written_by} ...), or "
+            "start a new --workdir"
+        )
+        where = f"checkpoint {self.directory}/{step} was written by {written_by} processes"
+        if len(states) != written_by or any("batches" not in s for s in states):
+            raise ConfigError(
+                f"{where}, and its input position cannot move to {jax.process_count()}: it "
+                f"lacks the global position of some process; {how}."
+            )
+        skipped = sum(s["skipped"] for s in states)
+        if skipped:
+            raise ConfigError(
+                f"{where}, and its input position cannot move to {jax.process_count()}: "
+                f"{skipped} bad records had been skipped, and each process filled their "
+                f"places from its own rows; {how}."
+            )
+        return states[0]["batches"]
 
     def save(self, step: int, state, data_iterator) -> None:
         """Start an asynchronous save of `state` and the iterator position; returns at once."""

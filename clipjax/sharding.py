@@ -6,6 +6,7 @@ mesh sizes in the config.
 """
 
 import math
+import pickle
 
 import flax.linen as nn
 import jax
@@ -111,7 +112,43 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def to_global(batch, mesh: Mesh):
-    """Place this process's slice of a batch (dict of numpy arrays) as global arrays."""
+def process_rows(mesh: Mesh, global_batch: int) -> tuple[int, int]:
+    """The rows [lo, hi) of a global batch that this process's devices hold: the examples its
+    input reads. ConfigError if they are not one contiguous range (a mesh whose device order
+    interleaves the processes along the batch)."""
+    indices = batch_sharding(mesh).addressable_devices_indices_map((global_batch,))
+    spans = sorted({index[0].indices(global_batch)[:2] for index in indices.values()})
+    lo, hi = spans[0][0], spans[-1][1]
+    if sum(stop - start for start, stop in spans) != hi - lo:
+        raise ConfigError(
+            f"config.mesh: process {jax.process_index()}'s devices hold rows {spans} of the "
+            "batch, not one range; build the mesh from jax.devices() in order (the default)."
+        )
+    return lo, hi
+
+
+def to_global(batch, mesh: Mesh, global_batch: int):
+    """Place this process's rows (see `process_rows`) of a batch (dict of numpy arrays) as
+    global arrays of `global_batch` rows."""
     sharding = batch_sharding(mesh)
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(
+            sharding, x, (global_batch, *x.shape[1:])
+        ),
+        batch,
+    )
+
+
+def gather_objects(obj) -> list:
+    """Every process's `obj` (anything picklable), in process order; `[obj]` for one process.
+    A collective: every process must call it."""
+    if jax.process_count() == 1:
+        return [obj]
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(pickle.dumps(obj), np.uint8)
+    sizes = multihost_utils.process_allgather(np.array([len(data)], np.int64))
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[: len(data)] = data
+    blobs = multihost_utils.process_allgather(padded)
+    return [pickle.loads(blob[: int(size[0])].tobytes()) for blob, size in zip(blobs, sizes)]

@@ -17,6 +17,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from absl import logging
 
@@ -28,6 +29,10 @@ from clipjax.errors import Interrupted, TrainingError
 from clipjax.evaluate import evaluator as evaluator_lib
 from clipjax.lock import workdir_lock
 from clipjax.metrics import MetricsWriter, Progress
+
+
+# Step metrics the loop reads on every step, not logged: they decide for every process.
+_HOST_FLAGS = ("train/nonfinite", "data/skipped", "control/stop", "control/save")
 
 
 @flax.struct.dataclass
@@ -44,7 +49,15 @@ def train_step(state: TrainState, batch, *, objective, optimizer, schedule):
     """One update. Returns the new state and this step's scalar metrics.
 
     A step whose loss, gradient norm or update norm is not finite is not applied: the state only
-    counts the step, and `train/nonfinite` is 1."""
+    counts the step, and `train/nonfinite` is 1.
+
+    Besides the objective's inputs, `batch` may hold what each process knows alone: `skipped`
+    (bad records the input dropped before each row) and `control` int32 (rows, 2) (a stop
+    signal arrived; a timed save is due). Their totals over the global batch come back as
+    `data/skipped`, `control/stop` and `control/save`, the same on every process, so that all
+    processes stop or save at the same step."""
+    batch = dict(batch)
+    host = {key: batch.pop(key) for key in ("skipped", "control") if key in batch}
     rng = jax.random.fold_in(state.rng, state.step)
     grad_fn = jax.value_and_grad(objective.loss, has_aux=True)
     (loss, (metrics, model_state, objective_state)), grads = grad_fn(
@@ -70,6 +83,10 @@ def train_step(state: TrainState, batch, *, objective, optimizer, schedule):
         "train/nonfinite": 1 - finite.astype(jnp.int32),
         **metrics,
     }
+    if "skipped" in host:
+        metrics["data/skipped"] = jnp.sum(host["skipped"])
+    if "control" in host:
+        metrics["control/stop"], metrics["control/save"] = jnp.max(host["control"], axis=0)
     return new_state.replace(step=state.step + 1), metrics
 
 
@@ -115,8 +132,10 @@ def build(config, mesh):
     return objective, init, abstract_state, step_fn
 
 
-def input_pipeline(config, tokenizer, views: pipeline.Views):
-    """This process's stream of training batches for `config` (see `pipeline.train_dataset`)."""
+def input_pipeline(config, tokenizer, views: pipeline.Views, mesh=None):
+    """This process's stream of training batches for `config` (see `pipeline.train_dataset`):
+    the rows of each global batch that its devices in `mesh` hold (default: all rows)."""
+    rows = sharding.process_rows(mesh, config.batch_size) if mesh is not None else None
     return pipeline.train_dataset(
         config.data,
         tokenizer=tokenizer,
@@ -125,6 +144,7 @@ def input_pipeline(config, tokenizer, views: pipeline.Views):
         global_batch_size=config.batch_size,
         seed=config.seed,
         views=views,
+        rows=rows,
     )
 
 
@@ -217,7 +237,7 @@ def _train(config, workdir: str, mesh, stop_at: int | None) -> None:
                 f"{tokenizer.vocab_size}."
             )
         try:
-            train_data = input_pipeline(config, tokenizer, objective.views)
+            train_data = input_pipeline(config, tokenizer, objective.views, mesh)
         except ValueError as e:  # a tokenizer or batch that does not fit the objective's views
             raise config_lib.ConfigError(str(e)) from None
         train_iter = iter(train_data)
@@ -254,9 +274,16 @@ def _train(config, workdir: str, mesh, stop_at: int | None) -> None:
             with _stop_signals() as stop:
                 for step in range(first_step + 1, last_step + 1):
                     batch = next(train_iter)
-                    skipped += int(batch.pop("skipped").sum())
-                    state, metrics = step_fn(state, sharding.to_global(batch, mesh))
-                    if int(metrics["train/nonfinite"]):
+                    due = bool(config.ckpt_every_secs) and (
+                        time.monotonic() - last_save >= config.ckpt_every_secs
+                    )
+                    control = np.array([stop["signal"] is not None, due], np.int32)
+                    batch["control"] = np.tile(control, (len(batch["skipped"]), 1))
+                    batch = sharding.to_global(batch, mesh, config.batch_size)
+                    state, metrics = step_fn(state, batch)
+                    flags = jax.device_get({key: metrics.pop(key) for key in _HOST_FLAGS})
+                    skipped += int(flags["data/skipped"])
+                    if flags["train/nonfinite"]:
                         nonfinite, nonfinite_run = nonfinite + 1, nonfinite_run + 1
                     else:
                         nonfinite_run = 0
@@ -267,7 +294,6 @@ def _train(config, workdir: str, mesh, stop_at: int | None) -> None:
                         logging.info("Compiled and ran the first step.")
                     if step % config.log_every == 0 or step == last_step or diverged:
                         metrics = jax.device_get(metrics)
-                        del metrics["train/nonfinite"]
                         if rate := progress.log(step, metrics["train/loss"]):
                             metrics["train/samples_per_s"] = rate
                         metrics["data/skipped"], skipped = skipped, 0
@@ -279,15 +305,16 @@ def _train(config, workdir: str, mesh, stop_at: int | None) -> None:
                         results = evaluator_lib.run_all(evaluators, state.params, state.model_state)
                         logging.info("step %d  %s", step, json.dumps(results))
                         writer.write(step, results)
-                    due = config.ckpt_every_secs and (
-                        time.monotonic() - last_save >= config.ckpt_every_secs
-                    )
-                    if step % config.ckpt_every == 0 or step == last_step or due or stop["signal"]:
+                    # A signal on any process stops every process at this step.
+                    stopping = bool(flags["control/stop"])
+                    saving = step % config.ckpt_every == 0 or step == last_step
+                    if saving or flags["control/save"] or stopping:
                         ckpt.save(step, state, train_iter)
                         last_save = time.monotonic()
-                    if stop["signal"]:
+                    if stopping:
                         ckpt.wait()
-                        raise Interrupted(stop["signal"], step, f"{ckpt.directory}/{step}")
+                        signum = stop["signal"] or signal.SIGTERM  # another process's signal
+                        raise Interrupted(signum, step, f"{ckpt.directory}/{step}")
         finally:
             ckpt.close()
             writer.close()

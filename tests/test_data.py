@@ -326,6 +326,7 @@ def make_train(
     train="shapes:40",
     max_skipped_fraction=None,
     augment=MOCOV2,
+    rows=None,
 ):
     """The test stream; `views=None` calls `train_dataset` without the argument, and
     `max_skipped_fraction=None` leaves the field out of the config (default 0.01)."""
@@ -341,6 +342,7 @@ def make_train(
         context_length=context_length,
         global_batch_size=batch_size,
         seed=seed,
+        rows=rows,
         **({} if views is None else {"views": views}),
     )
 
@@ -631,19 +633,29 @@ def test_skip_counts_resume_from_state(tok, tmp_path, distinct_captions):
     assert_same_batches(head + batches_until_error(restored), whole)
 
 
-def test_process_shards_are_disjoint_and_cover_the_source(
-    tok, tmp_path, monkeypatch, distinct_captions
-):
-    spec, good, _ = mixed_csv(tmp_path, distinct_captions, 16, 0, 0, 0)
-    seen = []
-    monkeypatch.setattr(jax, "process_count", lambda: 2)
-    for index in (0, 1):
-        monkeypatch.setattr(jax, "process_index", lambda index=index: index)
-        # Global batch 8: 4 per process, whose shard of 8 records is one epoch in 2 batches.
-        batches = take(iter(make_train(tok, train=spec, context_length=48)), 2)
-        seen.append({tok.decode(row) for b in batches for row in b["text"]})
-        assert batches[0]["image"].shape[0] == 4 and len(seen[-1]) == 8
-    assert not seen[0] & seen[1] and seen[0] | seen[1] == set(good)
+def test_process_rows_of_a_global_batch_put_together_are_the_one_process_batch(tok):
+    """Each process reads its rows of one global order: the rows of 2 or 4 processes, put
+    together, are the 1-process batches, augmentations included; `start_at(k)` continues on
+    global batch k."""
+    views = pipeline.Views(image_views=2, text_views=("plain", "mlm", "eda"))
+
+    def batches(rows, n=3, start=0):
+        data = make_train(tok, views=views, rows=rows)
+        iterator = iter(data)
+        if start:
+            iterator.start_at(start)
+        return take(iterator, n)
+
+    whole = batches(None, 5)  # shapes:40 at global batch 8: the epoch turns at batch 5
+    for parts in ([(0, 4), (4, 8)], [(0, 2), (2, 4), (4, 6), (6, 8)]):
+        pieces = [batches(rows, 5) for rows in parts]
+        for k, batch in enumerate(whole):
+            for key in batch:
+                together = np.concatenate([piece[k][key] for piece in pieces])
+                np.testing.assert_array_equal(together, batch[key])
+    assert_same_batches(batches((4, 8), 2, start=3), [
+        {key: value[4:] for key, value in batch.items()} for batch in whole[3:]
+    ])
 
 
 def test_eval_arrays_captions_labels_and_skips(tok, tmp_path, distinct_captions):
@@ -660,7 +672,10 @@ def test_eval_arrays_captions_labels_and_skips(tok, tmp_path, distinct_captions)
     arrays = pipeline.eval_arrays(
         f"csv:{tmp_path}/e.csv?label=label", max_skipped_fraction=0.5, **kwargs
     )
-    assert arrays["image"].shape == (3, 16, 16, 3) and arrays["skipped"] == 1
+    # One slot per record, the bad one's left blank; `valid` says which hold an image.
+    assert arrays["image"].shape == (4, 16, 16, 3) and arrays["skipped"] == 1
+    np.testing.assert_array_equal(arrays["valid"], [True, True, False, True])
+    assert not arrays["image"][2].any()
     np.testing.assert_array_equal(arrays["label"], [0, 1, 1])
     assert arrays["class_names"] == ["cat", "dog"] and arrays["prompt_templates"] == []
     assert [tok.decode(row) for row in arrays["text"]] == [c[0], c[2], c[1], c[4]]

@@ -271,10 +271,11 @@ def test_evaluators_end_to_end(tiny_setup):
         )
         results = evaluator_lib.run_all(evaluators, state.params, state.model_state)
         zeroshot = evaluators[0]
-        images = image_ops.normalize(zeroshot.images)
+        images = image_ops.normalize(zeroshot.images[zeroshot.valid])
         direct = jax.jit(objective.embed_images)(state.params, state.model_state, images)
         chunked = zeroshot._embed(
-            objective.embed_images, state.params, state.model_state, zeroshot.images
+            objective.embed_images, state.params, state.model_state, zeroshot.images,
+            zeroshot.valid,
         )
     assert [e.name for e in evaluators] == sorted(config.evals)
     metrics = {
@@ -291,7 +292,8 @@ def test_evaluators_end_to_end(tiny_setup):
             assert 0.0 <= value <= 1.0
     assert results["eval/shapes/zeroshot_top1"] <= results["eval/shapes/zeroshot_top5"]
     # Chunked, padded and sharded over 8 devices: the same embeddings as one direct call.
-    assert zeroshot.images.shape[0] == 36 and zeroshot.batch_size == 16
+    assert zeroshot.valid.sum() == 36 and zeroshot.batch_size == 16
+    assert zeroshot.images.shape[0] == 48  # 3 chunks of slots
     np.testing.assert_allclose(chunked, np.asarray(direct), atol=1e-5)
     # 48 classes × the source's 6 templates.
     assert len(zeroshot.prompts) == len(shapes.CLASS_NAMES) * len(shapes.PROMPT_TEMPLATES)
@@ -317,7 +319,7 @@ def test_probe_fits_the_chosen_features(tiny_setup, features):
             np.asarray(
                 embed_fn(state.params, state.model_state, image_ops.normalize(images)), np.float64
             )
-            for images in (probe.train_images, probe.images)
+            for images in (probe.train_images[probe.train_valid], probe.images[probe.valid])
         )
     width = objective.model.image_features_dim if features == "tower" else config.model.embed_dim
     assert train.shape[1] == width
@@ -342,6 +344,7 @@ def _fake_eval_arrays(labels, class_names, num_captions=0):
         n = len(labels)
         return {
             "image": np.zeros((n, 16, 16, 3), np.uint8),
+            "valid": np.ones(n, bool),
             "label": np.asarray(labels, np.int32),
             "text": np.zeros((num_captions, 16), np.int32),
             "text_image": np.zeros((num_captions,), np.int32),

@@ -1,8 +1,10 @@
 """Grain input pipelines: the endless, resumable training stream and eager evaluation arrays.
 
-Training order: source → this process's shard → shuffle (a new order every epoch) → repeat →
-decode + views (augmented images, tokenized captions; seeded per element) → drop and count bad
-records → batch → worker processes. Everything handed to Grain is a module-level class, so it
+Training order: source → shuffle (a new order every epoch) → repeat → decode + views (augmented
+images, tokenized captions; seeded by the element's place in that one global order) → this
+process's rows of each global batch → drop and count bad records → batch → worker processes.
+So global batch k holds the same examples, with the same augmentations, whatever the number of
+processes reading it. Everything handed to Grain is a module-level class, so it
 pickles into spawned workers; jax is imported only inside `train_dataset`, so workers do not pay
 for importing it.
 """
@@ -247,6 +249,85 @@ class _DropSkippedIterator(grain.DatasetIterator):
             self._offset = state["offset"]
 
 
+class _ProcessRows(grain.MapDataset):
+    """Element j of this process's stream: row `lo + j % b` of global batch `start + j // b`
+    of the global stream `parent`, where this process's devices hold rows [lo, hi) of every
+    global batch of `global_batch` elements and b = hi - lo."""
+
+    def __init__(self, parent, global_batch: int, rows: tuple[int, int], start: int):
+        super().__init__(parent)
+        self._global, (self._lo, hi), self._start = global_batch, rows, start
+        self._rows = hi - self._lo
+
+    def __len__(self) -> int:
+        return len(self._parent)  # endless: the parent repeats
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        batch, row = divmod(index, self._rows)
+        return self._parent[(self._start + batch) * self._global + self._lo + row]
+
+    def __str__(self) -> str:
+        return f"_ProcessRows(rows={self._lo}:{self._lo + self._rows} of {self._global})"
+
+
+class _Positioned(grain.IterDataset):
+    """The top of the training stream: its state records the global batches handed out and
+    the bad records this process skipped, around the inner stream's own state, so that
+    `checkpoint.Checkpointer` can map a position saved by another number of processes
+    (`start_at`)."""
+
+    def __init__(self, make):
+        super().__init__()
+        self._make = make  # start batch -> the inner IterDataset from there
+
+    def __iter__(self) -> "_PositionedIterator":
+        return _PositionedIterator(self._make)
+
+
+class _PositionedIterator(grain.DatasetIterator):
+    def __init__(self, make):
+        super().__init__()
+        self._make = make
+        self._inner = iter(make(0))
+        self._batches, self._skipped = 0, 0
+
+    def __next__(self) -> dict:
+        batch = next(self._inner)
+        self._batches += 1
+        self._skipped += int(batch["skipped"].sum())
+        return batch
+
+    def get_state(self) -> dict:
+        return {
+            "batches": self._batches,
+            "skipped": self._skipped,
+            "process_count": _process_count(),
+            "stream": self._inner.get_state(),
+        }
+
+    def set_state(self, state: dict) -> None:
+        self._inner.set_state(state["stream"])
+        self._batches, self._skipped = state["batches"], state["skipped"]
+
+    def start_at(self, batches: int) -> None:
+        """Continue from global batch `batches`, as a fresh stream: right for a position saved
+        by any number of processes when no record had been skipped before it."""
+        self.close()
+        self._inner, self._batches, self._skipped = iter(self._make(batches)), batches, 0
+
+    def close(self) -> None:
+        if hasattr(self._inner, "close"):
+            self._inner.close()
+
+
+def _process_count() -> int:
+    import jax  # Here, not at the top: Grain workers import this module.
+
+    return jax.process_count()
+
+
 def train_dataset(
     data_config,
     *,
@@ -256,23 +337,25 @@ def train_dataset(
     global_batch_size: int,
     seed: int,
     views: Views = Views(),
+    rows: tuple[int, int] | None = None,
 ) -> grain.IterDataset:
-    """This process's endless stream of training batches.
+    """This process's endless stream of training batches: rows `rows` = [lo, hi) (default:
+    all) of every global batch of `global_batch_size` examples, drawn from one global order
+    (see the module docstring; `sharding.process_rows` gives a process's rows).
 
     `data_config` is `config.data` (`train` source spec, `num_workers`, `augment`,
-    `max_skipped_fraction`). Each batch holds the `views` of `b = global_batch_size //
-    jax.process_count()` examples; by default `{"image": float32 (b, image_size, image_size, 3),
-    "text": int32 (b, context_length)}`, plus always `"skipped"`: int32 (b,), the bad records
-    dropped just before each example (its sum over batches counts every bad record once).
-    Iterating raises ValueError once more than `max_skipped_fraction` of the records read are
-    bad (judged per worker, after each batch-sized chunk of records, once min(1000,
-    len(source)) were read).
+    `max_skipped_fraction`). Each batch holds the `views` of b = hi - lo examples; by default
+    `{"image": float32 (b, image_size, image_size, 3), "text": int32 (b, context_length)}`,
+    plus always `"skipped"`: int32 (b,), the bad records dropped just before each example (its
+    sum over batches counts every bad record once). A bad record's place is taken by the next
+    good one of this process's rows, so batches stay equal across process counts only while no
+    record is bad. Iterating raises ValueError once more than `max_skipped_fraction` of the
+    records read are bad (judged per worker, after each batch-sized chunk of records, once
+    min(1000, len(source)) were read).
     The iterator of the returned dataset has `get_state` / `set_state` (use
     `grain.checkpoint.CheckpointSave/Restore`): restoring resumes on exactly the batches that
-    followed the save.
+    followed the save; and `start_at(k)`, which continues from global batch k.
     """
-    import jax  # Here, not at the top: Grain workers import this module.
-
     if "mlm" in views.text_views and tokenizer.mask_id is None:
         raise ValueError(
             "DeCLIP's masked-language-model view needs a '[MASK]' piece in the tokenizer, and "
@@ -280,33 +363,31 @@ def train_dataset(
             "'[MASK]' as a user-defined symbol, or set config.data.tokenizer.path to '' to "
             "train one (clipjax's tokenizers reserve '[MASK]')."
         )
-
-    process_index, process_count = jax.process_index(), jax.process_count()
-    if global_batch_size % process_count:
-        raise ValueError(
-            f"batch size {global_batch_size} does not split evenly over {process_count} processes."
-        )
-    batch_size = global_batch_size // process_count
-    # One seed per process, so that processes augment their elements independently.
-    process_seed = int(np.random.SeedSequence([seed, process_index]).generate_state(1)[0])
+    rows = (0, global_batch_size) if rows is None else rows
+    batch_size = rows[1] - rows[0]
+    # The stream's seed: derived as when each process drew its own stream (process 0's), so
+    # one-process runs kept their batches when the order became global.
+    data_seed = int(np.random.SeedSequence([seed, 0]).generate_state(1)[0])
     max_fraction = getattr(data_config, "max_skipped_fraction", 0.01)
-
     source = sources.make_source(data_config.train, "train")
-    ds = grain.MapDataset.source(source)
-    ds = ds[process_index::process_count]
-    ds = ds.seed(process_seed).shuffle().repeat()
     augment = image_ops.Augment(**data_config.augment)
-    ds = ds.random_map(_MakeViews(views, tokenizer, image_size, context_length, augment))
-    ds = ds.batch(batch_size, drop_remainder=True, batch_fn=_chunk)
-    # Elements are whole chunks here: a small buffer bounds host memory. Two threads overlap
-    # the decoding and PIL work, which releases the GIL; more only contend for it.
-    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
-    # Bad records drop out of the chunks, which are regrouped into full batches.
-    ds = _DropSkipped(ds, batch_size, data_config.train, len(source), max_fraction)
-    if data_config.num_workers > 0:
-        options = grain.MultiprocessingOptions(num_workers=data_config.num_workers)
-        ds = ds.mp_prefetch(options, worker_init_fn=_init_worker)
-    return ds
+
+    def make(start: int) -> grain.IterDataset:
+        ds = grain.MapDataset.source(source).seed(data_seed).shuffle().repeat()
+        ds = ds.random_map(_MakeViews(views, tokenizer, image_size, context_length, augment))
+        ds = _ProcessRows(ds, global_batch_size, rows, start)
+        ds = ds.batch(batch_size, drop_remainder=True, batch_fn=_chunk)
+        # Elements are whole chunks here: a small buffer bounds host memory. Two threads
+        # overlap the decoding and PIL work, which releases the GIL; more only contend for it.
+        ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
+        # Bad records drop out of the chunks, which are regrouped into full batches.
+        ds = _DropSkipped(ds, batch_size, data_config.train, len(source), max_fraction)
+        if data_config.num_workers > 0:
+            options = grain.MultiprocessingOptions(num_workers=data_config.num_workers)
+            ds = ds.mp_prefetch(options, worker_init_fn=_init_worker)
+        return ds
+
+    return _Positioned(make)
 
 
 def _init_worker(index: int, count: int) -> None:
@@ -338,36 +419,67 @@ def eval_arrays(
     num_examples: int,
     max_skipped_fraction: float,
     seed: int = 0,
+    share: tuple[int, int, int] | None = None,
 ) -> dict:
     """The first `num_examples` records (-1: all) of the "eval" split of `spec`, decoded; bad
     ones are skipped, leaving n examples.
 
-    Returns `{"image": uint8 (n, image_size, image_size, 3) (centre-cropped and resized; uint8
-    is a quarter of float32's memory: normalise per batch with `image_ops.normalize`), "label":
-    int32 (n,) (-1 when the source has no labels), "text": int32 (m, context_length) (every
-    caption of the n images, image-major), "text_image": int32 (m,) (the index of each
-    caption's image), "class_names": list[str], "prompt_templates": list[str] (each with `{}`
-    for a class name; both [] when the source has none), "skipped": int}`. Raises ValueError
-    when more than `max_skipped_fraction` of the records are bad. `seed` selects another
-    stream of the procedural `shapes` dataset.
+    The records are read in chunks of `chunk` slots, record i in slot i; with `share` = (lo,
+    hi, chunk) this process decodes only the slots [lo, hi) of each chunk (its rows of a
+    sharded chunk, `sharding.process_rows`), and what the processes read is gathered, so the
+    result is the same on every process but `image`. Default: one chunk of all records.
+
+    Returns `{"image": uint8 (C · (hi - lo), image_size, image_size, 3), this process's slots
+    of the C chunks (centre-cropped and resized; zeros for a bad record or past the end; uint8
+    is a quarter of float32's memory: normalise per batch with `image_ops.normalize`), "valid":
+    bool (C · chunk,), the slots that hold a good record (n of them), "label": int32 (n,) (-1
+    when the source has no labels), "text": int32 (m, context_length) (every caption of the n
+    images, image-major), "text_image": int32 (m,) (the index of each caption's image among the
+    n), "class_names": list[str], "prompt_templates": list[str] (each with `{}` for a class
+    name; both [] when the source has none), "skipped": int}`. Raises ValueError when more
+    than `max_skipped_fraction` of the records are bad. `seed` selects another stream of the
+    procedural `shapes` dataset.
     """
     source = sources.make_source(spec, "eval", seed=seed)
     count = len(source) if num_examples == -1 else min(num_examples, len(source))
+    lo, hi, chunk = (0, count, count) if share is None else share
+    chunks = -(-count // chunk)
+    slots = [c * chunk + r for c in range(chunks) for r in range(lo, hi)]
     # PIL decodes and resizes with the GIL released: threads keep the cores busy.
     with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-        results = list(pool.map(lambda i: _eval_example(source, i, image_size), range(count)))
-    examples = [r for r in results if not isinstance(r, _Skipped)]
-    bad = [[r.key, r.reason] for r in results if isinstance(r, _Skipped)]
+        results = list(
+            pool.map(lambda i: _eval_example(source, i, image_size), [i for i in slots if i < count])
+        )
+    images = np.zeros((len(slots), image_size, image_size, 3), np.uint8)
+    mine = {}  # slot -> (label, captions) of this process's good records; and its bad ones
+    bad = []
+    for k, (i, result) in enumerate(zip(slots, results)):
+        if isinstance(result, _Skipped):
+            bad.append((i, result.key, result.reason))
+            continue
+        images[k] = result["image"]
+        captions = result.get("captions", [result["caption"]] if "caption" in result else [])
+        mine[i] = (result.get("label", -1), captions)
+    if share is not None:
+        from clipjax import sharding  # here: Grain workers import this module, not jax
+
+        gathered = sharding.gather_objects((mine, bad))
+        mine = {i: meta for part, _ in gathered for i, meta in part.items()}
+        bad = sorted(b for _, part in gathered for b in part)
+    bad = [[key, reason] for _, key, reason in bad]
     for key, reason in bad[:_NAMED_SKIPS]:
         logging.warning("Skipped a bad record of %s: %s (%s).", spec, key, reason)
     _check_skipped(spec, count, len(bad), bad[:_NAMED_SKIPS], count, max_skipped_fraction)
-    if not examples:
+    if not mine:
         raise ValueError(f"source {spec!r}: no usable records among the first {count}.")
-    captions = [e.get("captions", [e["caption"]] if "caption" in e else []) for e in examples]
+    valid = np.zeros(chunks * chunk, bool)
+    valid[sorted(mine)] = True
+    labels, captions = zip(*(mine[i] for i in sorted(mine)), strict=True)
     text_image = [i for i, caps in enumerate(captions) for _ in caps]
     return {
-        "image": np.stack([e["image"] for e in examples]),
-        "label": np.array([e.get("label", -1) for e in examples], np.int32),
+        "image": images,
+        "valid": valid,
+        "label": np.array(labels, np.int32),
         "text": tokenizer.encode([c for caps in captions for c in caps], context_length),
         "text_image": np.array(text_image, np.int32),
         "class_names": list(source.class_names or []),

@@ -71,6 +71,8 @@ class Evaluator:
         # A multiple of the data-parallel size, so every chunk splits over the batch axes.
         dp = sharding.data_parallel_size(mesh)
         self.batch_size = -(-settings.batch_size // dp) * dp
+        # This process's rows of each chunk: it reads and embeds only those (see `_embed`).
+        self._rows = sharding.process_rows(mesh, self.batch_size)
         self._load_args = {
             "tokenizer": tokenizer,
             "image_size": image_size,
@@ -81,7 +83,7 @@ class Evaluator:
         self._loaded = {} if loaded is None else loaded
         start = time.perf_counter()
         data = self._load(settings.source, num_examples=settings.num_examples)
-        self.images = data["image"]
+        self.images, self.valid = data["image"], data["valid"]
         if self.kind == "zeroshot":
             self._init_zeroshot(data, tokenizer, context_length)
         elif self.kind == "retrieval":
@@ -97,16 +99,20 @@ class Evaluator:
             "eval %s (%s): loaded %d images in %.1f s",
             name,
             self.kind,
-            len(self.images),
+            self.valid.sum(),
             time.perf_counter() - start,
         )
 
     def _load(self, spec: str, num_examples: int) -> dict:
-        """`pipeline.eval_arrays` of `spec`, read once per (spec, num_examples)."""
-        key = (spec, num_examples)
+        """`pipeline.eval_arrays` of `spec`: this process's rows of each chunk of images, and
+        what every process read; read once per (spec, num_examples, chunk)."""
+        key = (spec, num_examples, self.batch_size)
         if key not in self._loaded:
             self._loaded[key] = pipeline.eval_arrays(
-                spec, num_examples=num_examples, **self._load_args
+                spec,
+                num_examples=num_examples,
+                share=(*self._rows, self.batch_size),
+                **self._load_args,
             )
         return self._loaded[key]
 
@@ -157,7 +163,7 @@ class Evaluator:
             )
         self.labels = self._labels(data, settings.source)
         train = self._load(settings.train_source, num_examples=settings.train_examples)
-        self.train_images = train["image"]
+        self.train_images, self.train_valid = train["image"], train["valid"]
         self.train_labels = self._labels(train, settings.train_source)
         names, train_names = data["class_names"], train["class_names"]
         if names and train_names and names != train_names:
@@ -170,27 +176,45 @@ class Evaluator:
             max(len(names), len(train_names), self.labels.max() + 1, self.train_labels.max() + 1)
         )
 
-    def _embed(self, embed_fn, params, model_state, inputs: np.ndarray) -> np.ndarray:
-        """(N, ...) inputs → (N, d) float64 embeddings, in chunks of `batch_size`."""
-        whole = sharding.replicated(self.mesh)
+    def _embed(self, embed_fn, params, model_state, rows: np.ndarray, keep) -> np.ndarray:
+        """This process's `rows` of each chunk of `batch_size` inputs → the embeddings of every
+        chunk, float64, in order, `[keep]` (the slots that hold an input)."""
+        sharded = sharding.batch_sharding(self.mesh)
+        per_chunk = self._rows[1] - self._rows[0]
         out = []
-        for start in range(0, len(inputs), self.batch_size):
-            chunk = inputs[start : start + self.batch_size]
+        for start in range(0, len(rows), per_chunk):
+            chunk = rows[start : start + per_chunk]
             if chunk.dtype == np.uint8:  # images are kept as uint8 until they are embedded
                 chunk = image_ops.normalize(chunk)
-            pad = self.batch_size - len(chunk)
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
-            # Every process holds the whole chunk: valid for any process layout.
-            chunk = jax.make_array_from_process_local_data(whole, chunk)
+            chunk = jax.make_array_from_process_local_data(
+                sharded, chunk, (self.batch_size, *chunk.shape[1:])
+            )
             embeds = _embed_chunk(embed_fn, self.mesh, params, model_state, chunk)
-            out.append(np.asarray(embeds)[: self.batch_size - pad])
-        return np.concatenate(out).astype(np.float64)
+            out.append(np.asarray(embeds))
+        return np.concatenate(out).astype(np.float64)[keep]
+
+    def _embed_all(self, embed_fn, params, model_state, inputs: np.ndarray) -> np.ndarray:
+        """(N, ...) inputs that every process holds → (N, d) float64 embeddings; each process
+        embeds its rows of each chunk (the last chunk padded with copies of the last input)."""
+        chunks = -(-len(inputs) // self.batch_size)
+        padded = np.concatenate(
+            [inputs, np.repeat(inputs[-1:], chunks * self.batch_size - len(inputs), axis=0)]
+        )
+        lo, hi = self._rows
+        rows = padded.reshape(chunks, self.batch_size, *inputs.shape[1:])[:, lo:hi]
+        rows = rows.reshape(-1, *inputs.shape[1:])
+        return self._embed(embed_fn, params, model_state, rows, slice(len(inputs)))
 
     def __call__(self, params, model_state) -> dict[str, float]:
         start = time.perf_counter()
 
-        def embed(embed_fn, inputs):
-            embeds = self._embed(embed_fn, params, model_state, inputs)
+        def embed(embed_fn, inputs, valid=None):
+            """`inputs`: this process's slots of the images (`valid`: which hold one), or
+            inputs every process holds whole (prompts, captions)."""
+            if valid is None:
+                embeds = self._embed_all(embed_fn, params, model_state, inputs)
+            else:
+                embeds = self._embed(embed_fn, params, model_state, inputs, valid)
             if not np.isfinite(embeds).all():
                 raise _NonFinite
             return embeds
@@ -204,15 +228,15 @@ class Evaluator:
         return {f"eval/{self.name}/{k}": float(v) for k, v in metrics.items()}
 
     def _score(self, embed) -> dict[str, float]:
-        """This kind's metrics; `embed(embed_fn, inputs)` gives float64 embeddings."""
+        """This kind's metrics; `embed(embed_fn, inputs[, valid])` gives float64 embeddings."""
         if self.kind == "zeroshot":
-            images = embed(self.objective.embed_images, self.images)
+            images = embed(self.objective.embed_images, self.images, self.valid)
             prompt_embeds = embed(self.objective.embed_texts, self.prompts)
             classifier = class_embeddings(prompt_embeds, self.num_classes)
             accuracy = topk_accuracy(images @ classifier.T, self.labels, ks=(1, 5))
             metrics = {f"zeroshot_top{k}": v for k, v in accuracy.items()}
         elif self.kind == "retrieval":
-            images = embed(self.objective.embed_images, self.images)
+            images = embed(self.objective.embed_images, self.images, self.valid)
             captions = embed(self.objective.embed_texts, self.captions)
             metrics = recall_at_k(images, captions, self.text_image)
         else:
@@ -221,9 +245,9 @@ class Evaluator:
                 "embed": self.objective.embed_images,
             }[self.settings.features]
             result = linear_probe.probe(
-                embed(features, self.train_images),
+                embed(features, self.train_images, self.train_valid),
                 self.train_labels,
-                embed(features, self.images),
+                embed(features, self.images, self.valid),
                 self.labels,
                 self.num_classes,
                 l2_grid=tuple(self.settings.l2),
