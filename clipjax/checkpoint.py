@@ -6,9 +6,7 @@ the uninterrupted run would have. Saves are asynchronous and atomic: a step dire
 only once it is complete.
 """
 
-import glob
 import json
-import os
 import re
 import time
 
@@ -16,7 +14,9 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 
+from clipjax import paths
 from clipjax.errors import ConfigError
 
 # Grain's file of one process's input position: process_<index>-of-<count>.json
@@ -36,7 +36,7 @@ def _single_writer_for_one_process() -> None:
 class Checkpointer:
     def __init__(self, workdir: str, *, keep: int):
         _single_writer_for_one_process()
-        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        self.directory = paths.path(workdir) / "checkpoints"
         self.manager = ocp.CheckpointManager(
             self.directory,
             item_handlers={
@@ -130,12 +130,12 @@ class Checkpointer:
             if written_by is not None:
                 data_iterator.start_at(batches)
                 logging.info(
-                    "Checkpoint %d was written by %d processes; the input continues from "
-                    "global batch %d on %d.",
+                    "Checkpoint %d was saved by %d process(es), this run has %d: the input "
+                    "continues from global batch %d.",
                     step,
                     written_by,
-                    batches,
                     jax.process_count(),
+                    batches,
                 )
             return restored.state
         if steps:
@@ -148,37 +148,33 @@ class Checkpointer:
     def _set_aside(self, step: int, error: Exception) -> None:
         """Move a checkpoint that does not restore to `workdir/damaged_checkpoints/` (process 0
         does; the others only see it gone)."""
-        aside = os.path.join(os.path.dirname(self.directory), "damaged_checkpoints")
-        moved = os.path.join(aside, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+        aside = self.directory.parent / "damaged_checkpoints"
+        moved = aside / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
         if jax.process_index() == 0:
-            os.makedirs(aside, exist_ok=True)
-            os.replace(os.path.join(self.directory, str(step)), moved)
+            aside.mkdir(parents=True, exist_ok=True)
+            (self.directory / str(step)).rename(moved)
         logging.warning(
-            "Checkpoint %s/%d does not restore (%s); moved it to %s and trying the one "
-            "before it.",
+            "Checkpoint %s/%d does not restore (%s); moved it to %s and trying the one before it.",
             self.directory,
             step,
             _reason(error),
             moved,
         )
 
-    def _input_files(self, step: int) -> list[str]:
-        return glob.glob(os.path.join(self.directory, str(step), "data", "process_*-of-*.json"))
+    def _input_files(self, step: int) -> list[epath.Path]:
+        return sorted((self.directory / str(step) / "data").glob("process_*-of-*.json"))
 
     def _input_written_by(self, step: int) -> int | None:
         """The number of processes that wrote checkpoint `step`'s input position, when it is
         not this run's; None when it is (or the files are missing: restoring names that)."""
-        names = [_PROCESS_FILE.fullmatch(os.path.basename(f)) for f in self._input_files(step)]
+        names = [_PROCESS_FILE.fullmatch(f.name) for f in self._input_files(step)]
         count = max((int(name[2]) for name in names if name), default=None)
         return None if count in (None, jax.process_count()) else count
 
     def _global_position(self, step: int, written_by: int) -> int:
         """The global batch that follows checkpoint `step`, saved by `written_by` processes.
         ConfigError if their positions cannot move to this run's process count."""
-        states = []
-        for path in sorted(self._input_files(step)):
-            with open(path) as f:
-                states.append(json.load(f))
+        states = [json.loads(path.read_text()) for path in self._input_files(step)]
         how = (
             f"resume it with {written_by} processes (e.g. launch/local.sh {written_by} ...), or "
             "start a new --workdir"

@@ -9,11 +9,11 @@ import importlib.util
 import json
 import math
 import os
-import tempfile
+import uuid
 
 import ml_collections
 
-from clipjax import objectives, optimizers
+from clipjax import objectives, optimizers, paths
 from clipjax.data import image_ops, sources
 from clipjax.data import tokenizer as tokenizer_lib
 from clipjax.errors import ConfigError
@@ -206,14 +206,13 @@ def apply_local(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def load_saved(workdir: str) -> ml_collections.ConfigDict:
     """The config a run in `workdir` was trained with (its `config.json`), over base_config()."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
+    path = paths.path(workdir) / "config.json"
+    if not path.is_file():
         raise ConfigError(
             f"{path} does not exist: --workdir must be a directory clipjax.main trained in, or "
             "pass --config=FILE with the config it was trained with."
         )
-    with open(path) as f:
-        saved = json.load(f)
+    saved = json.loads(path.read_text())
     config = base_config()
     # Every field of each evaluation, so that any can be overridden.
     config.evals = {name: eval_settings(entry) for name, entry in saved.pop("evals", {}).items()}
@@ -377,14 +376,15 @@ def _check_sources(config) -> None:
 
 
 def _check_workdir(workdir: str) -> None:
+    probe = paths.path(workdir) / f".writable-{uuid.uuid4().hex}"
     try:
-        os.makedirs(workdir, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=workdir):
-            pass
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
     except OSError as e:
         raise ConfigError(
-            f"--workdir={workdir} is not writable ({e.strerror}); pass a directory you can "
-            "write to."
+            f"--workdir={workdir} is not writable ({e.strerror or e}); pass a directory you "
+            "can write to."
         ) from None
 
 

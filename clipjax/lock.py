@@ -2,7 +2,9 @@
 
 `workdir/lock` is created exclusively and holds `{"host", "pid", "since"}`. A second run finds
 it and stops at once with one line naming the holder. A lock whose process is gone (same host,
-no such pid) is stale: it is taken over, and the log says so.
+no such pid) is stale: it is taken over, and the log says so. On an object store (a `gs://`
+workdir) "exclusively" is a check and then a write, which two runs started at the same instant
+could both pass.
 """
 
 import contextlib
@@ -12,7 +14,9 @@ import socket
 import time
 
 from absl import logging
+from etils import epath
 
+from clipjax import paths
 from clipjax.errors import ConfigError
 
 
@@ -26,30 +30,40 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _holder(path: str) -> dict | None:
+def _holder(path: epath.Path) -> dict | None:
     """The lock's contents, or None if it vanished or is unreadable (a crash mid-write)."""
     try:
-        with open(path) as f:
-            return json.load(f)
+        return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+def _create(path: epath.Path, text: str) -> None:
+    """Write `path` only if it does not exist; FileExistsError if it does."""
+    if paths.is_remote(path):
+        if path.exists():
+            raise FileExistsError(path)
+        path.write_text(text)
+        return
+    with open(os.fspath(path), "x") as f:  # O_EXCL: atomic on a local disk
+        f.write(text)
 
 
 @contextlib.contextmanager
 def workdir_lock(workdir: str):
     """Holds `workdir/lock` for the duration; ConfigError if a live process holds it."""
-    path = os.path.join(workdir, "lock")
+    path = paths.path(workdir) / "lock"
     me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
     while True:
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            _create(path, json.dumps(me))
         except FileExistsError:
             holder = _holder(path)
             if holder is None or (holder["host"] == me["host"] and not _alive(holder["pid"])):
                 who = "unreadable" if holder is None else f"pid {holder['pid']}, not running"
                 logging.warning("Taking over the stale lock %s (%s).", path, who)
                 with contextlib.suppress(FileNotFoundError):
-                    os.remove(path)
+                    path.unlink()
                 continue
             since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder["since"]))
             raise ConfigError(
@@ -57,11 +71,9 @@ def workdir_lock(workdir: str):
                 f"(since {since}); wait for that run to end or use another --workdir. If it is "
                 f"gone (e.g. its host was preempted), delete {path}."
             ) from None
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
         break
     try:
         yield
     finally:
         if (_holder(path) or {}).get("pid") == me["pid"]:
-            os.remove(path)
+            path.unlink()

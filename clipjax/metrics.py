@@ -2,13 +2,16 @@
 
 import json
 import logging as pylogging
-import os
 import time
+import uuid
 from collections import defaultdict
 
 import jax
 from absl import logging
+from etils import epath
 from tensorboardX import SummaryWriter
+
+from clipjax import paths
 
 
 class _QuietLibraries(pylogging.Filter):
@@ -49,15 +52,18 @@ class MetricsWriter:
     def __init__(self, workdir: str):
         self.enabled = jax.process_index() == 0
         if self.enabled:
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            workdir = paths.path(workdir)
+            self._jsonl = paths.GrowingFile(workdir / "metrics.jsonl")
+            # A writer's own suffix: a run resumed within the same second as the last one
+            # started would otherwise get its event file's name, and replace it.
+            suffix = f".{uuid.uuid4().hex[:8]}"
+            self._tb = SummaryWriter(paths.tensorboard_dir(workdir), filename_suffix=suffix)
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         if not self.enabled:
             return
         scalars = {name: float(value) for name, value in scalars.items()}
-        self._jsonl.write(json.dumps({"step": int(step), **scalars}) + "\n")
-        self._jsonl.flush()
+        self._jsonl.append(json.dumps({"step": int(step), **scalars}) + "\n")
         for name, value in scalars.items():
             self._tb.add_scalar(name, value, step)
         self._tb.flush()
@@ -80,10 +86,10 @@ def read_metrics(path: str) -> tuple[list[dict], int]:
 
     A run killed mid-write leaves a truncated line; a resumed run then appends after it.
     """
-    if not os.path.exists(path):
+    if not epath.Path(path).exists():
         raise MetricsFileError(f"{path} does not exist; pass the --workdir of a training run.")
     rows, malformed = [], 0
-    with open(path) as f:
+    with epath.Path(path).open() as f:
         for line in f:
             if not line.strip():
                 continue

@@ -132,9 +132,7 @@ def to_global(batch, mesh: Mesh, global_batch: int):
     global arrays of `global_batch` rows."""
     sharding = batch_sharding(mesh)
     return jax.tree.map(
-        lambda x: jax.make_array_from_process_local_data(
-            sharding, x, (global_batch, *x.shape[1:])
-        ),
+        lambda x: jax.make_array_from_process_local_data(sharding, x, (global_batch, *x.shape[1:])),
         batch,
     )
 
@@ -151,4 +149,7 @@ def gather_objects(obj) -> list:
     padded = np.zeros(int(sizes.max()), np.uint8)
     padded[: len(data)] = data
     blobs = multihost_utils.process_allgather(padded)
-    return [pickle.loads(blob[: int(size[0])].tobytes()) for blob, size in zip(blobs, sizes)]
+    return [
+        pickle.loads(blob[: int(size[0])].tobytes())
+        for blob, size in zip(blobs, sizes, strict=True)
+    ]

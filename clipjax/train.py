@@ -7,7 +7,6 @@ init) → restore → compile → loop (step, metrics, evals, checkpoints).
 import contextlib
 import functools
 import json
-import os
 import signal
 import threading
 import time
@@ -21,7 +20,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from clipjax import checkpoint, objectives, optimizers, sharding
+from clipjax import checkpoint, objectives, optimizers, paths, sharding
 from clipjax import config as config_lib
 from clipjax.data import pipeline, sources
 from clipjax.data import tokenizer as tokenizer_lib
@@ -29,7 +28,6 @@ from clipjax.errors import Interrupted, TrainingError
 from clipjax.evaluate import evaluator as evaluator_lib
 from clipjax.lock import workdir_lock
 from clipjax.metrics import MetricsWriter, Progress
-
 
 # Step metrics the loop reads on every step, not logged: they decide for every process.
 _HOST_FLAGS = ("train/nonfinite", "data/skipped", "control/stop", "control/save")
@@ -148,12 +146,24 @@ def input_pipeline(config, tokenizer, views: pipeline.Views, mesh=None):
     )
 
 
+def _tokenizer(config, workdir: str, loaded_model):
+    """The run's tokenizer: loaded, trained, or the loaded model's own, made and saved in the
+    workdir by process 0 and sent to the others, so that every process encodes alike."""
+    tokenizer = None
+    if jax.process_index() == 0:
+        if loaded_model and not config.data.tokenizer.path:  # the loaded model's own
+            tokenizer = tokenizer_lib.save(loaded_model.tokenizer, workdir)
+        else:
+            tokenizer = tokenizer_lib.load_or_train(
+                config.data.tokenizer, workdir, sources.captions(config.data.train)
+            )
+    return sharding.gather_objects(tokenizer)[0]
+
+
 def _save_config(config, workdir: str) -> None:
     if jax.process_index() == 0:
-        path = os.path.join(workdir, "config.json")
-        with open(path + ".tmp", "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
-        os.replace(path + ".tmp", path)
+        text = config.to_json_best_effort(indent=2)
+        paths.write_atomic(paths.path(workdir) / "config.json", text.encode())
 
 
 @contextlib.contextmanager
@@ -224,12 +234,7 @@ def _train(config, workdir: str, mesh, stop_at: int | None) -> None:
             from clipjax import inference  # only runs that start from weights need it
 
             loaded_model = inference.load(config.init_from)
-        if loaded_model and not config.data.tokenizer.path:  # the loaded model's own
-            tokenizer = tokenizer_lib.save(loaded_model.tokenizer, workdir)
-        else:
-            tokenizer = tokenizer_lib.load_or_train(
-                config.data.tokenizer, workdir, sources.captions(config.data.train)
-            )
+        tokenizer = _tokenizer(config, workdir, loaded_model)
         if tokenizer.vocab_size > config.model.text.vocab_size:
             raise config_lib.ConfigError(
                 f"config.model.text.vocab_size={config.model.text.vocab_size} is smaller than "

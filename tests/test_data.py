@@ -11,7 +11,6 @@ import subprocess
 import sys
 
 import grain
-import jax
 import ml_collections
 import numpy as np
 import psutil
@@ -653,9 +652,10 @@ def test_process_rows_of_a_global_batch_put_together_are_the_one_process_batch(t
             for key in batch:
                 together = np.concatenate([piece[k][key] for piece in pieces])
                 np.testing.assert_array_equal(together, batch[key])
-    assert_same_batches(batches((4, 8), 2, start=3), [
-        {key: value[4:] for key, value in batch.items()} for batch in whole[3:]
-    ])
+    assert_same_batches(
+        batches((4, 8), 2, start=3),
+        [{key: value[4:] for key, value in batch.items()} for batch in whole[3:]],
+    )
 
 
 def test_eval_arrays_captions_labels_and_skips(tok, tmp_path, distinct_captions):

@@ -274,7 +274,10 @@ def test_evaluators_end_to_end(tiny_setup):
         images = image_ops.normalize(zeroshot.images[zeroshot.valid])
         direct = jax.jit(objective.embed_images)(state.params, state.model_state, images)
         chunked = zeroshot._embed(
-            objective.embed_images, state.params, state.model_state, zeroshot.images,
+            objective.embed_images,
+            state.params,
+            state.model_state,
+            zeroshot.images,
             zeroshot.valid,
         )
     assert [e.name for e in evaluators] == sorted(config.evals)

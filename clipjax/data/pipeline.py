@@ -445,15 +445,14 @@ def eval_arrays(
     lo, hi, chunk = (0, count, count) if share is None else share
     chunks = -(-count // chunk)
     slots = [c * chunk + r for c in range(chunks) for r in range(lo, hi)]
+    records = [i for i in slots if i < count]  # the slots past the end come last
     # PIL decodes and resizes with the GIL released: threads keep the cores busy.
     with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-        results = list(
-            pool.map(lambda i: _eval_example(source, i, image_size), [i for i in slots if i < count])
-        )
+        results = list(pool.map(lambda i: _eval_example(source, i, image_size), records))
     images = np.zeros((len(slots), image_size, image_size, 3), np.uint8)
     mine = {}  # slot -> (label, captions) of this process's good records; and its bad ones
     bad = []
-    for k, (i, result) in enumerate(zip(slots, results)):
+    for k, (i, result) in enumerate(zip(records, results, strict=True)):
         if isinstance(result, _Skipped):
             bad.append((i, result.key, result.reason))
             continue

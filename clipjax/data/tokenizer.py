@@ -3,12 +3,13 @@ OpenAI's byte-level BPE vocabulary (`clipjax.data.bpe`)."""
 
 import io
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 import sentencepiece as spm
+from etils import epath
 
+from clipjax import paths
 from clipjax.data import bpe
 
 MASK_PIECE = "[MASK]"
@@ -106,14 +107,14 @@ def train(captions: Iterable[str], vocab_size: int) -> Tokenizer:
 def load(path: str):
     """A sentencepiece `.model`, or OpenAI's BPE vocabulary `bpe_simple_vocab_16e6.txt.gz`
     (any `.gz`) -> its tokenizer."""
-    if not os.path.isfile(path):
+    if not epath.Path(path).is_file():
         raise ValueError(
             f"no tokenizer at {path!r}. Point it at an existing sentencepiece .model or "
             "OpenAI's bpe_simple_vocab_16e6.txt.gz, or set it to '' to train one from the "
             "training captions."
         )
-    with open(path, "rb") as f:
-        data = f.read()
+    data = epath.Path(path).read_bytes()
+    path = os.fspath(path)
     try:
         return bpe.BpeTokenizer(data) if path.endswith(".gz") else Tokenizer(data)
     except Exception as e:  # noqa: BLE001 - sentencepiece and gzip raise many kinds
@@ -123,7 +124,7 @@ def load(path: str):
 
 def saved_in(workdir: str) -> bool:
     """Whether a run in `workdir` saved its tokenizer there."""
-    return any(os.path.isfile(os.path.join(workdir, n)) for n in (_WORKDIR_MODEL, _WORKDIR_BPE))
+    return any((paths.path(workdir) / n).is_file() for n in (_WORKDIR_MODEL, _WORKDIR_BPE))
 
 
 def save(tokenizer, workdir: str):
@@ -132,11 +133,9 @@ def save(tokenizer, workdir: str):
         name, data = _WORKDIR_BPE, tokenizer.vocab_gz
     else:
         name, data = _WORKDIR_MODEL, tokenizer.model_proto
-    os.makedirs(workdir, exist_ok=True)
-    # Written to a temporary file first so that a crash never leaves a truncated file behind.
-    with tempfile.NamedTemporaryFile(dir=workdir, suffix=".tmp", delete=False) as f:
-        f.write(data)
-    os.replace(f.name, os.path.join(workdir, name))
+    workdir = paths.path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    paths.write_atomic(workdir / name, data)  # a crash never leaves a truncated file behind
     return tokenizer
 
 
@@ -151,6 +150,6 @@ def load_or_train(tokenizer_config, workdir: str, captions: Iterable[str]) -> To
     if path:
         return load(path)
     for name in (_WORKDIR_MODEL, _WORKDIR_BPE):
-        if os.path.isfile(os.path.join(workdir, name)):
-            return load(os.path.join(workdir, name))
+        if (saved := paths.path(workdir) / name).is_file():
+            return load(saved)
     return save(train(captions, tokenizer_config.vocab_size), workdir)

@@ -24,6 +24,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from clipjax import config as config_lib
+from clipjax import paths
 from clipjax.evaluate import checkpoint_eval
 from clipjax.metrics import quiet_library_logs
 
@@ -46,7 +47,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     if not any(arg.startswith("--config=") for arg in argv[1:]):
         workdirs = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("--workdir=")]
         if workdirs:
-            if not os.path.isfile(os.path.join(workdirs[-1], "config.json")):
+            if not (paths.path(workdirs[-1]) / "config.json").is_file():
                 _fail(
                     f"{workdirs[-1]} has no config.json: --workdir must be a directory "
                     "clipjax.main trained in."

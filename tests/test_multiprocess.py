@@ -1,0 +1,164 @@
+"""Two processes × 4 CPU devices against one process × 8, started as users start them:
+`launch/local.sh 2 python -m clipjax.main ...` (gloo collectives, a coordinator on localhost).
+
+The same global batches, the same per-step losses (within 1e-6) and the same evaluations, for
+CLIP and for DeCLIP with synced SimSiam BatchNorm and its feature queue; a SIGTERM sent to one
+process stops both at the same step with a checkpoint, and the rerun continues exactly; a
+checkpoint of one process count resumes on the other.
+"""
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import psutil
+import pytest
+
+from clipjax import train
+from clipjax.metrics import read_metrics, series
+from tests.configs import tiny as tiny_configs
+
+ROOT = pathlib.Path(__file__).parent.parent
+STEPS = 8
+COMMON = [
+    f"--config.total_steps={STEPS}",
+    "--config.log_every=1",
+    "--config.eval_every=1000",
+    "--config.ckpt_every=4",
+]
+
+
+def _config(arg: str):
+    config = tiny_configs.get_config(arg)
+    config.total_steps, config.log_every, config.eval_every, config.ckpt_every = STEPS, 1, 1000, 4
+    return config
+
+
+def _env() -> dict:
+    """The launcher's environment: no 8-device flag of this test session; the session's
+    compilation cache, so that a rerun reuses what the first run compiled."""
+    env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
+    env["JAX_COMPILATION_CACHE_DIR"] = jax.config.jax_compilation_cache_dir
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+def _start(arg: str, workdir, tmp_path, *overrides: str) -> subprocess.Popen:
+    command = [str(ROOT / "launch" / "local.sh"), "2", f"--config=tests/configs/tiny.py:{arg}"]
+    env = {**_env(), "LOGDIR": str(tmp_path / "logs")}
+    return subprocess.Popen(
+        [*command, f"--workdir={workdir}", *COMMON, *overrides],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def _finish(process: subprocess.Popen, tmp_path) -> tuple[int, str]:
+    """The launcher's status and every process's output."""
+    output, _ = process.communicate(timeout=600)
+    logs = sorted((tmp_path / "logs").glob("process_*.log"))
+    return process.returncode, output + "".join(log.read_text() for log in logs)
+
+
+def _metrics(workdir) -> dict:
+    """Name -> {step: value}; a step logged twice keeps its latest value."""
+    rows = read_metrics(workdir / "metrics.jsonl")[0]
+    return {name: dict(values) for name, values in series(rows).items()}
+
+
+def _assert_same_run(got: dict, want: dict, steps) -> None:
+    for step in steps:
+        assert abs(got["train/loss"][step] - want["train/loss"][step]) <= 1e-6, step
+    evals = {name for name in want if name.startswith("eval/")}
+    assert evals and {name for name in got if name.startswith("eval/")} == evals
+    for name in evals:
+        assert got[name] == want[name], name
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """1 × 8 references: CLIP straight and stopped at step 4 (its checkpoint is resumed by 2
+    processes), and DeCLIP with synced BatchNorm, straight."""
+    out = {}
+    clip = _config("clip_vitb32")
+    out["clip"] = tmp_path_factory.mktemp("clip")
+    train.run(clip, str(out["clip"]))
+    out["clip_stopped"] = tmp_path_factory.mktemp("clip_stopped")
+    train.run(clip, str(out["clip_stopped"]), stop_at=4)
+    declip = _config("declip_vitb32,shapes")
+    declip.declip.sync_bn = True
+    out["declip"] = tmp_path_factory.mktemp("declip")
+    train.run(declip, str(out["declip"]))
+    return out
+
+
+def test_a_one_process_checkpoint_resumes_on_two_processes_on_the_same_batches(
+    one_process, tmp_path
+):
+    """Steps 5–8 on 2 × 4 after a 1 × 8 checkpoint of step 4 equal the 1 × 8 run's, and so do
+    the evaluations, which each process embeds its share of."""
+    workdir = one_process["clip_stopped"]
+    status, output = _finish(_start("clip_vitb32", workdir, tmp_path), tmp_path)
+    assert status == 0, output
+    moved = "Checkpoint 4 was saved by 1 process(es), this run has 2: the input continues from"
+    assert f"{moved} global batch 4." in output
+    _assert_clean(output)
+    _assert_same_run(_metrics(workdir), _metrics(one_process["clip"]), range(1, STEPS + 1))
+
+
+def test_declip_on_two_processes_survives_sigterm_and_equals_one_process(one_process, tmp_path):
+    """A SIGTERM to process 1 alone stops both processes at the same step with a checkpoint
+    (exit 143 each); the rerun goes on, and every step's loss equals the 1 × 8 run's."""
+    workdir = tmp_path / "declip"
+    arg, synced = "declip_vitb32,shapes", "--config.declip.sync_bn=True"
+    launcher = _start(arg, workdir, tmp_path, synced)
+    deadline = time.monotonic() + 300
+    while not (workdir / "metrics.jsonl").exists() or not _metrics_rows(workdir):
+        assert launcher.poll() is None and time.monotonic() < deadline, _finish(launcher, tmp_path)
+        time.sleep(0.1)
+    os.kill(_process(launcher.pid, 1), signal.SIGTERM)
+    status, output = _finish(launcher, tmp_path)
+    assert status == 128 + signal.SIGTERM, output
+    assert output.count("clipjax: SIGTERM received: stopped at step") == 2, output
+    steps = {int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()}
+    stopped_at = max(steps)
+    assert stopped_at < STEPS
+    status, output = _finish(_start(arg, workdir, tmp_path, synced), tmp_path)
+    assert status == 0, output
+    _assert_clean(output)
+    assert f"Resuming from {workdir}/checkpoints/{stopped_at}" in output
+    _assert_same_run(_metrics(workdir), _metrics(one_process["declip"]), range(1, STEPS + 1))
+
+
+def _metrics_rows(workdir) -> list:
+    try:
+        return read_metrics(workdir / "metrics.jsonl")[0]
+    except Exception:  # noqa: BLE001 - not written yet
+        return []
+
+
+def _process(launcher_pid: int, index: int) -> int:
+    """The pid of the launcher's clipjax process `index`."""
+    for child in psutil.Process(launcher_pid).children():
+        if f"--process_id={index}" in child.cmdline():
+            return child.pid
+    raise AssertionError(f"no process {index} under the launcher")
+
+
+def _assert_clean(output: str) -> None:
+    """No traceback and no fatal error of the JAX distributed runtime in any process."""
+    for sign in ("Traceback", "incarnation", "Terminating process", "FATAL", "Check failed"):
+        assert sign not in output, output
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__]))
