@@ -9,5 +9,7 @@
 set -euo pipefail
 tpu=$1 zone=$2 config=$3 workdir=$4
 shift 4
-gcloud compute tpus tpu-vm ssh "$tpu" --zone="$zone" --worker=all --command="
-  cd ~/clipjax && python -m clipjax.main --distributed --config=$config --workdir=$workdir $*"
+# Every argument quoted for the remote shell, so that an override may hold spaces.
+args=$(printf ' %q' --distributed "--config=$config" "--workdir=$workdir" "$@")
+gcloud compute tpus tpu-vm ssh "$tpu" --zone="$zone" --worker=all \
+  --command="cd ~/clipjax && python -m clipjax.main$args"

@@ -1,7 +1,14 @@
-"""The sweep expander: one command per grid point, overrides and workdirs named after them."""
+"""The launchers: the sweep expander (one command per grid point, overrides and workdirs named
+after them), and the TPU pod, SLURM and local multi-process launchers."""
 
+import importlib
 import importlib.util
+import json
+import os
 import pathlib
+import shlex
+import subprocess
+import sys
 
 _spec = importlib.util.spec_from_file_location(
     "sweep", pathlib.Path(__file__).parent.parent / "launch" / "sweep.py"
@@ -24,3 +31,118 @@ def test_no_axes_gives_the_base_run():
     assert sweep.commands("configs/c.py", "/w", []) == [
         "python -m clipjax.main --config=configs/c.py --workdir=/w/base"
     ]
+
+
+# ---- The cluster launchers, run with their cluster command faked: the command they build,
+# and its flags as clipjax.main parses them.
+
+ROOT = pathlib.Path(__file__).parent.parent
+
+
+def _run_with_fake(tmp_path, fake: str, argv: list[str]) -> list[str]:
+    """Run a launcher with `fake` (gcloud, srun) on PATH recording its arguments; returns
+    them."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "args"
+    (bin_dir / fake).write_text(f'#!/usr/bin/env bash\nprintf "%s\\0" "$@" > {record}\n')
+    (bin_dir / fake).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    subprocess.run(["bash", *argv], cwd=ROOT, env=env, check=True)
+    return record.read_text().split("\0")[:-1]
+
+
+def _parsed(main_args: list[str]) -> dict:
+    """`python -m clipjax.main ARGS`'s flags as clipjax parses them, without training."""
+    script = (
+        "import json, sys\n"
+        "from clipjax import main\n"
+        "main.parse_flags(['clipjax.main', *sys.argv[1:]])\n"
+        "f = main.FLAGS\n"
+        "print(json.dumps({'distributed': f.distributed, 'workdir': f.workdir,\n"
+        "    'batch_size': f.config.batch_size, 'lr': f.config.optim.lr,\n"
+        "    'num_workers': f.config.data.num_workers, 'objective': f.config.objective}))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, *main_args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout)
+
+
+def test_tpu_pod_launcher_runs_clipjax_on_every_worker(tmp_path):
+    args = _run_with_fake(
+        tmp_path,
+        "gcloud",
+        [
+            "launch/tpu_pod.sh",
+            "my-tpu",
+            "us-central2-b",
+            "configs/declip_vitb32.py",
+            "gs://bucket/runs/declip",
+            "--config.batch_size=4096",
+            "--config.data.train=csv:/data/my captions.csv",
+        ],
+    )
+    command = args.pop()
+    assert args == [
+        "compute",
+        "tpus",
+        "tpu-vm",
+        "ssh",
+        "my-tpu",
+        "--zone=us-central2-b",
+        "--worker=all",
+    ]
+    assert command.startswith("--command=")
+    words = shlex.split(command.removeprefix("--command="))
+    assert words[:7] == ["cd", "~/clipjax", "&&", "python", "-m", "clipjax.main", "--distributed"]
+    assert words[-1] == "--config.data.train=csv:/data/my captions.csv"
+    assert _parsed(words[6:-1]) == {
+        "distributed": True,
+        "workdir": "gs://bucket/runs/declip",
+        "batch_size": 4096,
+        "lr": importlib.import_module("configs.declip_vitb32").get_config().optim.lr,
+        "num_workers": importlib.import_module("configs.declip_vitb32")
+        .get_config()
+        .data.num_workers,
+        "objective": "declip",
+    }
+
+
+def test_slurm_launcher_runs_clipjax_on_every_node(tmp_path):
+    args = _run_with_fake(
+        tmp_path,
+        "srun",
+        [
+            "launch/slurm_gpu.sbatch",
+            "configs/clip_vitb32.py",
+            "/shared/runs/clip",
+            "--config.optim.lr=1e-4",
+        ],
+    )
+    assert args[:4] == ["python", "-m", "clipjax.main", "--distributed"]
+    assert _parsed(args[3:]) == {
+        "distributed": True,
+        "workdir": "/shared/runs/clip",
+        "batch_size": importlib.import_module("configs.clip_vitb32").get_config().batch_size,
+        "lr": 1e-4,
+        "num_workers": 16,
+        "objective": "clip",
+    }
+
+
+def test_local_launcher_needs_a_process_count():
+    out = subprocess.run(
+        ["bash", "launch/local.sh", "--config=configs/clip_vitb32.py:local"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 2
+    assert out.stderr == (
+        "usage: launch/local.sh N ARGS...  (N processes of python -m clipjax.main ARGS)\n"
+    )
