@@ -29,16 +29,22 @@ COMMON = [
     f"--config.total_steps={STEPS}",
     "--config.log_every=1",
     "--config.eval_every=1000",
-    "--config.ckpt_every=2",
+    "--config.ckpt_every=1000",  # saves only at a stop and at the end
 ]
 # tests/configs/tiny.py's arguments: the method, and the evaluations kept.
 CLIP, DECLIP = "clip_vitb32,shapes,shapes_retrieval", "declip_vitb32,shapes"
-SYNCED = "--config.declip.sync_bn=True"
+# Synced SimSiam BatchNorm, and a queue the run fills, so that NNS reads real neighbours.
+DECLIP_FLAGS = ("--config.declip.sync_bn=True", "--config.declip.queue_size=64")
 
 
 def _config(arg: str):
     config = tiny_configs.get_config(arg)
-    config.total_steps, config.log_every, config.eval_every, config.ckpt_every = STEPS, 1, 1000, 2
+    config.total_steps, config.log_every, config.eval_every, config.ckpt_every = (
+        STEPS,
+        1,
+        1000,
+        1000,
+    )
     return config
 
 
@@ -97,10 +103,14 @@ def one_process(tmp_path_factory):
     clip = _config(CLIP)
     train.run(clip, str(out["clip"]))
     train.run(clip, str(out["clip_stopped"]), stop_at=2)
-    declip = _config(DECLIP)
-    declip.declip.sync_bn = True
-    train.run(declip, str(out["declip"]))
+    train.run(_declip_config(), str(out["declip"]))
     return out
+
+
+def _declip_config():
+    config = _config(DECLIP)
+    config.declip.sync_bn, config.declip.queue_size = True, 64  # DECLIP_FLAGS
+    return config
 
 
 def test_a_one_process_checkpoint_resumes_on_two_processes_on_the_same_batches(
@@ -122,7 +132,7 @@ def test_declip_on_two_processes_survives_sigterm_and_equals_one_process(one_pro
     (exit 143 each); resumed on 1 process × 8 devices, the run goes on, and every step's loss
     equals the 1 × 8 run's."""
     workdir = tmp_path / "declip"
-    launcher = _start(DECLIP, workdir, tmp_path, SYNCED)
+    launcher = _start(DECLIP, workdir, tmp_path, *DECLIP_FLAGS)
     deadline = time.monotonic() + 300
     while not (workdir / "metrics.jsonl").exists() or not _metrics_rows(workdir):
         assert launcher.poll() is None and time.monotonic() < deadline, _finish(launcher, tmp_path)
@@ -135,10 +145,12 @@ def test_declip_on_two_processes_survives_sigterm_and_equals_one_process(one_pro
     stopped_at = max(steps)
     assert stopped_at < STEPS
     # Resumed here, on one process: the 2-process input position moves to it.
-    declip = _config(DECLIP)
-    declip.declip.sync_bn = True
-    train.run(declip, str(workdir))
-    _assert_same_run(_metrics(workdir), _metrics(one_process["declip"]), range(1, STEPS + 1))
+    train.run(_declip_config(), str(workdir))
+    got, want = _metrics(workdir), _metrics(one_process["declip"])
+    _assert_same_run(got, want, range(1, STEPS + 1))
+    # NNS reads the queue: the queue came back exactly, and filled alike on 2 processes.
+    for step in range(1, STEPS + 1):
+        assert abs(got["train/loss_nns"][step] - want["train/loss_nns"][step]) <= 1e-6, step
 
 
 def _metrics_rows(workdir) -> list:

@@ -108,29 +108,6 @@ def test_loss_decreases(runs):
     assert losses[6] < losses[1]
 
 
-def test_declip_resume_continues_with_the_same_queue(tmp_path):
-    """DeCLIP's NNS term reads the queue, so equal per-step NNS losses after a resume mean the
-    queue (and everything else) came back exactly."""
-    config = tiny.tiny_config("declip_vitb32")
-    config.total_steps, config.log_every, config.ckpt_every = 4, 1, 2
-    config.eval_every = 1_000
-    config.declip.queue_size = 64  # filled within the run, so the neighbours are real texts
-    config.evals = {}  # the losses are what is compared
-    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    train.run(config, straight)
-    train.run(config, resumed, stop_at=2)
-    train.run(config, resumed)
-
-    def nns(workdir):
-        rows = _rows(workdir)
-        return {
-            r["step"]: (r["train/loss"], r["train/loss_nns"]) for r in rows if "train/loss" in r
-        }
-
-    assert nns(resumed) == nns(straight)
-    assert sorted(nns(straight)) == [1, 2, 3, 4]
-
-
 def test_incompatible_checkpoint_is_refused(runs):
     straight, _, _ = runs
     config = tiny_config()
