@@ -300,12 +300,8 @@ class _PositionedIterator(grain.DatasetIterator):
         return batch
 
     def get_state(self) -> dict:
-        return {
-            "batches": self._batches,
-            "skipped": self._skipped,
-            "process_count": _process_count(),
-            "stream": self._inner.get_state(),
-        }
+        state = {"batches": self._batches, "skipped": self._skipped}
+        return {**state, "stream": self._inner.get_state()}
 
     def set_state(self, state: dict) -> None:
         self._inner.set_state(state["stream"])
@@ -320,12 +316,6 @@ class _PositionedIterator(grain.DatasetIterator):
     def close(self) -> None:
         if hasattr(self._inner, "close"):
             self._inner.close()
-
-
-def _process_count() -> int:
-    import jax  # Here, not at the top: Grain workers import this module.
-
-    return jax.process_count()
 
 
 def train_dataset(
