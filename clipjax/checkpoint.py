@@ -14,7 +14,6 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
-from etils import epath
 
 from clipjax import paths
 from clipjax.errors import ConfigError
@@ -114,12 +113,11 @@ class Checkpointer:
 
     def _restore_first(self, steps, abstract_state, data_iterator, reasons):
         for step in steps:
-            written_by = self._input_written_by(step)
+            # Checked before the state is read: ConfigError if the position cannot move.
+            written_by, batches = self._moved_position(step)
             args = {"state": ocp.args.StandardRestore(abstract_state)}
             if written_by is None:  # the input's position restores as it was saved
                 args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-            else:  # checked before the state is read: ConfigError if it cannot move
-                batches = self._global_position(step, written_by)
             try:
                 restored = self.manager.restore(step, args=ocp.args.Composite(**args))
             except Exception as e:  # noqa: BLE001 - a damaged checkpoint, whatever broke
@@ -161,20 +159,16 @@ class Checkpointer:
             moved,
         )
 
-    def _input_files(self, step: int) -> list[epath.Path]:
-        return sorted((self.directory / str(step) / "data").glob("process_*-of-*.json"))
-
-    def _input_written_by(self, step: int) -> int | None:
-        """The number of processes that wrote checkpoint `step`'s input position, when it is
-        not this run's; None when it is (or the files are missing: restoring names that)."""
-        names = [_PROCESS_FILE.fullmatch(f.name) for f in self._input_files(step)]
-        count = max((int(name[2]) for name in names if name), default=None)
-        return None if count in (None, jax.process_count()) else count
-
-    def _global_position(self, step: int, written_by: int) -> int:
-        """The global batch that follows checkpoint `step`, saved by `written_by` processes.
-        ConfigError if their positions cannot move to this run's process count."""
-        states = [json.loads(path.read_text()) for path in self._input_files(step)]
+    def _moved_position(self, step: int) -> tuple[int | None, int | None]:
+        """(processes that wrote checkpoint `step`'s input position, the global batch that
+        follows it) when that count is not this run's; (None, None) when it is (or the files
+        are missing: restoring names that). ConfigError if the position cannot move."""
+        files = sorted((self.directory / str(step) / "data").glob("process_*-of-*.json"))
+        names = [_PROCESS_FILE.fullmatch(f.name) for f in files]
+        written_by = max((int(name[2]) for name in names if name), default=None)
+        if written_by in (None, jax.process_count()):
+            return None, None
+        states = [json.loads(path.read_text()) for path in files]
         how = (
             f"resume it with {written_by} processes (e.g. launch/local.sh {written_by} ...), or "
             "start a new --workdir"
@@ -192,7 +186,7 @@ class Checkpointer:
                 f"{skipped} bad records had been skipped, and each process filled their "
                 f"places from its own rows; {how}."
             )
-        return states[0]["batches"]
+        return written_by, states[0]["batches"]
 
     def save(self, step: int, state, data_iterator) -> None:
         """Start an asynchronous save of `state` and the iterator position; returns at once."""

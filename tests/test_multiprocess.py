@@ -25,12 +25,9 @@ from tests.configs import tiny as tiny_configs
 
 ROOT = pathlib.Path(__file__).parent.parent
 STEPS = 4
-COMMON = [
-    f"--config.total_steps={STEPS}",
-    "--config.log_every=1",
-    "--config.eval_every=1000",
-    "--config.ckpt_every=1000",  # saves only at a stop and at the end
-]
+# Every run's settings (checkpoints only at a stop and at the end), in-process and as flags.
+SETTINGS = {"total_steps": STEPS, "log_every": 1, "eval_every": 1000, "ckpt_every": 1000}
+COMMON = [f"--config.{field}={value}" for field, value in SETTINGS.items()]
 # tests/configs/tiny.py's arguments: the method, and the evaluations kept.
 CLIP, DECLIP = "clip_vitb32,shapes,shapes_retrieval", "declip_vitb32,shapes"
 # Synced SimSiam BatchNorm, and a queue the run fills, so that NNS reads real neighbours.
@@ -39,12 +36,7 @@ DECLIP_FLAGS = ("--config.declip.sync_bn=True", "--config.declip.queue_size=64")
 
 def _config(arg: str):
     config = tiny_configs.get_config(arg)
-    config.total_steps, config.log_every, config.eval_every, config.ckpt_every = (
-        STEPS,
-        1,
-        1000,
-        1000,
-    )
+    config.update(SETTINGS)
     return config
 
 
