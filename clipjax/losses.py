@@ -278,14 +278,14 @@ def sigmoid_loss_ring(
 
 
 def jsd_cross_loss(
-    image_embed: jax.Array, text_embed: jax.Array, temperature: jax.Array, axis_name=None
+    image_embed: jax.Array, text_embed: jax.Array, logit_scale: jax.Array, axis_name=None
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """CLIP-Lite's Jensen–Shannon MI bound with one negative caption per image.
 
     Args:
       image_embed: (b, d) this device's image critic embeddings, L2-normalised.
       text_embed: (b, d) the paired text critic embeddings, L2-normalised.
-      temperature: scalar exp(τ), unclamped; the critic is T(x, y) = temperature·⟨x, y⟩.
+      logit_scale: scalar exp(τ), unclamped; the critic is T(x, y) = logit_scale·⟨x, y⟩.
       axis_name: mesh axis (or tuple of axes) the batch is split over; None on one device.
 
     Returns:
@@ -294,9 +294,9 @@ def jsd_cross_loss(
       global batch; `critic_pos` / `critic_neg` are the mean critic values. Identical on every
       device.
     """
-    critic_pos = temperature * jnp.sum(image_embed * text_embed, axis=-1)
+    critic_pos = logit_scale * jnp.sum(image_embed * text_embed, axis=-1)
     # The next caption of the same device's batch: no cross-device traffic.
-    critic_neg = temperature * jnp.sum(image_embed * jnp.roll(text_embed, -1, axis=0), axis=-1)
+    critic_neg = logit_scale * jnp.sum(image_embed * jnp.roll(text_embed, -1, axis=0), axis=-1)
     loss = jnp.mean(jax.nn.softplus(-critic_pos)) + jnp.mean(jax.nn.softplus(critic_neg))
     metrics = {
         "critic_pos": _mean(critic_pos.mean(), axis_name),

@@ -23,7 +23,7 @@ from clipjax.objectives.base import Objective
 class ClipLiteModel(TwoTower):
     """The two towers plus CLIP-Lite's heads: prior discriminators on the "image" / "text"
     tower features (`priors`), and for the optional view terms a critic per kind with its
-    own log temperature (`view_critics`)."""
+    own logit scale, learned as its log (`view_critics`)."""
 
     priors: tuple[str, ...] = ()
     view_critics: tuple[str, ...] = ()
@@ -50,8 +50,8 @@ class ClipLiteModel(TwoTower):
 
     def __call__(self, images, tokens, train: bool = False):
         """TwoTower's outputs plus the priors' logits on the tower features (`prior_logits`,
-        by kind), the view critics' embeddings (`<kind>.view_embed`) and log temperatures
-        (`view_log_scales`)."""
+        by kind), the view critics' embeddings (`<kind>.view_embed`) and the logs of their
+        logit scales (`view_log_scales`)."""
         out = super().__call__(images, tokens, train=train)
         if self.priors:
             out["prior_logits"] = {k: self.discriminate(k, out[k]["features"]) for k in self.priors}
@@ -119,8 +119,8 @@ class ClipLite(Objective):
             for i, kind in enumerate(self.priors)
         }
         out, model_state = self.forward(params, model_state, batch, prior_samples, method=_forward)
-        temperature = jnp.exp(out["log_scale"])
-        cross, critic = self._cross(out["image"]["embed"], out["text"]["embed"], temperature)
+        logit_scale = jnp.exp(out["log_scale"])
+        cross, critic = self._cross(out["image"]["embed"], out["text"]["embed"], logit_scale)
         prior = sum(
             (self._prior(real, fake) for real, fake in out["prior_logits"].values()),
             start=jnp.zeros(()),
@@ -141,6 +141,6 @@ class ClipLite(Objective):
             "train/loss_prior": prior,
             "train/critic_pos": critic["critic_pos"],
             "train/critic_neg": critic["critic_neg"],
-            "train/logit_scale": temperature,
+            "train/logit_scale": logit_scale,
         }
         return loss, (metrics, model_state, state)
