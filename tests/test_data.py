@@ -63,6 +63,19 @@ def test_shapes_eval_labels_match_class_names_and_captions():
         assert color in words and shape in words, source[i]["caption"]
 
 
+def test_shapes_contents_name_the_label_and_every_object_in_the_caption():
+    source = shapes.ShapesSource("train", size=40)
+    sizes = collections.Counter()
+    for i in range(len(source)):
+        example, contents = source[i], source.contents(i)
+        sizes[len(contents)] += 1
+        assert tuple(shapes.CLASS_NAMES[example["label"]].split()) in contents
+        caption = example["caption"]
+        for color, shape in contents:
+            assert color in caption and shape in caption, (caption, contents)
+    assert set(sizes) == {1, 2}  # one- and two-object scenes both occur
+
+
 def test_shapes_captions_are_flip_invariant():
     for caption in shapes.ShapesSource("train").captions(3000):
         assert "left" not in caption and "right" not in caption, caption

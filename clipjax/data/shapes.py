@@ -244,6 +244,10 @@ class ShapesSource:
             "label": np.int32(CLASS_NAMES.index(f"{first.color} {first.shape}")),
         }
 
+    def contents(self, index: int) -> frozenset[tuple[str, str]]:
+        """The (colour, shape) of every object of example `index`, without drawing it."""
+        return frozenset((o.color, o.shape) for o in self._scene_and_caption(index)[0].objects)
+
     def captions(self, num: int) -> Iterator[str]:
         """The captions of examples 0..num-1 (without drawing the images), e.g. for tokenizers."""
         for index in range(min(num, self.size)):
