@@ -1,8 +1,8 @@
-"""The NNS diagnostic sorts each query's nearest queue row by its relation to the query's pair."""
+"""The DeCLIP text diagnostics: nearest queue rows sorted by relation, and content words lost."""
 
 import numpy as np
 
-from clipjax.tools.declip_neighbours import neighbour_kinds
+from clipjax.tools.declip_neighbours import content_words_replaced, neighbour_kinds
 
 
 def test_neighbour_kinds_sorts_nearest_rows_and_can_leave_own_rows_out():
@@ -26,3 +26,15 @@ def test_neighbour_kinds_sorts_nearest_rows_and_can_leave_own_rows_out():
         "another pair, the same objects": 1,  # query 1 -> pair 0
         "another pair, sharing an object": 1,  # query 2 -> pair 1
     }
+
+
+def test_content_words_replaced_counts_rewrites_that_lose_a_colour_or_shape():
+    lexicon = {"red": ("crimson",), "photo": ("picture",), "star": ("asterisk",)}.get
+    captions = [
+        "a red circle.",  # only "red" has a synonym: always replaced
+        "a photo of a blue square",  # only "photo": the colour and shape stay
+        "a star, blue",  # only "star": always replaced
+        "a green cross",  # nothing to replace
+    ]
+    rng = np.random.default_rng(0)
+    assert content_words_replaced(captions, lambda w: lexicon(w, ()), rng) == 0.5

@@ -1,4 +1,5 @@
-r"""What DeCLIP's nearest-neighbour supervision (NNS) is given on `shapes:N`.
+r"""What DeCLIP's nearest-neighbour supervision (NNS) is given on `shapes:N`, and what EDA's
+synonym replacement would do to its captions.
 
   python -m clipjax.tools.declip_neighbours --workdir=/tmp/study/runs/shapes_2000/declip/s0
 
@@ -10,6 +11,9 @@ The run's text tower embeds the queue as it stands after an epoch when the queue
 rows than there are pairs (as at `shapes:2000` with the `:local` queue of 4,096): each pair's
 caption and one EDA rewrite of it (the trainer enqueues the MLM-masked caption and an EDA
 rewrite). Each query is another EDA rewrite; EDA here swaps and deletes words (no WordNet).
+
+When NLTK's WordNet is installed, it also reports how often synonym replacement (the EDA
+operation that needs it) replaces a colour or shape word of the captions.
 """
 
 import collections
@@ -20,7 +24,7 @@ from absl import app, flags
 import clipjax
 from clipjax import config as config_lib
 from clipjax.data import text_ops
-from clipjax.data.shapes import ShapesSource
+from clipjax.data.shapes import COLORS, SHAPES, ShapesSource
 
 
 def neighbour_kinds(queries, queue, owner, contents, *, skip_own: bool) -> collections.Counter:
@@ -43,6 +47,20 @@ def neighbour_kinds(queries, queue, owner, contents, *, skip_own: bool) -> colle
         else:
             kinds["another pair, no object in common"] += 1
     return kinds
+
+
+def content_words_replaced(captions, lexicon, rng) -> float:
+    """The fraction of synonym-replacement rewrites that lose a colour or shape word."""
+    words = set(COLORS) | set(SHAPES)
+
+    def content(text):
+        return sorted(w for w in text.replace(".", " ").replace(",", " ").split() if w in words)
+
+    lost = 0
+    for caption in captions:
+        rewrite = " ".join(text_ops.synonym_replacement(caption.split(), rng, lexicon))
+        lost += content(rewrite) != content(caption)
+    return lost / len(captions)
 
 
 def main(argv) -> None:
@@ -73,6 +91,12 @@ def main(argv) -> None:
         print(f"{title} ({len(queue)} rows, {len(queries)} queries):")
         for kind, count in kinds.most_common():
             print(f"  {kind}: {100 * count / len(queries):.1f}%")
+    lexicon = text_ops.wordnet_lexicon()
+    if lexicon is None:
+        print("synonym replacement: WordNet is not installed, not measured")
+    else:
+        share = content_words_replaced(captions, lexicon, rng)
+        print(f"synonym replacement: a colour or shape word replaced in {100 * share:.1f}%")
 
 
 def _define_flags() -> None:
