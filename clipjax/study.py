@@ -172,20 +172,38 @@ def train(run: Run, spec: tuple, output: str, eval_examples: int, results_path: 
     return row
 
 
-def _mean_sd(values: list[float]) -> str:
+def _mean_sd(values: list[float], bold: bool = True, sign: str = "") -> str:
     if not values:
         return "—"
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"**{100 * statistics.mean(values):.1f}** ± {100 * sd:.1f}"
+    mean = f"{100 * statistics.mean(values):{sign}.1f}"
+    return f"**{mean}** ± {100 * sd:.1f}" if bold else f"{mean} ± {100 * sd:.1f}"
+
+
+# The columns that compare each run with CLIP's run of the same dataset and seed, equal steps.
+PAIRED = {
+    "eval/shapes/zeroshot_top1": "zero-shot − CLIP, same seed",
+    "eval/shapes_probe/probe_top1": "probe − CLIP, same seed",
+}
+
+
+def _paired(rows: list[dict], clip_rows: list[dict], metric: str) -> str:
+    """Mean ± sd over seeds of (this run − CLIP's run with the same seed), in points."""
+    clip = {r["seed"]: r[metric] for r in clip_rows if metric in r}
+    diffs = [r[metric] - clip[r["seed"]] for r in rows if metric in r and r["seed"] in clip]
+    return _mean_sd(diffs, bold=False, sign="+")
 
 
 def table(results: list[dict]) -> str:
     """Markdown: per dataset, a row per (method, budget) with mean ± sd over seeds of every
-    metric, each seed's zero-shot top-1, the steps and the training time."""
+    metric, the difference from CLIP's equal-steps run of the same seed (zero-shot and probe,
+    mean ± sd over the seeds both have), each seed's zero-shot top-1, the steps and the
+    training time."""
     groups = defaultdict(list)
     for row in results:
         groups[(row["dataset"], row["method"], row["budget"])].append(row)
-    head = ["dataset", "method", "budget", "steps", "train s", *METRICS.values(), "top-1 by seed"]
+    head = ["dataset", "method", "budget", "steps", "train s", *METRICS.values()]
+    head += [*PAIRED.values(), "top-1 by seed"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for (dataset, method, budget), rows in sorted(groups.items()):
         rows = sorted(rows, key=lambda r: r["seed"])
@@ -197,6 +215,9 @@ def table(results: list[dict]) -> str:
             f"{statistics.mean(r['train_s'] for r in rows):.0f}",
         ]
         cells += [_mean_sd([r[m] for r in rows if m in r]) for m in METRICS]
+        is_clip = (method, budget) == ("clip", "steps")
+        clip_rows = [] if is_clip else groups.get((dataset, "clip", "steps"), [])
+        cells += [_paired(rows, clip_rows, m) for m in PAIRED]
         cells.append(", ".join(f"{100 * r['eval/shapes/zeroshot_top1']:.1f}" for r in rows))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

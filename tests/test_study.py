@@ -86,6 +86,13 @@ def test_table_and_figure_from_results(tmp_path):
     mean, sd = 100 * statistics.mean(values), 100 * statistics.stdev(values)
     row = next(line for line in lines if line.startswith("| shapes:2000 | clip"))
     assert f"**{mean:.1f}** ± {sd:.1f}" in row and row.endswith("| 25.0, 30.0, 26.0 |")
+    assert "| — | — |" in row  # CLIP is not compared with itself
+    # DeCLIP on seeds 0 and 2 only: paired with CLIP's seeds 0 and 2.
+    results += [_row("declip", 0, 0.31, 200), _row("declip", 2, 0.27, 200)]
+    row = next(line for line in study.table(results).splitlines() if "| declip |" in line)
+    diffs = [0.31 - 0.25, 0.27 - 0.26]
+    paired = f"+{100 * statistics.mean(diffs):.1f} ± {100 * statistics.stdev(diffs):.1f}"
+    assert row.endswith(f"| {paired} | {paired} | 31.0, 27.0 |"), row
     path = tmp_path / "study.png"
     study.figure(results, str(path))
     assert Image.open(path).size[0] > 100
