@@ -18,8 +18,9 @@ METHOD took (its steps scaled by the measured ratio of training speeds, per data
 Writes into `--output`:
   runs/<dataset>/<method>/s<seed>/   each run's workdir
   results.jsonl                      one row per run: settings, steps, training seconds, metrics
-  study.md                           mean ± sd over seeds of every metric, and each seed's value,
-                                     for every run in results.jsonl
+  study.md                           mean ± sd over seeds of every metric, the difference from
+                                     CLIP's run of the same seed, and each seed's value, for
+                                     every run in results.jsonl
   study.png                          zero-shot top-1 against N per method (mean, ± sd bars)
 """
 
