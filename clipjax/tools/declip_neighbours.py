@@ -23,7 +23,7 @@ from absl import app, flags
 
 import clipjax
 from clipjax import config as config_lib
-from clipjax.data import text_ops
+from clipjax.data import sources, text_ops
 from clipjax.data.shapes import COLORS, SHAPES, ShapesSource
 
 
@@ -68,10 +68,10 @@ def main(argv) -> None:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     workdir = flags.FLAGS.workdir
     train = config_lib.load_saved(workdir).data.train
-    name, _, size = train.partition(":")
-    if name != "shapes" or not size.isdigit():
+    scheme, size, options = sources.parse_spec(train)
+    if scheme != "shapes" or not size.isdigit():
         raise app.UsageError(f"{workdir} trained on {train!r}; this tool reads shapes:N runs.")
-    source = ShapesSource("train", size=int(size))
+    source = ShapesSource("train", size=int(size), seed=int(options.get("seed", 0)))
     captions = list(source.captions(len(source)))
     contents = [source.contents(i) for i in range(len(source))]
     rng = np.random.default_rng(flags.FLAGS.seed)
