@@ -60,8 +60,8 @@ from clipjax import config as config_lib
 from clipjax import losses, nn_queue, objectives, sharding, train
 from clipjax.data import sources
 from clipjax.data import tokenizer as tokenizer_lib
-from clipjax.data.pipeline import Views
 from clipjax.models import precision
+from clipjax.objectives.base import Views
 
 FLAGS = flags.FLAGS
 

@@ -13,7 +13,7 @@ import uuid
 
 import ml_collections
 
-from clipjax import objectives, optimizers, paths
+from clipjax import evaluate, objectives, optimizers, paths
 from clipjax.data import image_ops, sources
 from clipjax.data import tokenizer as tokenizer_lib
 from clipjax.errors import ConfigError
@@ -118,7 +118,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.cliplite.image_view_weight = 0.0  # > 0 adds JSD between two image views, own critic
     c.cliplite.caption_view_weight = 0.0  # > 0 adds JSD between caption and its EDA rewrite
 
-    # Evaluations, by name: each entry has a `kind` and that kind's fields (EVAL_FIELDS).
+    # Evaluations, by name: each entry has a `kind` and that kind's fields
+    # (`clipjax.evaluate.fields`).
     # Results are logged as eval/<name>/<metric> every eval_every steps.
     c.evals = ml_collections.ConfigDict()
     c.evals.shapes = eval_entry("zeroshot", source="shapes")
@@ -130,35 +131,12 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-_COMMON_EVAL_FIELDS = {"source": "shapes", "num_examples": -1, "batch_size": 256}
-# Every field of each kind of evaluation, with its default (see the README's evaluation table).
-EVAL_FIELDS: dict[str, dict[str, object]] = {
-    "zeroshot": {
-        **_COMMON_EVAL_FIELDS,
-        "classes": "",  # "": the source's; "imagenet", "cifar10", "cifar100" or a file
-        "templates": "",  # "": the source's; "clip" (80), "simple" or a file
-    },
-    "retrieval": dict(_COMMON_EVAL_FIELDS),
-    "linear_probe": {
-        **_COMMON_EVAL_FIELDS,
-        "train_source": "",  # labelled examples to fit the probe on
-        "train_examples": -1,
-        "holdout": 0.2,  # part of train_source that chooses the L2 strength
-        "l2": (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1),
-        "steps": 500,
-        # "tower": the image tower's output before the projection, as the CLIP and CLIP-Lite
-        # papers probe; "embed": the unit embedding that zero-shot and retrieval use.
-        "features": "tower",
-    },
-}
-
-
 def eval_entry(kind: str, **fields) -> ml_collections.ConfigDict:
     """A `config.evals` entry of `kind` with every field of its kind (defaults, then `fields`),
     so that each can be overridden from the command line."""
-    if kind not in EVAL_FIELDS:
-        raise ConfigError(f"evaluation kind {kind!r} is not one of {', '.join(EVAL_FIELDS)}.")
-    entry = ml_collections.ConfigDict({"kind": kind, **EVAL_FIELDS[kind]})
+    if kind not in evaluate.KINDS:
+        raise ConfigError(f"evaluation kind {kind!r} is not one of {', '.join(evaluate.KINDS)}.")
+    entry = ml_collections.ConfigDict({"kind": kind, **evaluate.fields(kind)})
     entry.update(fields)
     return entry
 
@@ -262,19 +240,19 @@ def _unknown_eval_field(name: str, evals) -> ConfigError | None:
     if not field:
         return None
     kind = evals[entry].get("kind") if evals is not None else None
-    if kind not in EVAL_FIELDS:
+    if kind not in evaluate.KINDS:
         if evals is not None:
             return ConfigError(
                 f"config.evals.{entry}.kind={kind!r} is not an evaluation kind; use one of "
-                f"{', '.join(EVAL_FIELDS)}."
+                f"{', '.join(evaluate.KINDS)}."
             )
-        known = {"kind"}.union(*EVAL_FIELDS.values())  # no config at hand: any kind's fields
+        known = {"kind"}.union(*map(evaluate.fields, evaluate.KINDS))  # no config: any kind's
     else:
-        known = {"kind", *EVAL_FIELDS[kind]}
+        known = {"kind", *evaluate.fields(kind)}
     if field in known:
         return None
-    what = f"a {kind} evaluation" if kind in EVAL_FIELDS else "an evaluation"
-    if other_kinds := [k for k, fields in EVAL_FIELDS.items() if field in fields]:
+    what = f"a {kind} evaluation" if kind in evaluate.KINDS else "an evaluation"
+    if other_kinds := [k for k in evaluate.KINDS if field in evaluate.fields(k)]:
         hint = f" It is a field of {' and '.join(other_kinds)} evaluations."
     else:
         hint = _did_you_mean(name, [f"config.evals.{entry}.{k}" for k in sorted(known)])
@@ -343,7 +321,7 @@ def _check_known_fields(config) -> None:
         fields = settings.keys() if isinstance(settings, ml_collections.ConfigDict) else ()
         if "kind" not in fields:
             raise ConfigError(
-                f"config.evals.{entry} needs a kind: one of {', '.join(EVAL_FIELDS)}, e.g. "
+                f"config.evals.{entry} needs a kind: one of {', '.join(evaluate.KINDS)}, e.g. "
                 f"{{'kind': 'zeroshot', 'source': 'folder:/data/imagenet/val'}}."
             )
         for field in fields:

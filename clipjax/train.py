@@ -130,7 +130,7 @@ def build(config, mesh):
     return objective, init, abstract_state, step_fn
 
 
-def input_pipeline(config, tokenizer, views: pipeline.Views, mesh=None):
+def input_pipeline(config, tokenizer, views: objectives.base.Views, mesh=None):
     """This process's stream of training batches for `config` (see `pipeline.train_dataset`):
     the rows of each global batch that its devices in `mesh` hold (default: all rows)."""
     rows = sharding.process_rows(mesh, config.batch_size) if mesh is not None else None

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import pytest
 
 from clipjax import config as config_lib
-from clipjax import sharding, train
+from clipjax import evaluate, sharding, train
 from clipjax.models.two_tower import TwoTower
 from configs.clip_vitb32 import get_config
 
@@ -188,7 +188,7 @@ def test_evaluation_entries_are_checked_against_their_kind(tmp_path):
 def test_eval_settings_fill_the_kinds_defaults():
     settings = config_lib.eval_settings({"kind": "linear_probe", "train_source": "shapes"})
     assert settings.to_dict() == {
-        **config_lib.EVAL_FIELDS["linear_probe"],
+        **evaluate.fields("linear_probe"),
         "kind": "linear_probe",
         "train_source": "shapes",
     }
@@ -232,7 +232,7 @@ def test_saved_evaluations_get_every_field_of_their_kind(tmp_path):
     (tmp_path / "config.json").write_text(c.to_json_best_effort())
     loaded = config_lib.load_saved(str(tmp_path)).evals.mine
     assert loaded.to_dict() == config_lib.eval_entry("zeroshot", source="shapes:64").to_dict()
-    assert loaded.templates == config_lib.EVAL_FIELDS["zeroshot"]["templates"]
+    assert loaded.templates == evaluate.fields("zeroshot")["templates"]
 
 
 @pytest.mark.parametrize(

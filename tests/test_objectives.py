@@ -11,6 +11,7 @@ import pytest
 
 from clipjax import bench, sharding, train
 from clipjax.models.heads import MIBlock
+from clipjax.objectives.base import Views
 from tests.tiny import tiny_config
 
 METRICS = {
@@ -235,3 +236,15 @@ def test_declip_terms_are_the_same_with_the_infonce_rings():
         jax.tree.leaves((ring_queue, ring_grads)), jax.tree.leaves((new_queue, grads)), strict=True
     ):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_views_validation():
+    assert Views(text_views=["mlm", "eda"]).text_views == ("mlm", "eda")
+    for bad in (
+        {"image_views": 3},
+        {"text_views": ()},
+        {"text_views": ("plain", "plain")},
+        {"text_views": ("bert",)},
+    ):
+        with pytest.raises(ValueError, match="Views."):
+            Views(**bad)

@@ -15,6 +15,7 @@ import dataclasses
 import os
 import signal
 import sys
+from typing import TYPE_CHECKING
 
 import grain
 import numpy as np
@@ -23,35 +24,8 @@ from absl import logging
 from clipjax.data import image_ops, records, sources, text_ops
 from clipjax.data.tokenizer import Tokenizer
 
-TEXT_VIEWS = ("plain", "mlm", "eda")
-
-
-@dataclasses.dataclass(frozen=True)
-class Views:
-    """Which views of each example the training pipeline makes (an objective declares them).
-
-    - `image_views` (1 or 2): independent augmentations of the image (`config.data.augment`,
-      see `image_ops.Augment`), batch keys `image` and `image_2`, each float32 (b, size, size,
-      3).
-    - `text_views`, int32 (b, context_length) each: "plain" → `text`, the caption; "mlm" →
-      `text_mlm`, the caption with BERT-style masking, plus `mlm_labels`, the original ids at
-      the masked positions and 0 elsewhere (`text_ops.mlm_mask`); "eda" → `text_eda`, an
-      EDA-augmented caption (`text_ops.eda`).
-    """
-
-    image_views: int = 1
-    text_views: tuple[str, ...] = ("plain",)
-
-    def __post_init__(self):
-        if self.image_views not in (1, 2):
-            raise ValueError(f"Views.image_views must be 1 or 2, not {self.image_views!r}.")
-        views = tuple(self.text_views)
-        object.__setattr__(self, "text_views", views)  # a list from a config is fine too
-        if not views or len(set(views)) != len(views) or not set(views) <= set(TEXT_VIEWS):
-            raise ValueError(
-                f"Views.text_views {views!r} must be distinct kinds among {TEXT_VIEWS}."
-            )
-
+if TYPE_CHECKING:
+    from clipjax.objectives.base import Views
 
 _PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
 # How many skipped records are named in logs and in the threshold error.
@@ -87,14 +61,16 @@ def _check_skipped(
 
 @dataclasses.dataclass(frozen=True)
 class _MakeViews(grain.transforms.RandomMap):
-    """A raw record -> its views (see `Views`), or `_Skipped` if it does not decode.
+    """A raw record -> its views (an objective's `Views`, as plain fields so workers need not
+    import the objectives), or `_Skipped` if it does not decode.
 
     The element's rng draws the image views first, in order, then (for a record with several
-    captions) the caption, then the text views in the order of `views.text_views`: the first
-    image view is the same whichever other views are made.
+    captions) the caption, then the text views in the order of `text_views`: the first image
+    view is the same whichever other views are made.
     """
 
-    views: Views
+    image_views: int
+    text_views: tuple[str, ...]
     tokenizer: Tokenizer
     image_size: int
     context_length: int
@@ -112,14 +88,14 @@ class _MakeViews(grain.transforms.RandomMap):
         except records.BadRecord as e:
             return _Skipped(e.key, e.reason)
         out = {"image": self._augment(example["image"], rng)}
-        if self.views.image_views == 2:
+        if self.image_views == 2:
             out["image_2"] = self._augment(example["image"], rng)
         if "caption" in example:
             caption = example["caption"]
         else:  # a multi-caption source: one of them, new each epoch
             caption = example["captions"][rng.integers(len(example["captions"]))]
         tok = self.tokenizer
-        for kind in self.views.text_views:
+        for kind in self.text_views:
             if kind == "plain":
                 out["text"] = self._encode(caption)
             elif kind == "mlm":
@@ -326,7 +302,7 @@ def train_dataset(
     context_length: int,
     global_batch_size: int,
     seed: int,
-    views: Views = Views(),
+    views: "Views | None" = None,
     rows: tuple[int, int] | None = None,
 ) -> grain.IterDataset:
     """This process's endless stream of training batches: rows `rows` = [lo, hi) (default:
@@ -334,7 +310,8 @@ def train_dataset(
     (see the module docstring; `sharding.process_rows` gives a process's rows).
 
     `data_config` is `config.data` (`train` source spec, `num_workers`, `augment`,
-    `max_skipped_fraction`). Each batch holds the `views` of b = hi - lo examples; by default
+    `max_skipped_fraction`). Each batch holds the `views` (`objectives.base.Views`, declared by
+    the objective) of b = hi - lo examples; by default (None: one image, the caption)
     `{"image": float32 (b, image_size, image_size, 3), "text": int32 (b, context_length)}`,
     plus always `"skipped"`: int32 (b,), the bad records dropped just before each example (its
     sum over batches counts every bad record once). A bad record's place is taken by the next
@@ -346,7 +323,15 @@ def train_dataset(
     `grain.checkpoint.CheckpointSave/Restore`): restoring resumes on exactly the batches that
     followed the save; and `start_at(k)`, which continues from global batch k.
     """
-    if "mlm" in views.text_views and tokenizer.mask_id is None:
+    image_views, text_views = (
+        (1, ("plain",))
+        if views is None
+        else (
+            views.image_views,
+            views.text_views,
+        )
+    )
+    if "mlm" in text_views and tokenizer.mask_id is None:
         raise ValueError(
             "DeCLIP's masked-language-model view needs a '[MASK]' piece in the tokenizer, and "
             "the sentencepiece model at config.data.tokenizer.path has none. Train it with "
@@ -364,7 +349,9 @@ def train_dataset(
 
     def make(start: int) -> grain.IterDataset:
         ds = grain.MapDataset.source(source).seed(data_seed).shuffle().repeat()
-        ds = ds.random_map(_MakeViews(views, tokenizer, image_size, context_length, augment))
+        ds = ds.random_map(
+            _MakeViews(image_views, text_views, tokenizer, image_size, context_length, augment)
+        )
         ds = _ProcessRows(ds, global_batch_size, rows, start)
         ds = ds.batch(batch_size, drop_remainder=True, batch_fn=_chunk)
         # Elements are whole chunks here: a small buffer bounds host memory. Two threads

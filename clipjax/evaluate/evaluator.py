@@ -1,6 +1,6 @@
 """The evaluations of `config.evals`: each loads its data once and scores embeddings per call.
 
-Kinds (fields: `config.EVAL_FIELDS`):
+Kinds (`clipjax.evaluate.KINDS`, each kind's fields in its module):
 - `zeroshot`: classify the source's images by their nearest class prompt-ensemble embedding.
   Metrics `zeroshot_top1`, `zeroshot_top5`.
 - `retrieval`: images ↔ all their captions. Metrics `i2t_r{1,5,10}`, `t2i_r{1,5,10}`.
@@ -17,20 +17,11 @@ import numpy as np
 from absl import logging
 
 from clipjax import config as config_lib
-from clipjax import sharding
+from clipjax import evaluate, sharding
 from clipjax.data import image_ops, pipeline
 from clipjax.evaluate import linear_probe, prompts
 from clipjax.evaluate.retrieval import recall_at_k
 from clipjax.evaluate.zeroshot import class_embeddings, topk_accuracy
-
-KINDS = ("zeroshot", "retrieval", "linear_probe")
-PROBE_FEATURES = ("tower", "embed")
-# Each kind's metrics; all NaN when the model gives non-finite embeddings.
-METRIC_NAMES = {
-    "zeroshot": ("zeroshot_top1", "zeroshot_top5"),
-    "retrieval": tuple(f"{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)),
-    "linear_probe": ("probe_top1", "probe_top5", "probe_l2"),
-}
 
 
 class _NonFinite(Exception):
@@ -62,9 +53,10 @@ class Evaluator:
         max_skipped_fraction: float,
         loaded: dict | None = None,
     ):
-        if settings.kind not in KINDS:
+        if settings.kind not in evaluate.KINDS:
             raise ValueError(
-                f"config.evals.{name}.kind={settings.kind!r} is not one of {', '.join(KINDS)}."
+                f"config.evals.{name}.kind={settings.kind!r} is not one of "
+                f"{', '.join(evaluate.KINDS)}."
             )
         self.name, self.kind, self.settings = name, settings.kind, settings
         self.objective, self.mesh = objective, mesh
@@ -156,10 +148,10 @@ class Evaluator:
 
     def _init_linear_probe(self, data) -> None:
         settings = self.settings
-        if settings.features not in PROBE_FEATURES:
+        if settings.features not in linear_probe.FEATURES:
             raise ValueError(
                 f"config.evals.{self.name}.features={settings.features!r} is not one of "
-                f"{', '.join(PROBE_FEATURES)}."
+                f"{', '.join(linear_probe.FEATURES)}."
             )
         self.labels = self._labels(data, settings.source)
         train = self._load(settings.train_source, num_examples=settings.train_examples)
@@ -223,7 +215,7 @@ class Evaluator:
             metrics = self._score(embed)
         except _NonFinite:
             logging.warning("eval %s: the model gives non-finite embeddings; NaN.", self.name)
-            metrics = dict.fromkeys(METRIC_NAMES[self.kind], float("nan"))
+            metrics = dict.fromkeys(evaluate.KINDS[self.kind].METRICS, float("nan"))
         logging.info("eval %s (%s): %.1f s", self.name, self.kind, time.perf_counter() - start)
         return {f"eval/{self.name}/{k}": float(v) for k, v in metrics.items()}
 

@@ -14,6 +14,20 @@ import optax.tree_utils as otu
 
 from clipjax.evaluate.zeroshot import topk_accuracy
 
+# A linear_probe evaluation's own config fields, with their defaults (`clipjax.evaluate.KINDS`).
+FIELDS = {
+    "train_source": "",  # labelled examples to fit the probe on
+    "train_examples": -1,
+    "holdout": 0.2,  # part of train_source that chooses the L2 strength
+    "l2": (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1),
+    "steps": 500,
+    # "tower": the image tower's output before the projection, as the CLIP and CLIP-Lite
+    # papers probe; "embed": the unit embedding that zero-shot and retrieval use.
+    "features": "tower",
+}
+FEATURES = ("tower", "embed")
+METRICS = ("probe_top1", "probe_top5", "probe_l2")
+
 _GRAD_TOL = 1e-6  # L-BFGS stops early once the objective's gradient norm is this small
 
 

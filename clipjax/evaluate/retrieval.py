@@ -6,6 +6,10 @@ index comes first, so ties neither help nor hurt by chance.
 
 import numpy as np
 
+# A retrieval evaluation has only the fields every kind has (`clipjax.evaluate.KINDS`).
+FIELDS = {}
+METRICS = tuple(f"{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10))
+
 # Score-matrix elements per chunk of queries: bounds memory for large m (COCO: 5k × 25k).
 _CHUNK_ELEMENTS = 1 << 24
 

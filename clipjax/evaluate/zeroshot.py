@@ -2,6 +2,13 @@
 
 import numpy as np
 
+# A zeroshot evaluation's own config fields, with their defaults (`clipjax.evaluate.KINDS`).
+FIELDS = {
+    "classes": "",  # "": the source's; "imagenet", "cifar10", "cifar100" or a file
+    "templates": "",  # "": the source's; "clip" (80), "simple" or a file
+}
+METRICS = ("zeroshot_top1", "zeroshot_top5")
+
 
 def class_embeddings(prompt_embeds: np.ndarray, num_classes: int) -> np.ndarray:
     """Average each class's prompt embeddings and re-normalise (CLIP's prompt ensembling).

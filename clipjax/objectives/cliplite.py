@@ -13,11 +13,10 @@ import jax
 import jax.numpy as jnp
 
 from clipjax import losses
-from clipjax.data.pipeline import Views
 from clipjax.errors import ConfigError
 from clipjax.models.heads import MIBlock, PriorDiscriminator
 from clipjax.models.two_tower import LOGIT_SCALE_INIT, TwoTower, normalize
-from clipjax.objectives.base import Objective
+from clipjax.objectives.base import Objective, Views
 
 
 class ClipLiteModel(TwoTower):

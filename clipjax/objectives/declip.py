@@ -28,11 +28,10 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from clipjax import losses, nn_queue, sharding
-from clipjax.data.pipeline import Views
 from clipjax.errors import ConfigError
 from clipjax.models.heads import MaskedLMHead, SimSiamHead
 from clipjax.models.two_tower import TwoTower
-from clipjax.objectives.base import Objective
+from clipjax.objectives.base import Objective, Views
 
 # The official code clamps θ (s = exp θ) into [3, 6] after each step, and s is capped at 100.
 LOG_SCALE_RANGE = (3.0, 6.0)
@@ -167,6 +166,6 @@ class DeClip(Objective):
         loss = sum(self.weights[k] * terms[k] for k in self.weights)
         metrics = {f"train/loss_{k}": terms[k] for k in self.weights}
         metrics["train/mlm_accuracy"] = terms["mlm_accuracy"]
-        metrics["train/nn_queue_fill"] = queue["count"] / self.queue_size
+        metrics["train/nn_queue_fill"] = nn_queue.fill(queue)
         metrics["train/logit_scale"] = scale
         return loss, (metrics, model_state, queue)
