@@ -66,27 +66,6 @@ class Linear(nn.Module):
         return y + bias.reshape([sizes.get(index, 1) for index in out])
 
 
-class ProjectionWeights(nn.Module):
-    """The parameters of a `Linear` that maps into the kernel's trailing axes, without its
-    product: (kernel of `shape`, bias of `shape[1:]`), for products that fuse several."""
-
-    shape: tuple[int, ...]
-    axes: tuple[str | None, ...]
-    kernel_init: nn.initializers.Initializer = DENSE_INIT
-
-    @nn.compact
-    def __call__(self):
-        kernel = self.param(
-            "kernel", nn.with_logical_partitioning(self.kernel_init, self.axes), self.shape
-        )
-        bias = self.param(
-            "bias",
-            nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]),
-            self.shape[1:],
-        )
-        return kernel, bias
-
-
 class Attention(nn.Module):
     """Multi-head self-attention with q/k/v/out biases: (B, L, W) -> (B, L, W).
 
@@ -107,17 +86,18 @@ class Attention(nn.Module):
 
         # Heads before positions: both attention products are plain batched matmuls. With
         # positions first, XLA:CPU fails on some backward products with bfloat16 operands
-        # ("Unsupported element type for DotThunk: BF16 x BF16 = F32"). The three projections
-        # run as one product (one wider matmul, one transpose of its result); their parameters
-        # stay three (query, key, value), so checkpoints and the open_clip name map hold.
-        shape, axes = (width, self.heads, head_dim), ("embed", "heads", "kv")
-        projections = [
-            ProjectionWeights(shape, axes, QKV_INIT, name=name)()
-            for name in ("query", "key", "value")
-        ]
-        kernel = jnp.stack([k for k, _ in projections], axis=1)  # (W, 3, heads, head_dim)
-        bias = jnp.stack([b for _, b in projections])[:, None, :, None, :]
-        query, key, value = precision.einsum("BLW,WKHD->KBHLD", x, kernel, self.dtype) + bias
+        # ("Unsupported element type for DotThunk: BF16 x BF16 = F32").
+        def project(name):  # (B, L, W) -> (B, heads, L, head_dim)
+            return Linear(
+                "BLW,WHD->BHLD",
+                (width, self.heads, head_dim),
+                ("embed", "heads", "kv"),
+                kernel_init=QKV_INIT,
+                dtype=self.dtype,
+                name=name,
+            )(x)
+
+        query, key, value = project("query"), project("key"), project("value")
         logits = precision.einsum("BHTD,BHSD->BHTS", query, key, self.dtype) * head_dim**-0.5
         if self.causal:
             allowed = jnp.tril(jnp.ones((length, length), bool))
