@@ -323,14 +323,7 @@ def train_dataset(
     `grain.checkpoint.CheckpointSave/Restore`): restoring resumes on exactly the batches that
     followed the save; and `start_at(k)`, which continues from global batch k.
     """
-    image_views, text_views = (
-        (1, ("plain",))
-        if views is None
-        else (
-            views.image_views,
-            views.text_views,
-        )
-    )
+    image_views, text_views = (views.image_views, views.text_views) if views else (1, ("plain",))
     if "mlm" in text_views and tokenizer.mask_id is None:
         raise ValueError(
             "DeCLIP's masked-language-model view needs a '[MASK]' piece in the tokenizer, and "
