@@ -25,7 +25,7 @@ from clipjax.data import image_ops, records, sources, text_ops
 from clipjax.data.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
-    from clipjax.objectives.base import Views
+    from clipjax.objectives.base import Views  # imported for real in train_dataset
 
 _PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
 # How many skipped records are named in logs and in the threshold error.
@@ -311,7 +311,7 @@ def train_dataset(
 
     `data_config` is `config.data` (`train` source spec, `num_workers`, `augment`,
     `max_skipped_fraction`). Each batch holds the `views` (`objectives.base.Views`, declared by
-    the objective) of b = hi - lo examples; by default (None: one image, the caption)
+    the objective; None: `Views()`) of b = hi - lo examples; by default
     `{"image": float32 (b, image_size, image_size, 3), "text": int32 (b, context_length)}`,
     plus always `"skipped"`: int32 (b,), the bad records dropped just before each example (its
     sum over batches counts every bad record once). A bad record's place is taken by the next
@@ -323,7 +323,10 @@ def train_dataset(
     `grain.checkpoint.CheckpointSave/Restore`): restoring resumes on exactly the batches that
     followed the save; and `start_at(k)`, which continues from global batch k.
     """
-    image_views, text_views = (views.image_views, views.text_views) if views else (1, ("plain",))
+    from clipjax.objectives.base import Views  # here: Grain workers import this module
+
+    views = Views() if views is None else views
+    image_views, text_views = views.image_views, views.text_views
     if "mlm" in text_views and tokenizer.mask_id is None:
         raise ValueError(
             "DeCLIP's masked-language-model view needs a '[MASK]' piece in the tokenizer, and "
