@@ -299,7 +299,9 @@ def test_evaluators_end_to_end(tiny_setup):
     assert zeroshot.images.shape[0] == 48  # 3 chunks of slots
     np.testing.assert_allclose(chunked, np.asarray(direct), atol=1e-5)
     # 48 classes × the source's 6 templates.
-    assert len(zeroshot.prompts) == len(shapes.CLASS_NAMES) * len(shapes.PROMPT_TEMPLATES)
+    assert len(zeroshot.prepared["prompts"]) == len(shapes.CLASS_NAMES) * len(
+        shapes.PROMPT_TEMPLATES
+    )
 
 
 @pytest.mark.parametrize("features", ["tower", "embed"])
@@ -315,6 +317,7 @@ def test_probe_fits_the_chosen_features(tiny_setup, features):
             config, objective=objective, tokenizer=tokenizer, mesh=mesh
         )
         results = probe(state.params, state.model_state)
+        fitted = probe.prepared
         embed_fn = jax.jit(
             objective.image_features if features == "tower" else objective.embed_images
         )
@@ -322,17 +325,17 @@ def test_probe_fits_the_chosen_features(tiny_setup, features):
             np.asarray(
                 embed_fn(state.params, state.model_state, image_ops.normalize(images)), np.float64
             )
-            for images in (probe.train_images[probe.train_valid], probe.images[probe.valid])
+            for images in (fitted["train_images"][fitted["train_valid"]], probe.images[probe.valid])
         )
     width = objective.model.image_features_dim if features == "tower" else config.model.embed_dim
     assert train.shape[1] == width
     settings = probe.settings
     want = linear_probe.probe(
         train,
-        probe.train_labels,
+        fitted["train_labels"],
         test,
-        probe.labels,
-        probe.num_classes,
+        fitted["labels"],
+        fitted["num_classes"],
         tuple(settings.l2),
         settings.holdout,
         settings.steps,

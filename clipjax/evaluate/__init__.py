@@ -1,8 +1,10 @@
 """Evaluations: zero-shot classification, image↔text retrieval and linear probes.
 
-`KINDS` is the one registry of evaluation kinds (a `config.evals` entry's `kind`): each kind's
-module holds its own config fields with their defaults (`FIELDS`) and its metric names
-(`METRICS`); `fields(kind)` adds the fields every kind has.
+`KINDS` is the one registry of evaluation kinds (a `config.evals` entry's `kind`). Each kind's
+module holds its own config fields with their defaults (`FIELDS`), its metric names
+(`METRICS`), and the two steps `evaluator.Evaluator` runs for it: `prepare(evaluation, data)`
+once, when the data is loaded, and `score(evaluation, prepared, embed)` at each evaluation.
+`fields(kind)` adds the fields every kind has.
 """
 
 from clipjax.evaluate import linear_probe, retrieval, zeroshot

@@ -19,9 +19,6 @@ from absl import logging
 from clipjax import config as config_lib
 from clipjax import evaluate, sharding
 from clipjax.data import image_ops, pipeline
-from clipjax.evaluate import linear_probe, prompts
-from clipjax.evaluate.retrieval import recall_at_k
-from clipjax.evaluate.zeroshot import class_embeddings, topk_accuracy
 
 
 class _NonFinite(Exception):
@@ -37,8 +34,12 @@ def _embed_chunk(embed_fn, mesh, params, model_state, inputs):
 
 
 class Evaluator:
-    """One `config.evals` entry. Loads its data at construction (ValueError for data that does
-    not fit the evaluation); `evaluator(params, model_state)` returns `eval/<name>/<metric>`."""
+    """One `config.evals` entry. Loads its data at construction and has its kind prepare it
+    (ValueError for data that does not fit the evaluation; what the kind keeps is `prepared`);
+    `evaluator(params, model_state)` returns `eval/<name>/<metric>`. The kind's `prepare` and
+    `score` read `name`, `settings`, `objective`, `tokenizer`, `context_length`, the held-out
+    `images` with `valid` (which of this process's slots hold one), and use `load` and
+    `labels`."""
 
     def __init__(
         self,
@@ -60,6 +61,7 @@ class Evaluator:
             )
         self.name, self.kind, self.settings = name, settings.kind, settings
         self.objective, self.mesh = objective, mesh
+        self.tokenizer, self.context_length = tokenizer, context_length
         # A multiple of the data-parallel size, so every chunk splits over the batch axes.
         dp = sharding.data_parallel_size(mesh)
         self.batch_size = -(-settings.batch_size // dp) * dp
@@ -74,19 +76,9 @@ class Evaluator:
         # Shared by the evaluators of one config: a source they share is read once.
         self._loaded = {} if loaded is None else loaded
         start = time.perf_counter()
-        data = self._load(settings.source, num_examples=settings.num_examples)
+        data = self.load(settings.source, num_examples=settings.num_examples)
         self.images, self.valid = data["image"], data["valid"]
-        if self.kind == "zeroshot":
-            self._init_zeroshot(data, tokenizer, context_length)
-        elif self.kind == "retrieval":
-            if not len(data["text"]):
-                raise ValueError(
-                    f"config.evals.{name}: source {settings.source!r} has no captions; "
-                    "retrieval needs an image-caption source."
-                )
-            self.captions, self.text_image = data["text"], data["text_image"]
-        else:
-            self._init_linear_probe(data)
+        self.prepared = evaluate.KINDS[self.kind].prepare(self, data)
         logging.info(
             "eval %s (%s): loaded %d images in %.1f s",
             name,
@@ -95,7 +87,7 @@ class Evaluator:
             time.perf_counter() - start,
         )
 
-    def _load(self, spec: str, num_examples: int) -> dict:
+    def load(self, spec: str, num_examples: int) -> dict:
         """`pipeline.eval_arrays` of `spec`: this process's rows of each chunk of images, and
         what every process read; read once per (spec, num_examples, chunk)."""
         key = (spec, num_examples, self.batch_size)
@@ -108,7 +100,8 @@ class Evaluator:
             )
         return self._loaded[key]
 
-    def _labels(self, data, spec: str) -> np.ndarray:
+    def labels(self, data: dict, spec: str) -> np.ndarray:
+        """The labels of `data` (read from `spec`); ValueError unless every example has one."""
         labels = data["label"]
         if (labels < 0).all():
             raise ValueError(
@@ -122,51 +115,6 @@ class Evaluator:
                 f"source {spec!r} have no label; a {self.kind} evaluation needs all labelled."
             )
         return labels
-
-    def _init_zeroshot(self, data, tokenizer, context_length: int) -> None:
-        settings, field = self.settings, f"config.evals.{self.name}"
-        self.labels = self._labels(data, settings.source)
-        try:
-            names = prompts.class_names(settings.classes, data["class_names"])
-            template_list = prompts.templates(settings.templates, data["prompt_templates"])
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{field}: {e}") from None
-        if data["class_names"] and len(names) != len(data["class_names"]):
-            raise ValueError(
-                f"{field}: classes={settings.classes!r} gives {len(names)} class names but "
-                f"source {settings.source!r} has {len(data['class_names'])} classes; use the "
-                "class list that matches its labels."
-            )
-        if self.labels.max() >= len(names):
-            raise ValueError(
-                f"{field}: classes={settings.classes!r} gives {len(names)} class names but "
-                f"source {settings.source!r} has label {self.labels.max()}; use the class list "
-                "that matches its labels."
-            )
-        self.num_classes = len(names)
-        self.prompts = tokenizer.encode(prompts.fill(template_list, names), context_length)
-
-    def _init_linear_probe(self, data) -> None:
-        settings = self.settings
-        if settings.features not in linear_probe.FEATURES:
-            raise ValueError(
-                f"config.evals.{self.name}.features={settings.features!r} is not one of "
-                f"{', '.join(linear_probe.FEATURES)}."
-            )
-        self.labels = self._labels(data, settings.source)
-        train = self._load(settings.train_source, num_examples=settings.train_examples)
-        self.train_images, self.train_valid = train["image"], train["valid"]
-        self.train_labels = self._labels(train, settings.train_source)
-        names, train_names = data["class_names"], train["class_names"]
-        if names and train_names and names != train_names:
-            raise ValueError(
-                f"config.evals.{self.name}: source {settings.source!r} and train_source "
-                f"{settings.train_source!r} name different classes ({len(names)} vs "
-                f"{len(train_names)}); their labels must mean the same classes."
-            )
-        self.num_classes = int(
-            max(len(names), len(train_names), self.labels.max() + 1, self.train_labels.max() + 1)
-        )
 
     def _embed(self, embed_fn, params, model_state, rows: np.ndarray, keep) -> np.ndarray:
         """This process's `rows` of each chunk of `batch_size` inputs → the embeddings of every
@@ -212,42 +160,12 @@ class Evaluator:
             return embeds
 
         try:
-            metrics = self._score(embed)
+            metrics = evaluate.KINDS[self.kind].score(self, self.prepared, embed)
         except _NonFinite:
             logging.warning("eval %s: the model gives non-finite embeddings; NaN.", self.name)
             metrics = dict.fromkeys(evaluate.KINDS[self.kind].METRICS, float("nan"))
         logging.info("eval %s (%s): %.1f s", self.name, self.kind, time.perf_counter() - start)
         return {f"eval/{self.name}/{k}": float(v) for k, v in metrics.items()}
-
-    def _score(self, embed) -> dict[str, float]:
-        """This kind's metrics; `embed(embed_fn, inputs[, valid])` gives float64 embeddings."""
-        if self.kind == "zeroshot":
-            images = embed(self.objective.embed_images, self.images, self.valid)
-            prompt_embeds = embed(self.objective.embed_texts, self.prompts)
-            classifier = class_embeddings(prompt_embeds, self.num_classes)
-            accuracy = topk_accuracy(images @ classifier.T, self.labels, ks=(1, 5))
-            metrics = {f"zeroshot_top{k}": v for k, v in accuracy.items()}
-        elif self.kind == "retrieval":
-            images = embed(self.objective.embed_images, self.images, self.valid)
-            captions = embed(self.objective.embed_texts, self.captions)
-            metrics = recall_at_k(images, captions, self.text_image)
-        else:
-            features = {
-                "tower": self.objective.image_features,
-                "embed": self.objective.embed_images,
-            }[self.settings.features]
-            result = linear_probe.probe(
-                embed(features, self.train_images, self.train_valid),
-                self.train_labels,
-                embed(features, self.images, self.valid),
-                self.labels,
-                self.num_classes,
-                l2_grid=tuple(self.settings.l2),
-                holdout=self.settings.holdout,
-                steps=self.settings.steps,
-            )
-            metrics = {f"probe_{k}": v for k, v in result.items()}
-        return metrics
 
 
 def make_evaluators(config, *, objective, tokenizer, mesh) -> list[Evaluator]:

@@ -168,3 +168,51 @@ def probe(
     probe_params = fit(train_feats, train_labels, num_classes, chosen, steps)
     accuracy = topk_accuracy(predict(probe_params, test_feats), test_labels, ks=(1, 5))
     return {"top1": accuracy[1], "top5": accuracy[5], "l2": chosen}
+
+
+def prepare(evaluation, data: dict) -> dict:
+    """The labels, and the labelled `train_source` images to fit on, of a linear_probe
+    evaluation (an `evaluator.Evaluator`) of `data`; ValueError for a bad `features` or
+    sources whose classes differ."""
+    settings, field = evaluation.settings, f"config.evals.{evaluation.name}"
+    if settings.features not in FEATURES:
+        raise ValueError(
+            f"{field}.features={settings.features!r} is not one of {', '.join(FEATURES)}."
+        )
+    labels = evaluation.labels(data, settings.source)
+    train = evaluation.load(settings.train_source, num_examples=settings.train_examples)
+    train_labels = evaluation.labels(train, settings.train_source)
+    names, train_names = data["class_names"], train["class_names"]
+    if names and train_names and names != train_names:
+        raise ValueError(
+            f"{field}: source {settings.source!r} and train_source "
+            f"{settings.train_source!r} name different classes ({len(names)} vs "
+            f"{len(train_names)}); their labels must mean the same classes."
+        )
+    num_classes = max(len(names), len(train_names), labels.max() + 1, train_labels.max() + 1)
+    return {
+        "labels": labels,
+        "train_images": train["image"],
+        "train_valid": train["valid"],
+        "train_labels": train_labels,
+        "num_classes": int(num_classes),
+    }
+
+
+def score(evaluation, prepared: dict, embed) -> dict[str, float]:
+    """`probe_top{1,5}` and the chosen `probe_l2`; `embed(embed_fn, inputs[, valid])` gives
+    float64 embeddings."""
+    settings, objective = evaluation.settings, evaluation.objective
+    features = {"tower": objective.image_features, "embed": objective.embed_images}
+    features = features[settings.features]
+    result = probe(
+        embed(features, prepared["train_images"], prepared["train_valid"]),
+        prepared["train_labels"],
+        embed(features, evaluation.images, evaluation.valid),
+        prepared["labels"],
+        prepared["num_classes"],
+        l2_grid=tuple(settings.l2),
+        holdout=settings.holdout,
+        steps=settings.steps,
+    )
+    return {f"probe_{k}": v for k, v in result.items()}

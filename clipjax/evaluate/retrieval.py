@@ -72,3 +72,23 @@ def recall_at_k(
         out[f"i2t_r{k}"] = float((i2t < k).mean())
         out[f"t2i_r{k}"] = float((t2i < k).mean())
     return out
+
+
+def prepare(evaluation, data: dict) -> dict:
+    """The captions of a retrieval evaluation (an `evaluator.Evaluator`) of `data` and the
+    image of each; ValueError for a source without captions."""
+    if not len(data["text"]):
+        raise ValueError(
+            f"config.evals.{evaluation.name}: source {evaluation.settings.source!r} has no "
+            "captions; retrieval needs an image-caption source."
+        )
+    return {"captions": data["text"], "text_image": data["text_image"]}
+
+
+def score(evaluation, prepared: dict, embed) -> dict[str, float]:
+    """`i2t_r{1,5,10}`, `t2i_r{1,5,10}`; `embed(embed_fn, inputs[, valid])` gives float64
+    embeddings."""
+    objective = evaluation.objective
+    images = embed(objective.embed_images, evaluation.images, evaluation.valid)
+    captions = embed(objective.embed_texts, prepared["captions"])
+    return recall_at_k(images, captions, prepared["text_image"])

@@ -2,6 +2,8 @@
 
 import numpy as np
 
+from clipjax.evaluate import prompts
+
 # A zeroshot evaluation's own config fields, with their defaults (`clipjax.evaluate.KINDS`).
 FIELDS = {
     "classes": "",  # "": the source's; "imagenet", "cifar10", "cifar100" or a file
@@ -39,3 +41,42 @@ def topk_accuracy(scores: np.ndarray, labels: np.ndarray, ks=(1, 5)) -> dict[int
     classes = np.arange(scores.shape[1])
     rank = ((scores > true) | ((scores == true) & (classes < labels[:, None]))).sum(axis=1)
     return {k: float((rank < k).mean()) for k in ks}
+
+
+def prepare(evaluation, data: dict) -> dict:
+    """The labels and the tokenised class prompts of a zeroshot evaluation (an
+    `evaluator.Evaluator`) of `data`; ValueError for classes that do not match the labels."""
+    settings, field = evaluation.settings, f"config.evals.{evaluation.name}"
+    labels = evaluation.labels(data, settings.source)
+    try:
+        names = prompts.class_names(settings.classes, data["class_names"])
+        template_list = prompts.templates(settings.templates, data["prompt_templates"])
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{field}: {e}") from None
+    if data["class_names"] and len(names) != len(data["class_names"]):
+        raise ValueError(
+            f"{field}: classes={settings.classes!r} gives {len(names)} class names but "
+            f"source {settings.source!r} has {len(data['class_names'])} classes; use the "
+            "class list that matches its labels."
+        )
+    if labels.max() >= len(names):
+        raise ValueError(
+            f"{field}: classes={settings.classes!r} gives {len(names)} class names but "
+            f"source {settings.source!r} has label {labels.max()}; use the class list "
+            "that matches its labels."
+        )
+    tokens = evaluation.tokenizer.encode(
+        prompts.fill(template_list, names), evaluation.context_length
+    )
+    return {"labels": labels, "num_classes": len(names), "prompts": tokens}
+
+
+def score(evaluation, prepared: dict, embed) -> dict[str, float]:
+    """`zeroshot_top{1,5}`; `embed(embed_fn, inputs[, valid])` gives float64 embeddings."""
+    objective = evaluation.objective
+    images = embed(objective.embed_images, evaluation.images, evaluation.valid)
+    classifier = class_embeddings(
+        embed(objective.embed_texts, prepared["prompts"]), prepared["num_classes"]
+    )
+    accuracy = topk_accuracy(images @ classifier.T, prepared["labels"], ks=(1, 5))
+    return {f"zeroshot_top{k}": v for k, v in accuracy.items()}
