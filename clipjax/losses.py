@@ -193,20 +193,22 @@ def masked_lm_loss(
     return loss, accuracy
 
 
-def _sigmoid_sums(image_embed, text_embed, scale, bias, positive):
+def _sigmoid_sums(image_embed, text_embed, logit_scale, bias, positive):
     """Σ −log σ(z·logit) and Σ logit over the pairs image_embed × text_embed.
 
     `positive` (a boolean mask broadcastable to the (b, c) logits) marks z = +1; every other
     pair is a negative, z = −1.
     """
-    logits = scale * image_embed @ text_embed.T + bias
+    logits = logit_scale * image_embed @ text_embed.T + bias
     signs = jnp.where(positive, 1.0, -1.0).astype(logits.dtype)
     return -jax.nn.log_sigmoid(signs * logits).sum(), logits.sum()
 
 
-def _sigmoid_metrics(image_embed, text_embed, scale, bias, logit_sum, global_batch, axis_name):
+def _sigmoid_metrics(
+    image_embed, text_embed, logit_scale, bias, logit_sum, global_batch, axis_name
+):
     """Means of the positive and of the negative logits over the global batch."""
-    positives = scale * jnp.sum(image_embed * text_embed, axis=-1) + bias
+    positives = logit_scale * jnp.sum(image_embed * text_embed, axis=-1) + bias
     b = image_embed.shape[0]
     negative_sum = logit_sum - positives.sum()
     return {
@@ -216,14 +218,18 @@ def _sigmoid_metrics(image_embed, text_embed, scale, bias, logit_sum, global_bat
 
 
 def sigmoid_loss(
-    image_embed: jax.Array, text_embed: jax.Array, scale: jax.Array, bias: jax.Array, axis_name=None
+    image_embed: jax.Array,
+    text_embed: jax.Array,
+    logit_scale: jax.Array,
+    bias: jax.Array,
+    axis_name=None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """SigLIP's pairwise sigmoid loss over the global batch, each device holding (b, B) logits.
 
     Args:
       image_embed: (b, d) this device's image embeddings, L2-normalised.
       text_embed: (b, d) the paired text embeddings, L2-normalised.
-      scale: scalar `t` (already exponentiated) multiplying the cosine similarities.
+      logit_scale: scalar `t` (already exponentiated) multiplying the cosine similarities.
       bias: scalar `b` added to every logit.
       axis_name: mesh axis (or tuple of axes) the batch is split over; None on one device.
 
@@ -235,17 +241,21 @@ def sigmoid_loss(
     all_texts, offset = _gather(text_embed, axis_name)
     b, global_batch = image_embed.shape[0], all_texts.shape[0]
     positive = (offset + jnp.arange(b))[:, None] == jnp.arange(global_batch)[None, :]
-    local_sum, logit_sum = _sigmoid_sums(image_embed, all_texts, scale, bias, positive)
+    local_sum, logit_sum = _sigmoid_sums(image_embed, all_texts, logit_scale, bias, positive)
     # pmean of (local sum / b) is the global sum divided by the global batch B.
     loss = _mean(local_sum / b, axis_name)
     metrics = _sigmoid_metrics(
-        image_embed, text_embed, scale, bias, logit_sum, global_batch, axis_name
+        image_embed, text_embed, logit_scale, bias, logit_sum, global_batch, axis_name
     )
     return loss, metrics
 
 
 def sigmoid_loss_ring(
-    image_embed: jax.Array, text_embed: jax.Array, scale: jax.Array, bias: jax.Array, axis_name
+    image_embed: jax.Array,
+    text_embed: jax.Array,
+    logit_scale: jax.Array,
+    bias: jax.Array,
+    axis_name,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """`sigmoid_loss` computed in chunks: text embeddings travel around the device ring.
 
@@ -255,7 +265,7 @@ def sigmoid_loss_ring(
     positives. Arguments and result as in `sigmoid_loss`, which it equals, gradients included.
     """
     if axis_name is None:
-        return sigmoid_loss(image_embed, text_embed, scale, bias)
+        return sigmoid_loss(image_embed, text_embed, logit_scale, bias)
     devices = jax.lax.axis_size(axis_name)
     b = image_embed.shape[0]
     to_next = [(i, (i + 1) % devices) for i in range(devices)]
@@ -264,15 +274,15 @@ def sigmoid_loss_ring(
     block_sums = jax.checkpoint(_sigmoid_sums)
     texts = text_embed
     own = jnp.eye(b, dtype=bool)
-    local_sum, logit_sum = block_sums(image_embed, texts, scale, bias, own)
+    local_sum, logit_sum = block_sums(image_embed, texts, logit_scale, bias, own)
     for _ in range(devices - 1):
         texts = jax.lax.ppermute(texts, axis_name, to_next)
-        block_sum, block_logit_sum = block_sums(image_embed, texts, scale, bias, False)
+        block_sum, block_logit_sum = block_sums(image_embed, texts, logit_scale, bias, False)
         local_sum += block_sum
         logit_sum += block_logit_sum
     loss = _mean(local_sum / b, axis_name)
     metrics = _sigmoid_metrics(
-        image_embed, text_embed, scale, bias, logit_sum, b * devices, axis_name
+        image_embed, text_embed, logit_scale, bias, logit_sum, b * devices, axis_name
     )
     return loss, metrics
 

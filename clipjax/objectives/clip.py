@@ -21,6 +21,6 @@ class Clip(Objective):
     def loss(self, params, model_state, batch, state, rng):
         del rng  # deterministic given the batch
         out, model_state = self.forward(params, model_state, batch["image"], batch["text"])
-        scale = jnp.minimum(jnp.exp(out["log_scale"]), MAX_LOGIT_SCALE)
-        loss = self._contrastive(out["image"]["embed"], out["text"]["embed"], scale)
-        return loss, ({"train/logit_scale": scale}, model_state, state)
+        logit_scale = jnp.minimum(jnp.exp(out["log_scale"]), MAX_LOGIT_SCALE)
+        loss = self._contrastive(out["image"]["embed"], out["text"]["embed"], logit_scale)
+        return loss, ({"train/logit_scale": logit_scale}, model_state, state)

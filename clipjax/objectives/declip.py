@@ -81,7 +81,7 @@ def _forward(model: DeClipModel, batch, train: bool, text_keys: tuple[str, str])
     }
 
 
-def _terms(views: dict, queue: dict, scale, *, axis_name, multi_view: bool, chunked: bool):
+def _terms(views: dict, queue: dict, logit_scale, *, axis_name, multi_view: bool, chunked: bool):
     """The four DeCLIP terms and the updated queue, on each device's slices (inside shard_map).
 
     `views`: "images" and "texts", [view 1, view 2] of (b, d) unit embeddings; "simsiam",
@@ -91,13 +91,13 @@ def _terms(views: dict, queue: dict, scale, *, axis_name, multi_view: bool, chun
     info_nce = losses.info_nce_ring if chunked else losses.info_nce
     images, texts = views["images"], views["texts"]
     pairs = [(i, t) for i in images for t in texts] if multi_view else [(images[0], texts[0])]
-    mvs = sum(clip_loss(i, t, scale, axis_name) for i, t in pairs) / len(pairs)
+    mvs = sum(clip_loss(i, t, logit_scale, axis_name) for i, t in pairs) / len(pairs)
     (z1, p1), (z2, p2) = views["simsiam"]
     iss = losses.simsiam_loss(p1, p2, z1, z2, axis_name)
     tss, mlm_accuracy = losses.masked_lm_loss(*views["mlm"], axis_name)
     # Neighbours come from the queue as it was before this step: never the batch itself.
     neighbours = [nn_queue.lookup(t, queue["embeds"], axis_name) for t in texts]
-    nns = sum(info_nce(i, n, scale, axis_name) for i in images for n in neighbours) / 4
+    nns = sum(info_nce(i, n, logit_scale, axis_name) for i in images for n in neighbours) / 4
     for t in texts:  # t¹ of the whole batch first, then t²
         queue = nn_queue.enqueue(queue, jax.lax.stop_gradient(t), axis_name)
     terms = {"mvs": mvs, "iss": iss, "tss": tss, "nns": nns, "mlm_accuracy": mlm_accuracy}
@@ -160,12 +160,12 @@ class DeClip(Objective):
     def loss(self, params, model_state, batch, state, rng):
         del rng
         out, model_state = self.forward(params, model_state, batch, method=self._forward)
-        scale = jnp.minimum(jnp.exp(out["log_scale"]), MAX_LOGIT_SCALE)
+        logit_scale = jnp.minimum(jnp.exp(out["log_scale"]), MAX_LOGIT_SCALE)
         views = {key: out[key] for key in ("images", "texts", "simsiam", "mlm")}
-        terms, queue = self._terms(views, state, scale)
+        terms, queue = self._terms(views, state, logit_scale)
         loss = sum(self.weights[k] * terms[k] for k in self.weights)
         metrics = {f"train/loss_{k}": terms[k] for k in self.weights}
         metrics["train/mlm_accuracy"] = terms["mlm_accuracy"]
         metrics["train/nn_queue_fill"] = nn_queue.fill(queue)
-        metrics["train/logit_scale"] = scale
+        metrics["train/logit_scale"] = logit_scale
         return loss, (metrics, model_state, queue)

@@ -24,12 +24,12 @@ class SigLip(Objective):
     def loss(self, params, model_state, batch, state, rng):
         del rng
         out, model_state = self.forward(params, model_state, batch["image"], batch["text"])
-        scale = jnp.exp(out["log_scale"])
+        logit_scale = jnp.exp(out["log_scale"])
         loss, logits = self._sigmoid(
-            out["image"]["embed"], out["text"]["embed"], scale, out["bias"]
+            out["image"]["embed"], out["text"]["embed"], logit_scale, out["bias"]
         )
         metrics = {
-            "train/logit_scale": scale,
+            "train/logit_scale": logit_scale,
             "train/bias": out["bias"],
             "train/pos_logit_mean": logits["pos_logit_mean"],
             "train/neg_logit_mean": logits["neg_logit_mean"],
