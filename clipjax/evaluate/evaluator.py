@@ -60,6 +60,7 @@ class Evaluator:
                 f"{', '.join(evaluate.KINDS)}."
             )
         self.name, self.kind, self.settings = name, settings.kind, settings
+        self._kind_module = evaluate.KINDS[settings.kind]
         self.objective, self.mesh = objective, mesh
         self.tokenizer, self.context_length = tokenizer, context_length
         # A multiple of the data-parallel size, so every chunk splits over the batch axes.
@@ -78,7 +79,7 @@ class Evaluator:
         start = time.perf_counter()
         data = self.load(settings.source, num_examples=settings.num_examples)
         self.images, self.valid = data["image"], data["valid"]
-        self.prepared = evaluate.KINDS[self.kind].prepare(self, data)
+        self.prepared = self._kind_module.prepare(self, data)
         logging.info(
             "eval %s (%s): loaded %d images in %.1f s",
             name,
@@ -160,10 +161,10 @@ class Evaluator:
             return embeds
 
         try:
-            metrics = evaluate.KINDS[self.kind].score(self, self.prepared, embed)
+            metrics = self._kind_module.score(self, self.prepared, embed)
         except _NonFinite:
             logging.warning("eval %s: the model gives non-finite embeddings; NaN.", self.name)
-            metrics = dict.fromkeys(evaluate.KINDS[self.kind].METRICS, float("nan"))
+            metrics = dict.fromkeys(self._kind_module.METRICS, float("nan"))
         logging.info("eval %s (%s): %.1f s", self.name, self.kind, time.perf_counter() - start)
         return {f"eval/{self.name}/{k}": float(v) for k, v in metrics.items()}
 

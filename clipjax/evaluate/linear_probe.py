@@ -203,8 +203,9 @@ def score(evaluation, prepared: dict, embed) -> dict[str, float]:
     """`probe_top{1,5}` and the chosen `probe_l2`; `embed(embed_fn, inputs[, valid])` gives
     float64 embeddings."""
     settings, objective = evaluation.settings, evaluation.objective
-    features = {"tower": objective.image_features, "embed": objective.embed_images}
-    features = features[settings.features]
+    features = {"tower": objective.image_features, "embed": objective.embed_images}[
+        settings.features
+    ]
     result = probe(
         embed(features, prepared["train_images"], prepared["train_valid"]),
         prepared["train_labels"],
