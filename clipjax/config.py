@@ -115,6 +115,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.cliplite.prior_weight = 0.1  # total = (1 - w) · cross + w · prior
     c.cliplite.image_prior = True
     c.cliplite.text_prior = False
+    c.cliplite.prior_mode = "cooperative"  # or "adversarial" (Deep InfoMax's minimax)
+    c.cliplite.negative = "next"  # or "sampled": one caption drawn ∝ exp(critic)
     c.cliplite.image_view_weight = 0.0  # > 0 adds JSD between two image views, own critic
     c.cliplite.caption_view_weight = 0.0  # > 0 adds JSD between caption and its EDA rewrite
 

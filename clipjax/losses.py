@@ -14,14 +14,14 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, PartitionSpec
 
-from clipjax.sharding import BATCH_AXES
+from clipjax.sharding import BATCH_AXES, device_index
 
 
 def _gather(x: jax.Array, axis_name) -> tuple[jax.Array, jax.Array]:
     """All-gather the local batch `x` (b, ...) into (B, ...), and this slice's global offset."""
+    offset = device_index(axis_name) * x.shape[0]
     if axis_name is None:
-        return x, jnp.zeros((), jnp.int32)
-    offset = jax.lax.axis_index(axis_name) * x.shape[0]
+        return x, offset
     return jax.lax.all_gather(x, axis_name, tiled=True), offset
 
 
@@ -287,8 +287,27 @@ def sigmoid_loss_ring(
     return loss, metrics
 
 
+NEGATIVES = ("next", "sampled")
+
+
+def sample_negatives(
+    image_embed: jax.Array, text_embed: jax.Array, logit_scale: jax.Array, key: jax.Array
+) -> jax.Array:
+    """(b,) int: for each image i one caption index j ≠ i, drawn with probability
+    ∝ exp(logit_scale·⟨x_i, y_j⟩) among these b captions; the draw is not differentiated."""
+    scores = logit_scale * jax.lax.stop_gradient(image_embed @ text_embed.T)
+    scores = jnp.where(jnp.eye(len(scores), dtype=bool), -jnp.inf, scores)
+    return jax.random.categorical(key, scores, axis=-1)
+
+
 def jsd_cross_loss(
-    image_embed: jax.Array, text_embed: jax.Array, logit_scale: jax.Array, axis_name=None
+    image_embed: jax.Array,
+    text_embed: jax.Array,
+    logit_scale: jax.Array,
+    rng: jax.Array | None = None,
+    axis_name=None,
+    *,
+    negative: str = "next",
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """CLIP-Lite's Jensen–Shannon MI bound with one negative caption per image.
 
@@ -296,17 +315,27 @@ def jsd_cross_loss(
       image_embed: (b, d) this device's image critic embeddings, L2-normalised.
       text_embed: (b, d) the paired text critic embeddings, L2-normalised.
       logit_scale: scalar exp(τ), unclamped; the critic is T(x, y) = logit_scale·⟨x, y⟩.
+      rng: PRNG key, needed only by `negative="sampled"`; the same on every device.
       axis_name: mesh axis (or tuple of axes) the batch is split over; None on one device.
+      negative: which one caption of this device's batch is image i's negative: "next", the
+        caption y_{i+1} (cyclically), as CLIP-Lite has it; "sampled", one caption y_j, j ≠ i,
+        drawn with probability ∝ exp(T(x_i, y_j)) (hard-negative sampling; the draw is not
+        differentiated, the critic value it picks is).
 
     Returns:
-      (loss, metrics): mean_i softplus(−T(x_i, y_i)) + mean_i softplus(T(x_i, y_{i+1})), the
-      negative y_{i+1} taken cyclically within this device's batch and the means over the
-      global batch; `critic_pos` / `critic_neg` are the mean critic values. Identical on every
-      device.
+      (loss, metrics): mean_i softplus(−T(x_i, y_i)) + mean_i softplus(T(x_i, y'_i)), the
+      means over the global batch; `critic_pos` / `critic_neg` are the mean critic values.
+      Identical on every device. Nothing crosses devices but the means.
     """
+    if negative not in NEGATIVES:
+        raise ValueError(f"negative={negative!r} is unknown; use one of {NEGATIVES}.")
     critic_pos = logit_scale * jnp.sum(image_embed * text_embed, axis=-1)
-    # The next caption of the same device's batch: no cross-device traffic.
-    critic_neg = logit_scale * jnp.sum(image_embed * jnp.roll(text_embed, -1, axis=0), axis=-1)
+    if negative == "next":
+        negatives = jnp.roll(text_embed, -1, axis=0)
+    else:
+        key = jax.random.fold_in(rng, device_index(axis_name))
+        negatives = text_embed[sample_negatives(image_embed, text_embed, logit_scale, key)]
+    critic_neg = logit_scale * jnp.sum(image_embed * negatives, axis=-1)
     loss = jnp.mean(jax.nn.softplus(-critic_pos)) + jnp.mean(jax.nn.softplus(critic_neg))
     metrics = {
         "critic_pos": _mean(critic_pos.mean(), axis_name),
@@ -329,6 +358,21 @@ def prior_loss(real_logits: jax.Array, prior_logits: jax.Array, axis_name=None) 
     """
     loss = jnp.mean(jax.nn.softplus(-prior_logits)) + jnp.mean(jax.nn.softplus(real_logits))
     return _mean(loss, axis_name)
+
+
+def prior_fool_loss(feature_logits: jax.Array, axis_name=None) -> jax.Array:
+    """The towers' side of an adversarial prior term: −mean log D(features), the non-saturating
+    GAN form, so the towers still learn while the discriminator wins.
+
+    Args:
+      feature_logits: (b,) logits of a discriminator held fixed (its parameters under
+        stop_gradient) on this device's features.
+      axis_name: mesh axis (or tuple of axes) the batch is split over; None on one device.
+
+    Returns:
+      mean softplus(−feature_logits) over the global batch.
+    """
+    return _mean(jnp.mean(jax.nn.softplus(-feature_logits)), axis_name)
 
 
 def on_batch_shards(loss_body: Callable, mesh: Mesh, num_batched: int) -> Callable:

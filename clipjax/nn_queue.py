@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from clipjax.sharding import BATCH_AXES
+from clipjax.sharding import BATCH_AXES, device_index
 
 # shard_map in_specs / out_specs of the queue state.
 STATE_SPECS = {
@@ -36,10 +36,6 @@ def init(rng: jax.Array, size: int, dim: int) -> dict[str, jax.Array]:
 
 def _devices(axis_name) -> int:
     return 1 if axis_name is None else jax.lax.axis_size(axis_name)
-
-
-def _device_index(axis_name) -> jax.Array:
-    return jnp.zeros((), jnp.int32) if axis_name is None else jax.lax.axis_index(axis_name)
 
 
 def _gather(x: jax.Array, axis_name) -> jax.Array:
@@ -76,7 +72,7 @@ def lookup(queries: jax.Array, queue_block: jax.Array, axis_name=None) -> jax.Ar
     best_score = jnp.take_along_axis(scores, best_row[:, None], axis=1)[:, 0]
     # ...and here the lowest device; blocks are contiguous, so the lowest global row.
     winner = jnp.argmax(jax.lax.all_gather(best_score, axis_name), axis=0)
-    mine = jnp.where((winner == _device_index(axis_name))[:, None], candidates, 0.0)
+    mine = jnp.where((winner == device_index(axis_name))[:, None], candidates, 0.0)
     # Exactly one device contributes each row, so the sum is exact.
     return jax.lax.psum_scatter(mine, axis_name, scatter_dimension=0, tiled=True)
 
@@ -110,7 +106,7 @@ def enqueue(
             "use a queue at least as large as the global batch."
         )
     pointer = state["pointer"]
-    global_row = _device_index(axis_name) * block.shape[0] + jnp.arange(block.shape[0])
+    global_row = device_index(axis_name) * block.shape[0] + jnp.arange(block.shape[0])
     # Position of each of this block's rows in the write order starting at `pointer`.
     slot = jnp.mod(global_row - pointer, size)
     written = slot < n

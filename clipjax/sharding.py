@@ -10,6 +10,7 @@ import pickle
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -32,6 +33,12 @@ LOGICAL_RULES = (
     ("joint", None),
     ("length", None),
 )
+
+
+def device_index(axis_name) -> jax.Array:
+    """This device's index along `axis_name` inside a shard_map or pmap body (0 for None, the
+    single-device form of a loss)."""
+    return jnp.zeros((), jnp.int32) if axis_name is None else jax.lax.axis_index(axis_name)
 
 
 def make_mesh(mesh_config, devices=None) -> Mesh:

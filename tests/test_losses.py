@@ -376,6 +376,58 @@ def test_jsd_cross_loss_negatives_stay_on_their_device():
     assert abs(float(global_roll) - float(sharded)) > 1e-3
 
 
+def test_jsd_cross_loss_sampled_negative_is_drawn_by_the_critic():
+    """With one caption per row scored far above the rest, the draw is that caption: value and
+    gradients are the numpy reference's with those negatives, on one device and on 8."""
+    u, v, _ = _jsd_inputs()
+    t = np.float32(50.0)
+    n, local = len(u), len(u) // 8
+    # Row i's favourite caption is i + 3 within its block of 4 (cyclically): make v[i+3]
+    # nearly u[i]'s direction.
+    i = np.arange(n)
+    favourite = (i // local) * local + (i % local + 3) % local
+    v = v.copy()
+    v[favourite] = 0.3 * v[favourite] + u
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+
+    def reference(negative):
+        u64, v64 = u.astype(np.float64), v.astype(np.float64)
+        pos, neg = t * (u64 * v64).sum(1), t * (u64 * v64[negative]).sum(1)
+        d_pos, d_neg = -_sigmoid(-pos) / n, _sigmoid(neg) / n
+        grad_u = t * (d_pos[:, None] * v64 + d_neg[:, None] * v64[negative])
+        grad_v = t * d_pos[:, None] * u64
+        np.add.at(grad_v, negative, t * d_neg[:, None] * u64)
+        value = _softplus(-pos).mean() + _softplus(neg).mean()
+        return value, (grad_u, grad_v)
+
+    sampled = functools.partial(losses.jsd_cross_loss, negative="sampled")
+    rng = jax.random.PRNGKey(0)
+    mesh = sharding.make_mesh({"data": 8, "fsdp": 1, "model": 1})
+    on_8 = losses.on_batch_shards(sampled, mesh, num_batched=2)
+    embeds = [jax.device_put(x, sharding.batch_sharding(mesh)) for x in (u, v)]
+    value, grads = jax.jit(jax.value_and_grad(lambda a, b: on_8(a, b, t, rng)[0], (0, 1)))(*embeds)
+    _assert_matches(value, grads, reference(favourite))
+
+    # On one device the whole batch is local, the favourites are the same captions.
+    value, grads = jax.value_and_grad(lambda a, b: sampled(a, b, t, rng)[0], (0, 1))(u, v)
+    _assert_matches(value, grads, reference(favourite))
+
+
+def test_sampled_negatives_are_never_the_positive_and_follow_the_critic():
+    """Over many keys: never the diagonal, and frequencies ∝ exp(critic) off it (float64)."""
+    u, v, _ = _jsd_inputs(batch=4)
+    t = np.float32(2.0)
+    keys = jax.random.split(jax.random.PRNGKey(1), 8000)
+    draws = np.asarray(jax.jit(jax.vmap(lambda k: losses.sample_negatives(u, v, t, k)))(keys))
+    assert (draws != np.arange(4)).all()
+    scores = t * (u.astype(np.float64) @ v.T.astype(np.float64))
+    for row in range(4):
+        others = np.delete(np.arange(4), row)
+        expected = np.exp(scores[row, others]) / np.exp(scores[row, others]).sum()
+        observed = np.bincount(draws[:, row], minlength=4)[others] / len(keys)
+        np.testing.assert_allclose(observed, expected, atol=0.02)
+
+
 def _prior_inputs(batch=32):
     rng = np.random.default_rng(4)
     real, prior = (3 * rng.normal(size=(2, batch, 1))).astype(np.float32)

@@ -248,3 +248,59 @@ def test_views_validation():
     ):
         with pytest.raises(ValueError, match="Views."):
             Views(**bad)
+
+
+def test_cliplite_adversarial_prior_gradients():
+    """`prior_mode="adversarial"`: the discriminator's gradient is the cooperative one (it learns
+    the same prior term), while the towers', which in the cooperative mode include
+    w·∇ mean softplus(D(f)), now include w·∇ mean softplus(−D(f)) instead: the difference of
+    the two is −w·∇ mean D(f), since softplus(−x) − softplus(x) = −x."""
+    from clipjax.objectives.cliplite import ClipLiteModel
+
+    grads = {}
+    for mode in ("cooperative", "adversarial"):
+        config = tiny("cliplite_r50")
+        config.cliplite.prior_mode = mode
+        with built(config) as (objective, state, _, batch):
+            loss = jax.jit(jax.grad(lambda p, o=objective, s=state: o.loss(
+                p, s.model_state, batch, s.objective_state, s.rng)[0]))
+            grads[mode] = loss(state.params)
+
+            def mean_logit(params, o=objective, s=state):
+                out, _ = o.forward(params, s.model_state, batch, {}, method=_towers)
+                fixed = {"params": jax.lax.stop_gradient(params)}
+                return o.model.apply(
+                    fixed, "image", out["features"], method=ClipLiteModel.discriminate
+                ).mean()
+
+            d_mean_logit = jax.jit(jax.grad(mean_logit))(state.params)
+            weight = config.cliplite.prior_weight
+    cooperative, adversarial = grads["cooperative"], grads["adversarial"]
+    for got, want in zip(
+        jax.tree.leaves(adversarial["image_prior"]),
+        jax.tree.leaves(cooperative["image_prior"]),
+        strict=True,
+    ):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
+    tower = "image_tower"
+    difference = jax.tree.map(lambda a, c: a - c, adversarial[tower], cooperative[tower])
+    expected = jax.tree.map(lambda g: -weight * g, d_mean_logit[tower])
+    scale = max(float(jnp.abs(x).max()) for x in jax.tree.leaves(expected))
+    assert scale > 0
+    for got, want in zip(jax.tree.leaves(difference), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-3 * scale)
+
+
+def _towers(model, batch, _, train):
+    return model.encode_image(batch["image"], train=train)
+
+
+def test_cliplite_rejects_unknown_prior_mode_and_negative():
+    from clipjax.errors import ConfigError
+
+    for field, value in (("prior_mode", "minimax"), ("negative", "hardest")):
+        config = tiny("cliplite_r50")
+        config.cliplite[field] = value
+        with pytest.raises(ConfigError, match=f"config.cliplite.{field}='{value}' is unknown"):
+            with built(config):
+                pass

@@ -6,7 +6,16 @@ with τ unclamped. Each image's negative is the next caption of the same device'
 cooperative prior discriminator pushes tower features towards U[0, 1)^d (Deep InfoMax).
 Optional JSD terms between two image views and between two captions (off by default) use the
 same one-negative form with critics of their own.
+
+Two departures are offered as options, both off by default: `cliplite.negative="sampled"`
+draws each image's one negative caption ∝ exp(critic) among the device's captions, and
+`cliplite.prior_mode="adversarial"` trains the prior adversarially, as Deep InfoMax does: the
+discriminator learns on the features with their gradient stopped, and the towers minimise
+−log D(features) against a discriminator held fixed.
 """
+
+import functools
+
 
 import flax.linen as nn
 import jax
@@ -18,6 +27,8 @@ from clipjax.models.heads import MIBlock, PriorDiscriminator
 from clipjax.models.two_tower import LOGIT_SCALE_INIT, TwoTower, normalize
 from clipjax.objectives.base import Objective, Views
 
+PRIOR_MODES = ("cooperative", "adversarial")
+
 
 class ClipLiteModel(TwoTower):
     """The two towers plus CLIP-Lite's heads: prior discriminators on the "image" / "text"
@@ -26,6 +37,7 @@ class ClipLiteModel(TwoTower):
 
     priors: tuple[str, ...] = ()
     view_critics: tuple[str, ...] = ()
+    adversarial_prior: bool = False  # the discriminators see the features' values only
 
     def setup(self):
         super().setup()
@@ -49,11 +61,15 @@ class ClipLiteModel(TwoTower):
 
     def __call__(self, images, tokens, train: bool = False):
         """TwoTower's outputs plus the priors' logits on the tower features (`prior_logits`,
-        by kind), the view critics' embeddings (`<kind>.view_embed`) and the logs of their
-        logit scales (`view_log_scales`)."""
+        by kind; of the features under stop_gradient if `adversarial_prior`), the view
+        critics' embeddings (`<kind>.view_embed`) and the logs of their logit scales
+        (`view_log_scales`)."""
         out = super().__call__(images, tokens, train=train)
+        detach = jax.lax.stop_gradient if self.adversarial_prior else lambda x: x
         if self.priors:
-            out["prior_logits"] = {k: self.discriminate(k, out[k]["features"]) for k in self.priors}
+            out["prior_logits"] = {
+                k: self.discriminate(k, detach(out[k]["features"])) for k in self.priors
+            }
         for kind in self.view_critics:
             out[kind]["view_embed"] = self.view_embed(kind, out[kind]["features"], train=train)
         if self.view_critics:
@@ -86,6 +102,17 @@ class ClipLite(Objective):
                 f"come from MI blocks), got {config.model.projection!r}."
             )
         lite = config.cliplite
+        if lite.negative not in losses.NEGATIVES:
+            raise ConfigError(
+                f"config.cliplite.negative={lite.negative!r} is unknown; use 'next' (the next "
+                "caption of the batch, as CLIP-Lite has it) or 'sampled' (drawn ∝ exp(critic))."
+            )
+        if lite.prior_mode not in PRIOR_MODES:
+            raise ConfigError(
+                f"config.cliplite.prior_mode={lite.prior_mode!r} is unknown; use 'cooperative' "
+                "(as the official code has it) or 'adversarial' (as Deep InfoMax has it)."
+            )
+        self.adversarial_prior = lite.prior_mode == "adversarial"
         self.priors = tuple(
             kind for kind, on in (("image", lite.image_prior), ("text", lite.text_prior)) if on
         )
@@ -104,11 +131,18 @@ class ClipLite(Objective):
             text_views=("plain", "eda") if "text" in self.view_weights else ("plain",),
         )
         self.model = ClipLiteModel.from_config(
-            config.model, priors=self.priors, view_critics=tuple(self.view_weights)
+            config.model,
+            priors=self.priors,
+            view_critics=tuple(self.view_weights),
+            adversarial_prior=self.adversarial_prior,
         )
         self.prior_weight = lite.prior_weight
-        self._cross = losses.on_batch_shards(losses.jsd_cross_loss, mesh, num_batched=2)
+        self._cross = losses.on_batch_shards(
+            functools.partial(losses.jsd_cross_loss, negative=lite.negative), mesh, num_batched=2
+        )
+        self._view = losses.on_batch_shards(losses.jsd_cross_loss, mesh, num_batched=2)
         self._prior = losses.on_batch_shards(losses.prior_loss, mesh, num_batched=2)
+        self._fool = losses.on_batch_shards(losses.prior_fool_loss, mesh, num_batched=1)
 
     def loss(self, params, model_state, batch, state, rng):
         images = batch["image"]
@@ -119,16 +153,25 @@ class ClipLite(Objective):
         }
         out, model_state = self.forward(params, model_state, batch, prior_samples, method=_forward)
         logit_scale = jnp.exp(out["log_scale"])
-        cross, critic = self._cross(out["image"]["embed"], out["text"]["embed"], logit_scale)
+        cross, critic = self._cross(
+            out["image"]["embed"], out["text"]["embed"], logit_scale, jax.random.fold_in(rng, 2)
+        )
         prior = sum(
             (self._prior(real, fake) for real, fake in out["prior_logits"].values()),
             start=jnp.zeros(()),
         )
+        if self.adversarial_prior:
+            fixed = {"params": jax.lax.stop_gradient(params)}
+            for kind in self.priors:
+                logits = self.model.apply(
+                    fixed, kind, out[kind]["features"], method=ClipLiteModel.discriminate
+                )
+                prior = prior + self._fool(logits)
         loss = (1 - self.prior_weight) * cross + self.prior_weight * prior
         metrics = {}
         for kind, weight in self.view_weights.items():
             view, name = (("image", "image_view"), ("text", "caption_view"))[kind == "text"]
-            term, _ = self._cross(
+            term, _ = self._view(
                 out[view]["view_embed"],
                 out[f"{view}_2_view_embed"],
                 jnp.exp(out["view_log_scales"][kind]),
