@@ -33,6 +33,14 @@ with its blocks scanned:
       --config.model.text.width=1024 --config.model.text.heads=16 \
       --config.model.text.depth=24 --config.model.scan_layers=True
 
+With `--profile=DIR`, `--steps` steps are traced with `jax.profiler` into DIR (TensorBoard's
+profile plugin or Perfetto open it) instead of timed, and the JSON says where the time went:
+thunk seconds per step and their share by category (matmul, scatter, reduction, layout,
+collective, elementwise) and the costliest HLO instructions with the JAX op each came from:
+
+  python -m clipjax.bench --config=configs/clip_vitb32.py --config.batch_size=32 --steps=2 \
+      --profile=/tmp/trace_b32
+
 With `--data_only` (or `--data-only`), only the config's real training input pipeline runs (its
 source, workers, views and batch; the tokenizer trained in a temporary directory as the trainer
 does, or `config.data.tokenizer.path`): after `--warmup_batches`, `--steps` batches are timed in
@@ -62,6 +70,7 @@ from clipjax.data import sources
 from clipjax.data import tokenizer as tokenizer_lib
 from clipjax.models import precision
 from clipjax.objectives.base import Views
+from clipjax.tools import step_profile
 
 FLAGS = flags.FLAGS
 
@@ -78,6 +87,9 @@ def define_flags() -> None:
     )
     flags.DEFINE_integer("fake_devices", 0, "On CPU, split the host into this many devices.")
     flags.DEFINE_bool("data_only", False, "Time only the training input pipeline (images/s).")
+    flags.DEFINE_string(
+        "profile", "", "Trace --steps steps into this directory; report time by HLO category."
+    )
     flags.DEFINE_bool("compile_only", False, "Only lower and compile the train step; report times.")
     flags.DEFINE_integer("warmup_batches", 10, "data_only: batches read before timing.")
     flags.mark_flags_as_required(["config"])
@@ -193,6 +205,21 @@ def nn_lookup_seconds(config, repeats: int = 10) -> float:
     )
     jax.block_until_ready(lookup(texts, queue))
     return _median_seconds(lambda: lookup(texts, queue), repeats)
+
+
+def profile(config, steps: int, trace_dir: str) -> dict:
+    """Trace `steps` train steps (after a warm-up) into `trace_dir`, and where the time went:
+    thunk seconds per step by category and the costliest HLO instructions
+    (`clipjax.tools.step_profile`)."""
+    compiled, state, batch, _ = compiled_step(config)
+    state, _ = compiled(state, batch)
+    jax.block_until_ready(state)
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        for _ in range(steps):
+            state, metrics = compiled(state, batch)
+            jax.block_until_ready((state, metrics))
+    seconds = step_profile.thunk_seconds(trace_dir)
+    return {"trace_dir": trace_dir, **step_profile.summarize(compiled.as_text(), seconds, steps)}
 
 
 def benchmark(config, steps: int) -> dict:
@@ -313,6 +340,8 @@ def main(argv) -> None:
         result = data_throughput(FLAGS.config, FLAGS.steps, FLAGS.warmup_batches)
     elif FLAGS.compile_only:
         result = compile_times(FLAGS.config)
+    elif FLAGS.profile:
+        result = profile(FLAGS.config, FLAGS.steps, FLAGS.profile)
     elif FLAGS.loss_only:
         result = loss_memory(FLAGS.config, [int(b) for b in FLAGS.batch_sizes])
     else:

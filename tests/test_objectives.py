@@ -262,8 +262,13 @@ def test_cliplite_adversarial_prior_gradients():
         config = tiny("cliplite_r50")
         config.cliplite.prior_mode = mode
         with built(config) as (objective, state, _, batch):
-            loss = jax.jit(jax.grad(lambda p, o=objective, s=state: o.loss(
-                p, s.model_state, batch, s.objective_state, s.rng)[0]))
+            loss = jax.jit(
+                jax.grad(
+                    lambda p, o=objective, s=state: o.loss(
+                        p, s.model_state, batch, s.objective_state, s.rng
+                    )[0]
+                )
+            )
             grads[mode] = loss(state.params)
 
             def mean_logit(params, o=objective, s=state):
@@ -301,6 +306,6 @@ def test_cliplite_rejects_unknown_prior_mode_and_negative():
     for field, value in (("prior_mode", "minimax"), ("negative", "hardest")):
         config = tiny("cliplite_r50")
         config.cliplite[field] = value
-        with pytest.raises(ConfigError, match=f"config.cliplite.{field}='{value}' is unknown"):
-            with built(config):
-                pass
+        match = f"config.cliplite.{field}='{value}' is unknown"
+        with pytest.raises(ConfigError, match=match), built(config):
+            pass

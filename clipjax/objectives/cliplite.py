@@ -16,7 +16,6 @@ discriminator learns on the features with their gradient stopped, and the towers
 
 import functools
 
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
