@@ -262,14 +262,11 @@ def test_cliplite_adversarial_prior_gradients():
         config = tiny("cliplite_r50")
         config.cliplite.prior_mode = mode
         with built(config) as (objective, state, _, batch):
-            loss = jax.jit(
-                jax.grad(
-                    lambda p, o=objective, s=state: o.loss(
-                        p, s.model_state, batch, s.objective_state, s.rng
-                    )[0]
-                )
-            )
-            grads[mode] = loss(state.params)
+
+            def total(params, o=objective, s=state):
+                return o.loss(params, s.model_state, batch, s.objective_state, s.rng)[0]
+
+            grads[mode] = jax.jit(jax.grad(total))(state.params)
 
             def mean_logit(params, o=objective, s=state):
                 out, _ = o.forward(params, s.model_state, batch, {}, method=_towers)
