@@ -19,6 +19,12 @@ Needs torch and open_clip next to clipjax's requirements, so CI never runs it:
   python benchmarks/vs_open_clip.py --config=configs/clip_vitb32.py --config.batch_size=32
 
 Prints one line per round and precision, then a markdown table, and last one JSON line.
+
+With `--profile`, each precision's timed rounds are followed by one profiled step of each
+library: clipjax's XLA thunks (`clipjax.tools.step_profile`) and open_clip's aten ops
+(`torch.profiler`, self CPU time), both put in the same categories. The table gives each
+category's share of the library's profiled time times its median step time, in ms per step:
+with the products apart from everything else, the gap that is not XLA's matmul kernels shows.
 """
 
 import json
@@ -26,6 +32,7 @@ import math
 import os
 import statistics
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -38,11 +45,13 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from clipjax import bench, weights  # noqa: E402
+from clipjax.tools import step_profile  # noqa: E402
 
 config_flags.DEFINE_config_file("config", None, "Config file (`path.py[:arg]`).", lock_config=True)
 flags.DEFINE_integer("rounds", 5, "Alternating rounds (each library once per round).")
 flags.DEFINE_integer("steps", 5, "Timed steps per library per round.")
 flags.DEFINE_list("precisions", ["float32", "bfloat16"], "clipjax model.dtype values to compare.")
+flags.DEFINE_bool("profile", False, "Also profile one step of each: time by op category.")
 flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 
@@ -104,6 +113,47 @@ class ClipjaxStep:
         return float(jax.device_get(metrics["train/loss"]))
 
 
+# aten ops (self CPU time) -> step_profile's categories; the rest are elementwise.
+TORCH_CATEGORIES = {
+    "matmul": ("mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "convolution", "_mkldnn"),
+    "scatter": ("embedding_dense_backward", "index_add", "index_put", "scatter"),
+    "reduction": ("sum", "mean", "norm", "native_layer_norm", "_softmax", "_log_softmax", "max"),
+    "layout": ("copy_", "clone", "contiguous", "cat", "stack", "to", "_to_copy", "permute",
+               "transpose", "t", "view", "reshape", "expand", "slice", "select", "empty",
+               "zeros", "fill_", "zero_", "empty_strided", "as_strided", "unsqueeze"),
+}  # fmt: skip
+
+
+def _torch_category(name: str) -> str:
+    op = name.removeprefix("aten::")
+    for category, ops in TORCH_CATEGORIES.items():
+        if op in ops or (category == "reduction" and op.endswith("_backward") and "norm" in op):
+            return category
+    return "elementwise"
+
+
+def profile_open_clip(step) -> dict[str, float]:
+    """Shares of one open_clip step's aten self CPU time, by category."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+    seconds = dict.fromkeys(step_profile.CATEGORIES, 0.0)
+    for event in prof.key_averages():
+        if event.key.startswith("aten::"):
+            seconds[_torch_category(event.key)] += event.self_cpu_time_total * 1e-6
+    total = sum(seconds.values())
+    return {c: s / total for c, s in seconds.items()}
+
+
+def profile_clipjax(step: "ClipjaxStep") -> dict[str, float]:
+    """Shares of one clipjax step's XLA thunk time, by category."""
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+            step()
+        seconds = step_profile.thunk_seconds(trace_dir)
+    summary = step_profile.summarize(step.step.as_text(), seconds, steps=1)
+    return {c: v["share"] for c, v in summary["by_category"].items()}
+
+
 def _time(step, steps: int) -> float:
     """Median seconds of `steps` calls (each waits for its result)."""
     times = []
@@ -114,7 +164,7 @@ def _time(step, steps: int) -> float:
     return statistics.median(times)
 
 
-def compare(config, precision: str, rounds: int, steps: int) -> dict:
+def compare(config, precision: str, rounds: int, steps: int, profile: bool = False) -> dict:
     config = config.copy_and_resolve_references()
     config.model.dtype = precision
     torch_precision = OPEN_CLIP_PRECISION[precision]
@@ -134,7 +184,17 @@ def compare(config, precision: str, rounds: int, steps: int) -> dict:
             flush=True,
         )
     rates = {name: config.batch_size / statistics.median(t) for name, t in times.items()}
-    return {
+    result = {}
+    if profile:
+        shares = {
+            "open_clip": profile_open_clip(steps_by_name["open_clip"]),
+            "clipjax": profile_clipjax(steps_by_name["clipjax"]),
+        }
+        result["ms_per_step_by_category"] = {
+            name: {c: 1e3 * share * config.batch_size / rates[name] for c, share in s.items()}
+            for name, s in shares.items()
+        }
+    return result | {
         "clipjax_dtype": precision,
         "open_clip_precision": torch_precision,
         "batch_size": config.batch_size,
@@ -150,7 +210,9 @@ def main(argv) -> None:
     del argv
     torch.set_num_threads(os.cpu_count())
     config = FLAGS.config
-    results = [compare(config, p, FLAGS.rounds, FLAGS.steps) for p in FLAGS.precisions]
+    results = [
+        compare(config, p, FLAGS.rounds, FLAGS.steps, FLAGS.profile) for p in FLAGS.precisions
+    ]
     print(f"\ntorch {torch.__version__}, open_clip {open_clip.__version__}, jax {jax.__version__}")
     print("| open_clip | samples/s | clipjax | samples/s | ratio |")
     print("| --- | ---: | --- | ---: | ---: |")
@@ -159,6 +221,13 @@ def main(argv) -> None:
             f"| {r['open_clip_precision']} | {r['open_clip_samples_per_s']:.2f} | "
             f"{r['clipjax_dtype']} | {r['clipjax_samples_per_s']:.2f} | {r['ratio']:.2f}× |"
         )
+    for r in results:
+        if "ms_per_step_by_category" in r:
+            by = r["ms_per_step_by_category"]
+            print(f"\n{r['open_clip_precision']} / {r['clipjax_dtype']}, ms per step:")
+            print("| category | open_clip | clipjax |\n| --- | ---: | ---: |")
+            for c in step_profile.CATEGORIES:
+                print(f"| {c} | {by['open_clip'][c]:.1f} | {by['clipjax'][c]:.1f} |")
     print(json.dumps({"rounds": FLAGS.rounds, "steps": FLAGS.steps, "results": results}))
 
 
