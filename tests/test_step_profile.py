@@ -56,3 +56,21 @@ def test_summary_of_a_real_trace_adds_up(tmp_path):
     np.testing.assert_allclose(summary["thunk_s_per_step"], sum(seconds.values()) / steps)
     assert len(summary["top_ops"]) == min(3, len(seconds))
     assert summary["top_ops"][0]["s_per_step"] == max(seconds.values()) / steps
+
+
+def test_overlapping_thunks_share_the_time(tmp_path):
+    """a runs 0–10 µs and 20–23 µs, b 4–6 µs on another thread: a gets 4 + 1 + 4 + 3, b 1."""
+    import gzip
+    import json
+
+    events = [
+        {"ph": "X", "ts": 0.0, "dur": 10.0, "name": "a", "args": {"hlo_op": "a"}},
+        {"ph": "X", "ts": 4.0, "dur": 2.0, "name": "b", "args": {"hlo_op": "b"}},
+        {"ph": "X", "ts": 20.0, "dur": 3.0, "name": "a", "args": {"hlo_op": "a"}},
+        {"ph": "X", "ts": 1.0, "dur": 1.0, "name": "python call"},  # no hlo_op: not a thunk
+    ]
+    with gzip.open(tmp_path / "perfetto_trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    seconds = step_profile.thunk_seconds(str(tmp_path))
+    np.testing.assert_allclose(seconds["a"], 12e-6)
+    np.testing.assert_allclose(seconds["b"], 1e-6)

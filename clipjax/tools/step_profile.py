@@ -3,7 +3,7 @@
 `clipjax.bench --profile=DIR` traces a few steps into DIR (open it in TensorBoard's profile
 plugin or Perfetto) and summarises it here: every thunk XLA:CPU ran (a fusion, a library
 product, a copy, a collective) is named by its HLO instruction, the instruction is put in one
-category from the compiled HLO text, and the thunks' durations are summed per category and per
+category from the compiled HLO text, and the thunks' wall-clock time is summed per category and per
 instruction.
 
 Categories, in the order they are tested (a fusion takes the first its computation matches):
@@ -14,7 +14,8 @@ Categories, in the order they are tested (a fusion takes the first its computati
                concatenations: data moved, nothing computed
   collective   all-reduce, all-gather, collective-permute, reduce-scatter
   elementwise  everything else that XLA fused (GELU, the optimizer's update, casts)
-Thread time is summed over threads, so the shares are of busy time, not of wall-clock.
+Thunks that run at the same time share that time evenly, so the seconds are wall-clock: they
+add up to the time the step was running anything.
 """
 
 import collections
@@ -95,24 +96,41 @@ def categorize(hlo_text: str) -> dict[str, tuple[str, str]]:
 
 
 def thunk_seconds(trace_dir: str) -> dict[str, float]:
-    """HLO instruction -> seconds summed over every thunk of it in the newest Perfetto trace
-    under `trace_dir` (`jax.profiler.trace(trace_dir, create_perfetto_trace=True)`)."""
+    """HLO instruction -> wall-clock seconds of it in the newest Perfetto trace under
+    `trace_dir` (`jax.profiler.trace(trace_dir, create_perfetto_trace=True)`).
+
+    XLA:CPU runs independent thunks at once, on threads that share the cores, so a thunk's own
+    duration counts time it spent waiting for them. Instead each instant of the trace is split
+    evenly among the thunks running then: the seconds add up to the time anything ran.
+    """
     paths = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
     if not paths:
         raise FileNotFoundError(f"no perfetto_trace.json.gz under {trace_dir}")
     with gzip.open(max(paths, key=os.path.getmtime)) as f:
         trace = json.load(f)
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    seconds = collections.Counter()
+    edges = []  # (time in µs, +1 start / −1 end, op)
     for event in events:
         op = event.get("args", {}).get("hlo_op")
         if event.get("ph") == "X" and op:
-            seconds[op] += event["dur"] * 1e-6
+            edges += [(event["ts"], 1, op), (event["ts"] + event["dur"], -1, op)]
+    edges.sort(key=lambda edge: (edge[0], edge[1]))
+    seconds, running, last = collections.Counter(), collections.Counter(), None
+    for time, change, op in edges:
+        if running and time > last:
+            share = (time - last) * 1e-6 / sum(running.values())
+            for name, count in running.items():
+                seconds[name] += share * count
+        running[op] += change
+        if not running[op]:
+            del running[op]
+        last = time
     return dict(seconds)
 
 
 def summarize(hlo_text: str, seconds: dict[str, float], steps: int, top: int = 15) -> dict:
-    """Per-step seconds and shares by category, and the `top` instructions by time."""
+    """Per-step seconds and shares by category, and the `top` instructions by time, from
+    `thunk_seconds`; `thunk_s_per_step` is the time any thunk ran."""
     categories = categorize(hlo_text)
     by_category = collections.Counter()
     for op, s in seconds.items():
