@@ -152,8 +152,9 @@ class ClipLite(Objective):
         }
         out, model_state = self.forward(params, model_state, batch, prior_samples, method=_forward)
         logit_scale = jnp.exp(out["log_scale"])
+        negatives_rng = jax.random.fold_in(rng, 2)  # 0 and 1 drew the prior samples
         cross, critic = self._cross(
-            out["image"]["embed"], out["text"]["embed"], logit_scale, jax.random.fold_in(rng, 2)
+            out["image"]["embed"], out["text"]["embed"], logit_scale, negatives_rng
         )
         prior = sum(
             (self._prior(real, fake) for real, fake in out["prior_logits"].values()),
