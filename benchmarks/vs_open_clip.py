@@ -147,10 +147,7 @@ def profile_open_clip(step) -> dict[str, float]:
 def profile_clipjax(step: "ClipjaxStep") -> dict[str, float]:
     """Shares of one clipjax step's XLA thunk time, by category."""
     with tempfile.TemporaryDirectory() as trace_dir:
-        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-            step()
-        seconds = step_profile.thunk_seconds(trace_dir)
-    summary = step_profile.summarize(step.step.as_text(), seconds, steps=1)
+        summary = step_profile.profile(step, 1, trace_dir, step.step.as_text())
     return {c: v["share"] for c, v in summary["by_category"].items()}
 
 

@@ -212,14 +212,15 @@ def profile(config, steps: int, trace_dir: str) -> dict:
     thunk seconds per step by category and the costliest HLO instructions
     (`clipjax.tools.step_profile`)."""
     compiled, state, batch, _ = compiled_step(config)
-    state, _ = compiled(state, batch)
-    jax.block_until_ready(state)
-    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-        for _ in range(steps):
-            state, metrics = compiled(state, batch)
-            jax.block_until_ready((state, metrics))
-    seconds = step_profile.thunk_seconds(trace_dir)
-    return {"trace_dir": trace_dir, **step_profile.summarize(compiled.as_text(), seconds, steps)}
+
+    def run():
+        nonlocal state
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready((state, metrics))
+
+    run()  # warm-up
+    summary = step_profile.profile(run, steps, trace_dir, compiled.as_text())
+    return {"trace_dir": trace_dir, **summary}
 
 
 def benchmark(config, steps: int) -> dict:

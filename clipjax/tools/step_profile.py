@@ -24,6 +24,9 @@ import gzip
 import json
 import os
 import re
+from collections.abc import Callable
+
+import jax
 
 CATEGORIES = ("matmul", "scatter", "reduction", "layout", "collective", "elementwise")
 _MATMUL = {"dot", "convolution"}
@@ -154,3 +157,12 @@ def summarize(hlo_text: str, seconds: dict[str, float], steps: int, top: int = 1
             for op, s in ranked
         ],
     }
+
+
+def profile(run: Callable[[], object], steps: int, trace_dir: str, hlo_text: str) -> dict:
+    """Trace `steps` calls of `run` (each waits for its results) into `trace_dir`, and
+    `summarize` them against `hlo_text`, the compiled program `run` executes."""
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        for _ in range(steps):
+            run()
+    return summarize(hlo_text, thunk_seconds(trace_dir), steps)
