@@ -97,6 +97,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.clip = ml_collections.ConfigDict()
     # InfoNCE (CLIP; DeCLIP's MVS and NNS) as a ring over devices: (B/k)² logits per device
     c.clip.chunked = True
+    # θ = log(logit scale) is projected into this range after each update (open_clip's clamp)
+    c.clip.log_scale_range = (0.0, math.log(100.0))
     c.siglip = ml_collections.ConfigDict()
     c.siglip.chunked = True  # ring over devices: at most (B/k)² logits per device
     c.siglip.scale_init = math.log(10.0)  # t' with t = exp(t')
@@ -111,6 +113,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.declip.masked_caption_contrastive = True  # t¹ = the MLM-masked caption (official code)
     c.declip.eda = True  # t² = an EDA rewrite of the caption; False: the caption itself
     c.declip.sync_bn = False  # SimSiam BatchNorm statistics: per device (official) or synced
+    c.declip.log_scale_range = (3.0, 6.0)  # θ after each update (official); s is capped at 100
     c.cliplite = ml_collections.ConfigDict()
     c.cliplite.prior_weight = 0.1  # total = (1 - w) · cross + w · prior
     c.cliplite.image_prior = True

@@ -95,17 +95,42 @@ def test_clip_caps_the_logit_scale_at_100():
         metrics = jax.jit(lambda params: objective.loss(params, {}, batch, {}, None)[1][0])
         np.testing.assert_allclose(metrics(state.params)["train/logit_scale"], 1 / 0.07, rtol=1e-5)
         metrics = metrics({**state.params, "log_scale": jnp.asarray(10.0)})
-    assert metrics["train/logit_scale"] == 100.0
+    np.testing.assert_allclose(metrics["train/logit_scale"], 100.0, rtol=1e-6)
+    high = objective.constrain({"log_scale": jnp.asarray(10.0)})
+    np.testing.assert_allclose(high["log_scale"], np.log(100.0), rtol=1e-7)
 
 
-def test_declip_clamps_the_log_scale_after_each_update():
-    with built(tiny("declip_vitb32")) as (objective, state, step_fn, batch):
-        assert state.params["log_scale"] < 3.0  # ln(1/0.07) = 2.66, below the clamp range
+@pytest.mark.parametrize("config_name", ["clip_vitb32", "declip_vitb32"])
+def test_log_scale_range_is_applied_after_each_update(config_name):
+    """Each objective projects θ into its configured range: DeCLIP's official [3, 6] by
+    default, and any range set in the config (here CLIP given DeCLIP's floor)."""
+    config = tiny(config_name)
+    objective_config = config.clip if config_name == "clip_vitb32" else config.declip
+    objective_config.log_scale_range = (3.0, 4.5)
+    with built(config) as (objective, state, step_fn, batch):
+        assert state.params["log_scale"] < 3.0  # ln(1/0.07) = 2.66, below the range
         state, metrics = step_fn(state, batch)
     assert state.params["log_scale"] == 3.0
-    np.testing.assert_allclose(metrics["train/logit_scale"], 1 / 0.07, rtol=1e-5)  # before
-    high = objective.constrain({"log_scale": jnp.asarray(7.0)})
-    assert high["log_scale"] == 6.0
+    before = 1 / 0.07 if config_name == "declip_vitb32" else np.exp(3.0)  # CLIP clips in forward
+    np.testing.assert_allclose(metrics["train/logit_scale"], before, rtol=1e-5)
+    assert objective.constrain({"log_scale": jnp.asarray(7.0)})["log_scale"] == 4.5
+
+
+def test_declip_default_log_scale_range_is_the_official_one():
+    with built(tiny("declip_vitb32")) as (objective, _, _, _):
+        assert objective.constrain({"log_scale": jnp.asarray(7.0)})["log_scale"] == 6.0
+        assert objective.constrain({"log_scale": jnp.asarray(1.0)})["log_scale"] == 3.0
+
+
+@pytest.mark.parametrize("bad", [(4.0, 3.0), (1.0,), (1.0, 2.0, 3.0)])
+def test_bad_log_scale_range_is_one_clear_error(bad):
+    from clipjax.errors import ConfigError
+
+    config = tiny("clip_vitb32")
+    config.clip.log_scale_range = bad
+    match = r"config.clip.log_scale_range=.* must be \(low, high\) with low <= high"
+    with pytest.raises(ConfigError, match=match), built(config):
+        pass
 
 
 def test_siglip_starts_from_its_scale_and_bias():

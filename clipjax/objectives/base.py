@@ -3,6 +3,9 @@ training-mode forward passes and eval embeddings."""
 
 import dataclasses
 
+import jax.numpy as jnp
+
+from clipjax.errors import ConfigError
 from clipjax.models.two_tower import TwoTower
 
 TEXT_VIEWS = ("plain", "mlm", "eda")
@@ -34,6 +37,29 @@ class Views:
             raise ValueError(
                 f"Views.text_views {views!r} must be distinct kinds among {TEXT_VIEWS}."
             )
+
+
+def log_scale_range(config, field: str) -> tuple[float, float]:
+    """The (low, high) range of the logit scale's log θ that `config.<field>` names, checked."""
+    value = config
+    for part in field.split("."):
+        value = value[part]
+    try:
+        low, high = (float(v) for v in value)
+    except (TypeError, ValueError):
+        low, high = 1.0, 0.0
+    if not low <= high:
+        raise ConfigError(
+            f"config.{field}={value!r} must be (low, high) with low <= high: the range of "
+            "θ, the log of the logit scale, after each update (CLIP's (0, 4.605) keeps the "
+            "scale in [1, 100])."
+        )
+    return low, high
+
+
+def clamp_log_scale(params, bounds: tuple[float, float]):
+    """`params` with θ (`log_scale`) projected into `bounds`."""
+    return {**params, "log_scale": jnp.clip(params["log_scale"], *bounds)}
 
 
 class Objective:

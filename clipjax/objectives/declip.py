@@ -31,10 +31,10 @@ from clipjax import losses, nn_queue, sharding
 from clipjax.errors import ConfigError
 from clipjax.models.heads import MaskedLMHead, SimSiamHead
 from clipjax.models.two_tower import TwoTower
-from clipjax.objectives.base import Objective, Views
+from clipjax.objectives.base import Objective, Views, clamp_log_scale, log_scale_range
 
-# The official code clamps θ (s = exp θ) into [3, 6] after each step, and s is capped at 100.
-LOG_SCALE_RANGE = (3.0, 6.0)
+# The official code clamps θ (s = exp θ) into [3, 6] after each step (`declip.log_scale_range`),
+# and s is capped at 100.
 MAX_LOGIT_SCALE = 100.0
 MLM_RATIO = 0.15
 
@@ -134,6 +134,7 @@ class DeClip(Objective):
             "tss": cfg.tss_weight,
             "nns": cfg.nns_weight,
         }
+        self.log_scale_range = log_scale_range(config, "declip.log_scale_range")
         self.queue_size, self.embed_dim = cfg.queue_size, config.model.embed_dim
         batched, whole = PartitionSpec(sharding.BATCH_AXES), PartitionSpec()
         queue = {"embeds": batched, "pointer": whole, "count": whole}
@@ -155,7 +156,7 @@ class DeClip(Objective):
         return {**queue, "embeds": nn.LogicallyPartitioned(queue["embeds"], ("queue", None))}
 
     def constrain(self, params):
-        return {**params, "log_scale": jnp.clip(params["log_scale"], *LOG_SCALE_RANGE)}
+        return clamp_log_scale(params, self.log_scale_range)
 
     def loss(self, params, model_state, batch, state, rng):
         del rng
