@@ -46,9 +46,10 @@ def log_scale_range(config, field: str) -> tuple[float, float]:
         value = value[part]
     try:
         low, high = (float(v) for v in value)
+        ordered = low <= high
     except (TypeError, ValueError):
-        low, high = 1.0, 0.0
-    if not low <= high:
+        ordered = False
+    if not ordered:
         raise ConfigError(
             f"config.{field}={value!r} must be (low, high) with low <= high: the range of "
             "θ, the log of the logit scale, after each update (CLIP's (0, 4.605) keeps the "
