@@ -39,11 +39,9 @@ class Views:
             )
 
 
-def log_scale_range(config, field: str) -> tuple[float, float]:
-    """The (low, high) range of the logit scale's log θ that `config.<field>` names, checked."""
-    value = config
-    for part in field.split("."):
-        value = value[part]
+def log_scale_range(value, field: str) -> tuple[float, float]:
+    """`value`, the (low, high) range of the logit scale's log θ read from `config.<field>`,
+    as two floats; ConfigError naming the field unless low <= high."""
     try:
         low, high = (float(v) for v in value)
         ordered = low <= high

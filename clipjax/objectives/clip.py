@@ -15,7 +15,7 @@ class Clip(Objective):
 
     def __init__(self, config, mesh):
         self.model = TwoTower.from_config(config.model)
-        self.log_scale_range = log_scale_range(config, "clip.log_scale_range")
+        self.log_scale_range = log_scale_range(config.clip.log_scale_range, "clip.log_scale_range")
         body = losses.clip_loss_ring if config.clip.chunked else losses.clip_loss
         self._contrastive = losses.on_batch_shards(body, mesh, num_batched=2)
 

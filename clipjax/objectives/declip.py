@@ -134,7 +134,7 @@ class DeClip(Objective):
             "tss": cfg.tss_weight,
             "nns": cfg.nns_weight,
         }
-        self.log_scale_range = log_scale_range(config, "declip.log_scale_range")
+        self.log_scale_range = log_scale_range(cfg.log_scale_range, "declip.log_scale_range")
         self.queue_size, self.embed_dim = cfg.queue_size, config.model.embed_dim
         batched, whole = PartitionSpec(sharding.BATCH_AXES), PartitionSpec()
         queue = {"embeds": batched, "pointer": whole, "count": whole}
