@@ -17,7 +17,7 @@ from clipjax import evaluate, objectives, optimizers, paths
 from clipjax.data import image_ops, sources
 from clipjax.data import tokenizer as tokenizer_lib
 from clipjax.errors import ConfigError
-from clipjax.models.layers import REMAT_POLICIES
+from clipjax.models.layers import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
 from clipjax.models.resnet import resnet_size
 from clipjax.models.vit import vit_size
 
@@ -53,6 +53,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.quick_gelu = False  # OpenAI's x·σ(1.702x) GELU, which its released weights need
     c.model.scan_layers = False  # nn.scan over transformer blocks: compile time flat in depth
     c.model.remat = "none"  # what the blocks' backward keeps: "none" (all), "dots", "full"
+    # The transformers' attention kernel (jax.nn.dot_product_attention's implementation):
+    # "auto" takes cuDNN's fused flash attention on a GPU with 16-bit operands, XLA elsewhere;
+    # "xla" or "cudnn" forces one ("cudnn" needs a GPU and a 16-bit model.dtype).
+    c.model.attention = "auto"
     c.model.image = ml_collections.ConfigDict()
     c.model.image.variant = "B/32"  # ViT "<size>/<patch>", or ResNet "RN50", "RN101", ...
     c.model.image.size = 224
@@ -398,6 +402,7 @@ def _check_values(config) -> None:
         "optim.name": (config.optim.name, optimizers.OPTIMIZERS),
         "model.dtype": (config.model.dtype, DTYPES),
         "model.remat": (config.model.remat, tuple(REMAT_POLICIES)),
+        "model.attention": (config.model.attention, ATTENTION_IMPLEMENTATIONS),
     }
     for name, (value, known) in names.items():
         if value not in known:
@@ -406,6 +411,11 @@ def _check_values(config) -> None:
             raise ConfigError(
                 f"config.{name}={value!r} is unknown; use one of {', '.join(known)}.{hint}"
             )
+    if config.model.attention == "cudnn" and config.model.dtype == "float32":
+        raise ConfigError(
+            "config.model.attention='cudnn' needs 16-bit operands: set config.model.dtype="
+            "'bfloat16', or config.model.attention='auto'."
+        )
 
 
 def validate(config, workdir: str, data_parallel: int) -> None:

@@ -66,46 +66,76 @@ class Linear(nn.Module):
         return y + bias.reshape([sizes.get(index, 1) for index in out])
 
 
+# model.attention -> the `implementation` of `jax.nn.dot_product_attention`: "auto" is cuDNN's
+# fused kernel where it applies (a GPU, 16-bit operands), else JAX's default (XLA's composition).
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+
+
+def attend(query, key, value, *, causal: bool, implementation: str = "auto"):
+    """Scaled dot-product attention, (B, L, heads, head_dim) each -> (B, L, heads, head_dim),
+    through `jax.nn.dot_product_attention` (fused on GPUs; `implementation` picks, see
+    ATTENTION_IMPLEMENTATIONS). The softmax and its statistics are float32 on every path, the
+    products take the operands' dtype; `causal` lets position t see positions <= t only."""
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(
+            f"model.attention={implementation!r} is unknown; use one of "
+            f"{', '.join(ATTENTION_IMPLEMENTATIONS)}."
+        )
+    if implementation == "auto":
+        fused = jax.default_backend() == "gpu" and query.dtype in (jnp.bfloat16, jnp.float16)
+        if not fused:
+            return jax.nn.dot_product_attention(query, key, value, is_causal=causal)
+        try:
+            return jax.nn.dot_product_attention(
+                query, key, value, is_causal=causal, implementation="cudnn"
+            )
+        except (NotImplementedError, ValueError, RuntimeError):  # shapes or a GPU it refuses
+            return jax.nn.dot_product_attention(query, key, value, is_causal=causal)
+    return jax.nn.dot_product_attention(
+        query, key, value, is_causal=causal, implementation=implementation
+    )
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with q/k/v/out biases: (B, L, W) -> (B, L, W).
 
-    The four projections and both attention products follow the precision policy; the
-    softmax is float32.
+    The four projections follow the precision policy; the attention itself is `attend` on
+    operands cast to the compute dtype, so with bfloat16 both of its products take bfloat16
+    operands, its softmax is float32, and its output is bfloat16 (the out projection's operand
+    dtype in any case).
     """
 
     heads: int
     causal: bool = False
     dtype: jnp.dtype = jnp.float32
+    implementation: str = "auto"
 
     @nn.compact
     def __call__(self, x):
-        width, length = x.shape[-1], x.shape[1]
+        width = x.shape[-1]
         if width % self.heads:
             raise ValueError(f"Width {width} is not divisible by {self.heads} attention heads.")
         head_dim = width // self.heads
 
-        # Heads before positions: both attention products are plain batched matmuls. With
-        # positions first, XLA:CPU fails on some backward products with bfloat16 operands
-        # ("Unsupported element type for DotThunk: BF16 x BF16 = F32").
-        def project(name):  # (B, L, W) -> (B, heads, L, head_dim)
+        def project(name):  # (B, L, W) -> (B, L, heads, head_dim), in the compute dtype
             return Linear(
-                "BLW,WHD->BHLD",
+                "BLW,WHD->BLHD",
                 (width, self.heads, head_dim),
                 ("embed", "heads", "kv"),
                 kernel_init=QKV_INIT,
                 dtype=self.dtype,
                 name=name,
-            )(x)
+            )(x).astype(self.dtype)
 
-        query, key, value = project("query"), project("key"), project("value")
-        logits = precision.einsum("BHTD,BHSD->BHTS", query, key, self.dtype) * head_dim**-0.5
-        if self.causal:
-            allowed = jnp.tril(jnp.ones((length, length), bool))
-            logits = jnp.where(allowed, logits, jnp.finfo(logits.dtype).min)
-        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-        out = precision.einsum("BHTS,BHSD->BHTD", weights, value, self.dtype)
+        out = attend(
+            project("query"),
+            project("key"),
+            project("value"),
+            causal=self.causal,
+            implementation=self.implementation,
+        )
         return Linear(
-            "BHLD,HDW->BLW",
+            "BLHD,HDW->BLW",
             (self.heads, head_dim, width),
             ("heads", "kv", "embed"),
             kernel_init=OUT_INIT,
@@ -156,10 +186,11 @@ class Block(nn.Module):
     causal: bool = False
     dtype: jnp.dtype = jnp.float32
     quick_gelu: bool = False
+    attention: str = "auto"  # ATTENTION_IMPLEMENTATIONS
 
     @nn.compact
     def __call__(self, x):
-        x = x + Attention(self.heads, self.causal, self.dtype, name="attn")(
+        x = x + Attention(self.heads, self.causal, self.dtype, self.attention, name="attn")(
             layer_norm("ln_attn")(x)
         )
         mlp = Mlp(self.mlp_dim, self.dtype, self.quick_gelu, name="mlp")
@@ -185,7 +216,8 @@ class Transformer(nn.Module):
 
     The blocks are named block_00, block_01, ..., or with `scan` one `blocks` module whose
     parameters have a leading depth axis, applied by `nn.scan` (one block is compiled, not
-    `depth`). `remat` names a policy of REMAT_POLICIES for what the backward pass keeps.
+    `depth`). `remat` names a policy of REMAT_POLICIES for what the backward pass keeps, and
+    `attention` an implementation of ATTENTION_IMPLEMENTATIONS.
     """
 
     depth: int
@@ -196,6 +228,7 @@ class Transformer(nn.Module):
     quick_gelu: bool = False
     scan: bool = False
     remat: str = "none"
+    attention: str = "auto"  # ATTENTION_IMPLEMENTATIONS
 
     @nn.compact
     def __call__(self, x):
@@ -207,7 +240,7 @@ class Transformer(nn.Module):
         if self.remat != "none":
             # Inside a scan, common subexpressions cannot merge across steps: no need to guard.
             block = nn.remat(Block, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan)
-        args = (self.heads, self.mlp_dim, self.causal, self.dtype, self.quick_gelu)
+        args = (self.heads, self.mlp_dim, self.causal, self.dtype, self.quick_gelu, self.attention)
         x = nn.with_logical_constraint(x, ACTIVATION_AXES)
         if self.scan:
             layers = nn.scan(

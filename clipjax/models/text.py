@@ -27,6 +27,7 @@ class TextTransformer(nn.Module):
     quick_gelu: bool = False
     scan_layers: bool = False
     remat: str = "none"
+    attention: str = "auto"  # layers.ATTENTION_IMPLEMENTATIONS
 
     @nn.compact
     def __call__(self, tokens):
@@ -60,6 +61,7 @@ class TextTransformer(nn.Module):
             quick_gelu=self.quick_gelu,
             scan=self.scan_layers,
             remat=self.remat,
+            attention=self.attention,
             name="transformer",
         )(x)
         states = layer_norm("ln_final")(x)

@@ -59,6 +59,7 @@ class TwoTower(nn.Module):
     quick_gelu: bool = False  # OpenAI's GELU approximation in both transformers
     scan_layers: bool = False  # nn.scan over the transformer blocks of both towers
     remat: str = "none"  # what the blocks' backward pass keeps (layers.REMAT_POLICIES)
+    attention: str = "auto"  # the blocks' attention kernel (layers.ATTENTION_IMPLEMENTATIONS)
     projection: str = "linear"
     log_scale_init: float = LOGIT_SCALE_INIT
     bias_init: float | None = None  # a learned logit bias when set (SigLIP)
@@ -78,6 +79,7 @@ class TwoTower(nn.Module):
             quick_gelu=model_config.quick_gelu,
             scan_layers=model_config.scan_layers,
             remat=model_config.remat,
+            attention=model_config.attention,
             text_vocab_size=text.vocab_size,
             text_context_length=text.context_length,
             text_width=text.width,
@@ -112,6 +114,7 @@ class TwoTower(nn.Module):
                 self.quick_gelu,
                 self.scan_layers,
                 self.remat,
+                self.attention,
             )
         self.text_tower = TextTransformer(
             self.text_vocab_size,
@@ -123,6 +126,7 @@ class TwoTower(nn.Module):
             quick_gelu=self.quick_gelu,
             scan_layers=self.scan_layers,
             remat=self.remat,
+            attention=self.attention,
         )
         if self.projection == "linear":
             self.image_projection = _projection(self.embed_dim, "image_projection")

@@ -40,6 +40,7 @@ class VisionTransformer(nn.Module):
     quick_gelu: bool = False
     scan_layers: bool = False
     remat: str = "none"
+    attention: str = "auto"  # layers.ATTENTION_IMPLEMENTATIONS
 
     @nn.compact
     def __call__(self, images):
@@ -87,6 +88,7 @@ class VisionTransformer(nn.Module):
             quick_gelu=self.quick_gelu,
             scan=self.scan_layers,
             remat=self.remat,
+            attention=self.attention,
             name="transformer",
         )(x)
         pooled = layer_norm("ln_post")(x[:, 0])
