@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from clipjax import sharding
-from clipjax.models import layers, precision
 from clipjax.config import base_config
+from clipjax.models import layers, precision
 from clipjax.models.text import TextTransformer
 from clipjax.models.two_tower import TwoTower
 from clipjax.models.vit import VisionTransformer, vit_size
