@@ -73,6 +73,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.train = "shapes"  # source spec string
     c.data.num_workers = 8  # Grain decode processes; 0 decodes in the training process
+    c.data.device_prefetch = 2  # batches placed on the devices ahead of the step using them
     # Each training image view (see image_ops.Augment): "clip" = RandomResizedCrop + flip;
     # "mocov2" adds colour jitter, grayscale and blur (sigma scaled to the image size).
     c.data.augment = ml_collections.ConfigDict(
@@ -390,6 +391,7 @@ def _check_values(config) -> None:
         "max_nonfinite_steps": 1,
         "ckpt_every_secs": 0,
         "data.num_workers": 0,
+        "data.device_prefetch": 0,
     }
     for name, low in at_least.items():
         value = config

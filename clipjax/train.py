@@ -7,30 +7,24 @@ init) → restore → compile → loop (step, metrics, evals, checkpoints).
 import contextlib
 import functools
 import json
-import signal
-import threading
-import time
 from typing import Any
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from absl import logging
 
-from clipjax import checkpoint, objectives, optimizers, paths, sharding
+from clipjax import bookkeeping, checkpoint, objectives, optimizers, paths, sharding
 from clipjax import config as config_lib
 from clipjax.data import pipeline, sources
 from clipjax.data import tokenizer as tokenizer_lib
+from clipjax.data.prefetch import DevicePrefetch
 from clipjax.errors import Interrupted, TrainingError
 from clipjax.evaluate import evaluator as evaluator_lib
 from clipjax.lock import workdir_lock
 from clipjax.metrics import MetricsWriter, Progress
-
-# Step metrics the loop reads on every step, not logged: they decide for every process.
-_HOST_FLAGS = ("train/nonfinite", "data/skipped", "control/stop", "control/save")
 
 
 @flax.struct.dataclass
@@ -166,30 +160,6 @@ def _save_config(config, workdir: str) -> None:
         paths.write_atomic(paths.path(workdir) / "config.json", text.encode())
 
 
-@contextlib.contextmanager
-def _stop_signals():
-    """While inside, SIGTERM and SIGINT only record their number in the yielded dict (`signal`);
-    a second one acts as it would have. Signals reach only the main thread."""
-    received = {"signal": None}
-    if threading.current_thread() is not threading.main_thread():
-        yield received
-        return
-    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
-
-    def record(signum, frame):
-        del frame
-        received["signal"] = signum
-        signal.signal(signum, previous[signum])
-
-    for signum in previous:
-        signal.signal(signum, record)
-    try:
-        yield received
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-
 def _diverged(step: int, count: int, ckpt: checkpoint.Checkpointer) -> TrainingError:
     latest = ckpt.latest_step()
     last = f"{ckpt.directory}/{latest}" if latest is not None else "none yet"
@@ -202,126 +172,125 @@ def _diverged(step: int, count: int, ckpt: checkpoint.Checkpointer) -> TrainingE
     )
 
 
-def run(config, workdir: str, *, stop_at: int | None = None) -> None:
+def run(config, workdir: str, *, stop_at: int | None = None, input_batches=None) -> None:
     """Train (or resume) in `workdir` until `config.total_steps`, or until step `stop_at`.
 
-    SIGTERM or SIGINT ends the current step, saves a checkpoint and raises `Interrupted`."""
+    SIGTERM or SIGINT ends the current step and the next, saves a checkpoint and raises
+    `Interrupted`. `input_batches` replaces the config's input with an iterator of global
+    batches already on the devices (a Grain iterator, for its position: `clipjax.bench`)."""
     # ---- Config checks, before anything compiles ----
     mesh = sharding.make_mesh(config.mesh)
     config_lib.validate(config, workdir, sharding.data_parallel_size(mesh))
     lock = workdir_lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
-    with lock:
-        _train(config, workdir, mesh, stop_at)
+    with lock, jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+        _train(config, workdir, mesh, stop_at, input_batches)
 
 
-def _train(config, workdir: str, mesh, stop_at: int | None) -> None:
-    if config.data.train.split(":")[0] in ("shapes", "glyphs"):
+def _start(config, workdir: str, mesh, input_batches):
+    """Objective, step, checkpointer, evaluators, the batches on the devices (restored to the
+    checkpoint's position) and the state: restored, initialised, or loaded (`init_from`)."""
+    objective, init, abstract_state, step_fn = build(config, mesh)
+    ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_ckpts)
+    ckpt.check_compatible(abstract_state)
+    _save_config(config, workdir)
+
+    loaded_model = None
+    if config.init_from and ckpt.latest_step() is None:
+        from clipjax import inference  # only runs that start from weights need it
+
+        loaded_model = inference.load(config.init_from)
+    tokenizer = _tokenizer(config, workdir, loaded_model)
+    if tokenizer.vocab_size > config.model.text.vocab_size:
+        raise config_lib.ConfigError(
+            f"config.model.text.vocab_size={config.model.text.vocab_size} is smaller than "
+            f"the tokenizer's {tokenizer.vocab_size} pieces; raise it to at least "
+            f"{tokenizer.vocab_size}."
+        )
+    try:
+        if input_batches is None:
+            train_iter = iter(input_pipeline(config, tokenizer, objective.views, mesh))
+        else:
+            train_iter = input_batches
+        evaluators = evaluator_lib.make_evaluators(
+            config, objective=objective, tokenizer=tokenizer, mesh=mesh
+        )
+    except ValueError as e:  # views the tokenizer cannot make; class lists that do not match
+        raise config_lib.ConfigError(str(e)) from None
+
+    state = ckpt.restore(abstract_state, train_iter)
+    if state is None:
+        state = init(jax.random.PRNGKey(config.seed))
+        if loaded_model:
+            variables = loaded_model.merge_into(
+                {"params": state.params, **state.model_state}, config.model
+            )
+            state = state.replace(params=variables.pop("params"), model_state=variables)
+    if input_batches is None:
+        place = functools.partial(sharding.to_global, mesh=mesh, global_batch=config.batch_size)
+        train_iter = DevicePrefetch(train_iter, place, config.data.device_prefetch)
+    return step_fn, ckpt, evaluators, train_iter, state, loaded_model
+
+
+def _train(config, workdir: str, mesh, stop_at: int | None, input_batches) -> None:
+    if config.data.train.split(":")[0] in ("shapes", "glyphs") and input_batches is None:
         logging.info(
             "Training on a built-in dataset. For real data set --config.data.train "
             "to a source spec (see the README)."
         )
+    step_fn, ckpt, evaluators, batches, state, loaded_model = _start(
+        config, workdir, mesh, input_batches
+    )
+    first_step = int(state.step)
+    last_step = min(config.total_steps, stop_at or config.total_steps)
+    lo, hi = sharding.process_rows(mesh, config.batch_size)  # this process's rows
+    writer = MetricsWriter(workdir)
+    progress = Progress(config.total_steps, config.batch_size, first_step)
 
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-        # ---- Model, objective, state shapes ----
-        objective, init, abstract_state, step_fn = build(config, mesh)
-        ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_ckpts)
-        ckpt.check_compatible(abstract_state)
-        _save_config(config, workdir)
+    def evaluate(step: int, label: str) -> None:
+        results = evaluator_lib.run_all(evaluators, state.params, state.model_state)
+        logging.info("step %d%s  %s", step, label, json.dumps(results))
+        writer.write(step, results)
 
-        # ---- Tokenizer and input ----
-        loaded_model = None
-        if config.init_from and ckpt.latest_step() is None:
-            from clipjax import inference  # only runs that start from weights need it
-
-            loaded_model = inference.load(config.init_from)
-        tokenizer = _tokenizer(config, workdir, loaded_model)
-        if tokenizer.vocab_size > config.model.text.vocab_size:
-            raise config_lib.ConfigError(
-                f"config.model.text.vocab_size={config.model.text.vocab_size} is smaller than "
-                f"the tokenizer's {tokenizer.vocab_size} pieces; raise it to at least "
-                f"{tokenizer.vocab_size}."
-            )
-        try:
-            train_data = input_pipeline(config, tokenizer, objective.views, mesh)
-        except ValueError as e:  # a tokenizer or batch that does not fit the objective's views
-            raise config_lib.ConfigError(str(e)) from None
-        train_iter = iter(train_data)
-        try:
-            evaluators = evaluator_lib.make_evaluators(
-                config, objective=objective, tokenizer=tokenizer, mesh=mesh
-            )
-        except ValueError as e:  # e.g. a class list that does not match the source's labels
-            raise config_lib.ConfigError(str(e)) from None
-
-        # ---- State: restored, or initialised directly in its shardings ----
-        state = ckpt.restore(abstract_state, train_iter)
-        if state is None:
-            state = init(jax.random.PRNGKey(config.seed))
-            if loaded_model:
-                variables = loaded_model.merge_into(
-                    {"params": state.params, **state.model_state}, config.model
-                )
-                state = state.replace(params=variables.pop("params"), model_state=variables)
-        first_step = int(state.step)
-
-        # ---- Loop ----
-        writer = MetricsWriter(workdir)
+    try:
         if loaded_model and first_step == 0:  # where the loaded weights start from
-            results = evaluator_lib.run_all(evaluators, state.params, state.model_state)
-            logging.info("step 0 (%s)  %s", config.init_from, json.dumps(results))
-            writer.write(0, results)
-        last_step = min(config.total_steps, stop_at or config.total_steps)
-        progress = Progress(config.total_steps, config.batch_size, first_step)
-        skipped = 0  # bad records the input dropped since the last log row
-        nonfinite, nonfinite_run = 0, 0  # skipped updates since the last row, and in a row
-        last_save = time.monotonic()
-        try:
-            with _stop_signals() as stop:
-                for step in range(first_step + 1, last_step + 1):
-                    batch = next(train_iter)
-                    due = bool(config.ckpt_every_secs) and (
-                        time.monotonic() - last_save >= config.ckpt_every_secs
-                    )
-                    control = np.array([stop["signal"] is not None, due], np.int32)
-                    batch["control"] = np.tile(control, (len(batch["skipped"]), 1))
-                    batch = sharding.to_global(batch, mesh, config.batch_size)
-                    state, metrics = step_fn(state, batch)
-                    flags = jax.device_get({key: metrics.pop(key) for key in _HOST_FLAGS})
-                    skipped += int(flags["data/skipped"])
-                    if flags["train/nonfinite"]:
-                        nonfinite, nonfinite_run = nonfinite + 1, nonfinite_run + 1
-                    else:
-                        nonfinite_run = 0
-                    diverged = nonfinite_run >= config.max_nonfinite_steps
-                    if step == first_step + 1:
-                        jax.block_until_ready(state)
-                        progress = Progress(config.total_steps, config.batch_size, step)
-                        logging.info("Compiled and ran the first step.")
-                    if step % config.log_every == 0 or step == last_step or diverged:
-                        metrics = jax.device_get(metrics)
-                        if rate := progress.log(step, metrics["train/loss"]):
-                            metrics["train/samples_per_s"] = rate
-                        metrics["data/skipped"], skipped = skipped, 0
-                        metrics["train/nonfinite_steps"], nonfinite = nonfinite, 0
-                        writer.write(step, metrics)
-                    if diverged:
-                        raise _diverged(step, nonfinite_run, ckpt)
-                    if step % config.eval_every == 0 or step == config.total_steps:
-                        results = evaluator_lib.run_all(evaluators, state.params, state.model_state)
-                        logging.info("step %d  %s", step, json.dumps(results))
-                        writer.write(step, results)
-                    # A signal on any process stops every process at this step.
-                    stopping = bool(flags["control/stop"])
-                    saving = step % config.ckpt_every == 0 or step == last_step
-                    if saving or flags["control/save"] or stopping:
-                        ckpt.save(step, state, train_iter)
-                        last_save = time.monotonic()
-                    if stopping:
-                        ckpt.wait()
-                        signum = stop["signal"] or signal.SIGTERM  # another process's signal
-                        raise Interrupted(signum, step, f"{ckpt.directory}/{step}")
-        finally:
-            ckpt.close()
-            writer.close()
-            if hasattr(train_iter, "close"):
-                train_iter.close()
+            evaluate(0, f" ({config.init_from})")
+        with bookkeeping.stop_signals() as signals:
+            book = bookkeeping.Bookkeeper(
+                max_nonfinite_steps=config.max_nonfinite_steps,
+                ckpt_every_secs=config.ckpt_every_secs,
+                signals=signals,
+            )
+            for step in range(first_step + 1, last_step + 1):
+                control = sharding.to_global(book.control(hi - lo), mesh, config.batch_size)
+                state, metrics = step_fn(state, {**next(batches), "control": control})
+                if step == first_step + 1:
+                    jax.block_until_ready(state)
+                    progress = Progress(config.total_steps, config.batch_size, step)
+                    logging.info("Compiled and ran the first step.")
+                evaluating = step % config.eval_every == 0 or step == config.total_steps
+                saving = step % config.ckpt_every == 0 or step == last_step
+                for done in book.dispatched(step, metrics, wait=evaluating or saving):
+                    if done.step % config.log_every == 0 or done.step == last_step or done.diverged:
+                        writer.write(done.step, _logged_row(book, done, progress))
+                    if done.diverged:
+                        raise _diverged(done.step, done.nonfinite_run, ckpt)
+                if evaluating:
+                    evaluate(step, "")
+                if saving or book.save_requested or book.stop_requested:
+                    ckpt.save(step, state, batches)
+                    book.saved(step)
+                if book.stop_requested:  # a signal on any process stops every process here
+                    ckpt.wait()
+                    raise Interrupted(book.signal, step, f"{ckpt.directory}/{step}")
+    finally:
+        ckpt.close()
+        writer.close()
+        if hasattr(batches, "close"):
+            batches.close()
+
+
+def _logged_row(book: bookkeeping.Bookkeeper, done: bookkeeping.Finished, progress) -> dict:
+    row = book.row(done)
+    if rate := progress.log(done.step, row["train/loss"]):
+        row["train/samples_per_s"] = rate
+    return row

@@ -6,8 +6,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
-import time
 
 import flax.linen as nn
 import jax
@@ -18,7 +16,7 @@ from clipjax import checkpoint, sharding, train
 from clipjax.config import ConfigError, eval_settings, load_saved
 from clipjax.errors import Interrupted, TrainingError
 from clipjax.evaluate import checkpoint_eval
-from clipjax.metrics import read_metrics
+from clipjax.metrics import MetricsWriter, read_metrics
 from tests import tiny
 
 
@@ -116,42 +114,37 @@ def test_incompatible_checkpoint_is_refused(runs):
         train.run(config, straight)
 
 
-def _count_lines(path: str) -> int:
-    with open(path) as f:
-        return sum(1 for _ in f)
-
-
 def _checkpoint_steps(workdir):
     return sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")))
 
 
-def test_sigterm_saves_the_step_reached_and_resume_is_exact(runs, tmp_path):
-    """SIGTERM during step k: the step finishes, k is checkpointed, Interrupted says so; a
-    rerun continues on exactly the uninterrupted run's losses."""
+def test_sigterm_saves_the_step_reached_and_resume_is_exact(runs, tmp_path, monkeypatch):
+    """SIGTERM while step k runs: step k+1, the next one dispatched, carries the stop; the host
+    reads it once step k+2 is dispatched, so k+2 is checkpointed and Interrupted says so (one
+    step later than a host that waited for every step); a rerun continues on exactly the
+    uninterrupted run's losses."""
     straight, _, _ = runs
     config = tiny_config()
     config.ckpt_every = 100  # only the signal's checkpoint (and the last step's)
     workdir = str(tmp_path / "run")
-    metrics = os.path.join(workdir, "metrics.jsonl")
 
-    def terminate_after_two_rows():
-        while not os.path.exists(metrics) or _count_lines(metrics) < 2:
-            time.sleep(0.01)
-        os.kill(os.getpid(), signal.SIGTERM)
+    class TerminatedAfterRow2(MetricsWriter):
+        def write(self, step, scalars):
+            super().write(step, scalars)
+            if step == 2:  # written once step 3 is dispatched
+                os.kill(os.getpid(), signal.SIGTERM)
 
-    killer = threading.Thread(target=terminate_after_two_rows, daemon=True)
-    killer.start()
+    monkeypatch.setattr(train, "MetricsWriter", TerminatedAfterRow2)
     with pytest.raises(Interrupted) as e:
         train.run(config, workdir)
-    killer.join()
-    step = e.value.step
-    assert 2 <= step < 6 and e.value.signum == signal.SIGTERM
+    assert e.value.step == 5 and e.value.signum == signal.SIGTERM
     assert str(e.value) == (
-        f"SIGTERM received: stopped at step {step} and saved {workdir}/checkpoints/{step}; run "
+        f"SIGTERM received: stopped at step 5 and saved {workdir}/checkpoints/5; run "
         "the same command again to resume."
     )
-    assert _checkpoint_steps(workdir) == [step]
+    assert _checkpoint_steps(workdir) == [5]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back
+    monkeypatch.undo()
     train.run(config, workdir)
     assert _losses(workdir) == _losses(straight)
 
@@ -256,4 +249,6 @@ def test_ckpt_every_secs_saves_on_time(tmp_path):
     config.ckpt_every_secs = 1e-9  # every step is past due
     workdir = str(tmp_path / "run")
     train.run(config, workdir)
-    assert _checkpoint_steps(workdir) == [1, 2, 3, 4, 5, 6]
+    # Step t's request is read once step t+1 is dispatched, and saved there; step t+1's own
+    # request was made before that save, which served it. The last step is always saved.
+    assert _checkpoint_steps(workdir) == [2, 4, 6]
