@@ -53,6 +53,7 @@ class Finished:
     metrics: dict  # its other metrics, still on the device until `Bookkeeper.row`
     nonfinite_run: int  # steps in a row, up to this one, whose update was not applied
     diverged: bool  # that run reached config.max_nonfinite_steps
+    counts: tuple[int, int]  # skipped records and non-finite steps, in all, up to this one
 
 
 class Bookkeeper:
@@ -73,7 +74,8 @@ class Bookkeeper:
         self._signals, self._clock = signals, clock
         self._pending: tuple[int, dict] | None = None  # the dispatched step not read yet
         self._nonfinite_run = 0
-        self._skipped, self._nonfinite = 0, 0  # since the last logged row
+        self._counts = (0, 0)  # skipped records and non-finite steps read, in all
+        self._counts_logged = (0, 0)  # ... up to the last logged row
         self._last_save_time, self._last_save_step = clock(), -1
         self.stop_requested = False  # a finished step carried a stop signal of any process
         self.save_requested = False  # ... or a timed save due after the last save
@@ -104,23 +106,23 @@ class Bookkeeper:
     def _finish(self, step: int, metrics: dict) -> Finished:
         metrics = dict(metrics)
         flags = jax.device_get({k: metrics.pop(k) for k in FLAGS if k in metrics})
-        self._skipped += int(flags.get("data/skipped", 0))
         nonfinite = bool(flags.get("train/nonfinite", 0))
-        self._nonfinite += nonfinite
+        skipped = int(flags.get("data/skipped", 0))
+        self._counts = (self._counts[0] + skipped, self._counts[1] + nonfinite)
         self._nonfinite_run = self._nonfinite_run + 1 if nonfinite else 0
         self.stop_requested |= bool(flags.get("control/stop", 0))
         # A request made before the last save was served by it.
         self.save_requested |= bool(flags.get("control/save", 0)) and step > self._last_save_step
-        return Finished(
-            step, metrics, self._nonfinite_run, self._nonfinite_run >= self._max_nonfinite
-        )
+        diverged = self._nonfinite_run >= self._max_nonfinite
+        return Finished(step, metrics, self._nonfinite_run, diverged, self._counts)
 
     def row(self, finished: Finished) -> dict:
         """The logged row of a finished step: its metrics fetched, with the skipped records and
         non-finite steps counted since the previous row."""
         row = jax.device_get(finished.metrics)
-        row["data/skipped"], self._skipped = self._skipped, 0
-        row["train/nonfinite_steps"], self._nonfinite = self._nonfinite, 0
+        since = [now - then for now, then in zip(finished.counts, self._counts_logged)]
+        row["data/skipped"], row["train/nonfinite_steps"] = since
+        self._counts_logged = finished.counts
         return row
 
     def saved(self, step: int) -> None:

@@ -252,3 +252,42 @@ def test_ckpt_every_secs_saves_on_time(tmp_path):
     # Step t's request is read once step t+1 is dispatched, and saved there; step t+1's own
     # request was made before that save, which served it. The last step is always saved.
     assert _checkpoint_steps(workdir) == [2, 4, 6]
+
+
+def test_the_host_reads_only_the_previous_steps_flags_and_logged_rows(tmp_path, monkeypatch):
+    """In the steady state, after dispatching step t the host fetches only step t-1's flags,
+    and the other metrics only of logged steps; it waits for a step itself only where it
+    evaluates or saves (here the last step)."""
+    config = tiny_config()
+    config.total_steps, config.log_every, config.ckpt_every = 8, 4, 100
+    dispatched, owner, fetched = [], {}, []
+    real_build, real_get = train.build, jax.device_get
+
+    def build(config, mesh):
+        objective, init, abstract_state, step_fn = real_build(config, mesh)
+
+        def recorded(state, batch):
+            state, metrics = step_fn(state, batch)
+            dispatched.append(len(dispatched) + 1)
+            # The arrays are kept, so that no other array takes their ids.
+            owner.update({id(v): (dispatched[-1], key, v) for key, v in metrics.items()})
+            return state, metrics
+
+        return objective, init, abstract_state, recorded
+
+    def device_get(tree):
+        for leaf in jax.tree.leaves(tree):
+            if id(leaf) in owner:
+                fetched.append((dispatched[-1], *owner[id(leaf)][:2]))
+        return real_get(tree)
+
+    monkeypatch.setattr(train, "build", build)
+    monkeypatch.setattr(jax, "device_get", device_get)
+    train.run(config, str(tmp_path / "run"))
+    flags = {"train/nonfinite", "data/skipped", "control/stop", "control/save"}
+    keys = {step: {key for _, s, key in fetched if s == step} for step in range(1, 9)}
+    for step in range(1, 9):
+        logged = step in (4, 8)
+        assert (keys[step] > flags) if logged else (keys[step] == flags), step
+    for latest, step, _ in fetched:
+        assert latest == (8 if step == 8 else step + 1), (latest, step)

@@ -19,10 +19,10 @@ class DevicePrefetch(grain.DatasetIterator):
 
     def __init__(self, iterator, place: Callable, size: int = 2):
         super().__init__()
-        if size < 0:
-            raise ValueError(f"config.data.device_prefetch={size} must be at least 0.")
         self._iterator, self._place, self._size = iterator, place, size
         self._ahead = collections.deque()  # (placed batch, the iterator's state after it)
+        if size < 0:
+            raise ValueError(f"config.data.device_prefetch={size} must be at least 0.")
         self._state = iterator.get_state()
 
     def _fill(self, count: int) -> None:
