@@ -120,7 +120,7 @@ class Bookkeeper:
         """The logged row of a finished step: its metrics fetched, with the skipped records and
         non-finite steps counted since the previous row."""
         row = jax.device_get(finished.metrics)
-        since = [now - then for now, then in zip(finished.counts, self._counts_logged)]
+        since = [now - then for now, then in zip(finished.counts, self._counts_logged, strict=True)]
         row["data/skipped"], row["train/nonfinite_steps"] = since
         self._counts_logged = finished.counts
         return row
