@@ -41,6 +41,14 @@ collective, elementwise) and the costliest HLO instructions with the JAX op each
   python -m clipjax.bench --config=configs/clip_vitb32.py --config.batch_size=32 --steps=2 \
       --profile=/tmp/trace_b32
 
+With `--loop`, the real `train.run` loop (checkpoints, metrics, the host's bookkeeping; no
+evaluations) trains on one synthetic batch already on the devices, and the bare compiled step
+runs on the same batch in the same process: both are timed over windows of `--steps` // 5
+steps (the first loop window, which compiles, left out), and the JSON gives both medians,
+`loop_samples_per_s` and `bare_samples_per_s`, and their ratio `loop_over_bare`:
+
+  python -m clipjax.bench --config=configs/clip_vitb32.py:local --loop --steps=100
+
 With `--data_only` (or `--data-only`), only the config's real training input pipeline runs (its
 source, workers, views and batch; the tokenizer trained in a temporary directory as the trainer
 does, or `config.data.tokenizer.path`): after `--warmup_batches`, `--steps` batches are timed in
@@ -51,12 +59,14 @@ does, or `config.data.tokenizer.path`): after `--warmup_batches`, `--steps` batc
 """
 
 import json
+import os
 import statistics
 import sys
 import tempfile
 import time
 
 import flax.linen as nn
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -65,7 +75,7 @@ from jax.sharding import PartitionSpec
 from ml_collections import config_flags
 
 from clipjax import config as config_lib
-from clipjax import losses, nn_queue, objectives, sharding, train
+from clipjax import losses, metrics, nn_queue, objectives, sharding, train
 from clipjax.data import sources
 from clipjax.data import tokenizer as tokenizer_lib
 from clipjax.models import precision
@@ -92,6 +102,7 @@ def define_flags() -> None:
     )
     flags.DEFINE_bool("compile_only", False, "Only lower and compile the train step; report times.")
     flags.DEFINE_integer("warmup_batches", 10, "data_only: batches read before timing.")
+    flags.DEFINE_bool("loop", False, "Time train.run's loop against the bare step, same batch.")
     flags.mark_flags_as_required(["config"])
 
 
@@ -129,6 +140,7 @@ def synthetic_batch(config, mesh, views: Views) -> dict:
         if kind == "mlm":
             batch["mlm_labels"] = np.where(rng.random((n, length)) < 0.15, tokens(), 0)
     lo, hi = sharding.process_rows(mesh, n)
+    batch["control"] = np.zeros((n, 2), np.int32)  # as the trainer sends: no stop, no save
     return sharding.to_global({k: v[lo:hi] for k, v in batch.items()}, mesh, n)
 
 
@@ -155,6 +167,73 @@ def _time_step(config, steps: int):
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - start)
     return statistics.median(times), compile_s, compiled
+
+
+class _Resident(grain.DatasetIterator):
+    """One global batch on the devices, handed out forever; its position counts batches."""
+
+    def __init__(self, batch: dict):
+        super().__init__()
+        self._batch, self._batches = batch, 0
+
+    def __next__(self) -> dict:
+        self._batches += 1
+        return self._batch
+
+    def get_state(self) -> dict:
+        return {"batches": self._batches}
+
+    def set_state(self, state: dict) -> None:
+        self._batches = state["batches"]
+
+
+_WINDOWS = 5
+
+
+def loop_overhead(config, steps: int) -> dict:
+    """samples/s of `train.run`'s loop and of the bare compiled step on the same resident
+    batch, medians over windows of `steps` // 5 steps, in this process (the bare step before
+    and after the loop)."""
+    window = max(1, steps // _WINDOWS)
+    compiled, state, batch, _ = compiled_step(config)
+    state, _ = compiled(state, batch)  # warm-up
+
+    def bare_rates() -> list[float]:
+        nonlocal state
+        rates = []
+        for _ in range(_WINDOWS):
+            start = time.perf_counter()
+            for _ in range(window):
+                state, step_metrics = compiled(state, batch)
+            jax.block_until_ready((state, step_metrics))
+            rates.append(window * config.batch_size / (time.perf_counter() - start))
+        return rates
+
+    bare = bare_rates()
+    loop_config = config.copy_and_resolve_references()
+    loop_config.total_steps = window * (_WINDOWS + 1)
+    loop_config.log_every, loop_config.ckpt_every = window, 10**9
+    loop_config.eval_every, loop_config.evals = 10**9, {}
+    resident = {key: value for key, value in batch.items() if key != "control"}
+    with tempfile.TemporaryDirectory() as workdir:
+        train.run(loop_config, workdir, input_batches=_Resident(resident))
+        rows, _ = metrics.read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    rates = {
+        row["step"]: row["train/samples_per_s"] for row in rows if "train/samples_per_s" in row
+    }
+    loop = [rate for step, rate in sorted(rates.items()) if step > window]
+    bare += bare_rates()
+    result = {
+        "loop_samples_per_s": statistics.median(loop),
+        "bare_samples_per_s": statistics.median(bare),
+        "window_steps": window,
+        "loop_window_samples_per_s": loop,
+        "bare_window_samples_per_s": bare,
+        "batch_size": config.batch_size,
+        "dtype": config.model.dtype,
+    }
+    result["loop_over_bare"] = result["loop_samples_per_s"] / result["bare_samples_per_s"]
+    return result
 
 
 def compile_times(config) -> dict:
@@ -341,6 +420,8 @@ def main(argv) -> None:
         result = data_throughput(FLAGS.config, FLAGS.steps, FLAGS.warmup_batches)
     elif FLAGS.compile_only:
         result = compile_times(FLAGS.config)
+    elif FLAGS.loop:
+        result = loop_overhead(FLAGS.config, FLAGS.steps)
     elif FLAGS.profile:
         result = profile(FLAGS.config, FLAGS.steps, FLAGS.profile)
     elif FLAGS.loss_only:
