@@ -269,7 +269,6 @@ TOLERANCE = {"float32": (1e-6, 1e-6), "bfloat16": (2e-2, 2e-2)}
     [
         ("float32", False, "none"),
         ("float32", True, "full"),
-        ("float32", False, "dots"),
         ("bfloat16", False, "none"),
         ("bfloat16", True, "full"),
     ],
