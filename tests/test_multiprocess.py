@@ -24,7 +24,7 @@ from clipjax.metrics import read_metrics, series
 from tests.configs import tiny as tiny_configs
 
 ROOT = pathlib.Path(__file__).parent.parent
-STEPS = 4
+STEPS = 6
 # Every run's settings (checkpoints only at a stop and at the end), in-process and as flags.
 SETTINGS = {"total_steps": STEPS, "log_every": 1, "eval_every": 1000, "ckpt_every": 1000}
 COMMON = [f"--config.{field}={value}" for field, value in SETTINGS.items()]
@@ -108,7 +108,7 @@ def _declip_config():
 def test_a_one_process_checkpoint_resumes_on_two_processes_on_the_same_batches(
     one_process, tmp_path
 ):
-    """Steps 3–4 on 2 × 4 after a 1 × 8 checkpoint of step 2 equal the 1 × 8 run's, and so do
+    """Steps 3–6 on 2 × 4 after a 1 × 8 checkpoint of step 2 equal the 1 × 8 run's, and so do
     the evaluations, which each process embeds its share of."""
     workdir = one_process["clip_stopped"]
     status, output = _finish(_start(CLIP, workdir, tmp_path), tmp_path)
