@@ -81,19 +81,18 @@ def attend(query, key, value, *, causal: bool, implementation: str = "auto"):
             f"model.attention={implementation!r} is unknown; use one of "
             f"{', '.join(ATTENTION_IMPLEMENTATIONS)}."
         )
-    if implementation == "auto":
-        fused = jax.default_backend() == "gpu" and query.dtype in (jnp.bfloat16, jnp.float16)
-        if not fused:
-            return jax.nn.dot_product_attention(query, key, value, is_causal=causal)
-        try:
-            return jax.nn.dot_product_attention(
-                query, key, value, is_causal=causal, implementation="cudnn"
-            )
-        except (NotImplementedError, ValueError, RuntimeError):  # shapes or a GPU it refuses
-            return jax.nn.dot_product_attention(query, key, value, is_causal=causal)
-    return jax.nn.dot_product_attention(
-        query, key, value, is_causal=causal, implementation=implementation
-    )
+    impl = None if implementation == "auto" else implementation
+    sixteen_bit = query.dtype in (jnp.bfloat16, jnp.float16)  # what cuDNN's fused kernel takes
+    if impl is None and sixteen_bit and jax.default_backend() == "gpu":
+        impl = "cudnn"
+    try:
+        return jax.nn.dot_product_attention(
+            query, key, value, is_causal=causal, implementation=impl
+        )
+    except (NotImplementedError, ValueError, RuntimeError):  # a shape or GPU cuDNN refuses
+        if implementation != "auto" or impl is None:
+            raise
+        return jax.nn.dot_product_attention(query, key, value, is_causal=causal)
 
 
 class Attention(nn.Module):
