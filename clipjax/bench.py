@@ -80,6 +80,7 @@ from clipjax.data import sources
 from clipjax.data import tokenizer as tokenizer_lib
 from clipjax.models import precision
 from clipjax.objectives.base import Views
+from clipjax.step import build
 from clipjax.tools import step_profile
 
 FLAGS = flags.FLAGS
@@ -148,7 +149,7 @@ def compiled_step(config):
     """`config`'s train step compiled for synthetic inputs: (step, state, batch, compile s)."""
     mesh = sharding.make_mesh(config.mesh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-        objective, init, _, step_fn = train.build(config, mesh)
+        objective, init, _, step_fn = build(config, mesh)
         state = init(jax.random.PRNGKey(config.seed))
         batch = synthetic_batch(config, mesh, objective.views)
         start = time.perf_counter()
@@ -240,7 +241,7 @@ def compile_times(config) -> dict:
     """Lower and compile `config`'s train step from abstract shapes: nothing is allocated."""
     mesh = sharding.make_mesh(config.mesh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-        objective, _, abstract_state, step_fn = train.build(config, mesh)
+        objective, _, abstract_state, step_fn = build(config, mesh)
         batch = synthetic_batch(config, mesh, objective.views)  # small: only the state is big
         start = time.perf_counter()
         lowered = step_fn.lower(abstract_state, batch)

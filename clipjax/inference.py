@@ -9,13 +9,12 @@
 
 An open_clip folder holds `open_clip_config.json` and `open_clip_model.safetensors`, as
 open_clip's `save_for_hf` and `clipjax.export` write them. Its tokenizer is the folder's
-`tokenizer.model` (sentencepiece, clipjax exports) or `bpe_simple_vocab_16e6.txt.gz`, else the
-`tokenizer=` path, else the BPE vocabulary of an installed open_clip package.
+`tokenizer=` path, else the folder's `tokenizer.model` (sentencepiece, clipjax exports) or
+`bpe_simple_vocab_16e6.txt.gz`, else OpenAI's BPE vocabulary, which clipjax ships.
 """
 
 import dataclasses
 import functools
-import importlib.util
 import json
 import math
 import os
@@ -36,6 +35,7 @@ from clipjax.errors import ConfigError
 from clipjax.models.resnet import resnet_size
 from clipjax.models.two_tower import TwoTower
 from clipjax.models.vit import vit_size
+from clipjax.step import build
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
@@ -207,13 +207,11 @@ def load(path: str, step: int | None = None, tokenizer: str | None = None) -> Mo
 
 
 def _load_workdir(workdir: str, step: int | None) -> Model:
-    from clipjax import train  # the trainer imports the data pipeline; only workdirs need it
-
     config = config_lib.load_saved(workdir)
     config.mesh = config_lib.base_config().mesh  # this machine's devices, data parallel
     mesh = sharding.make_mesh(config.mesh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-        objective, _, abstract_state, _ = train.build(config, mesh)
+        objective, _, abstract_state, _ = build(config, mesh)
         ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_ckpts)
         try:
             state = ckpt.restore_state(abstract_state, step)
@@ -259,7 +257,8 @@ def _load_open_clip(folder: str, tokenizer_path: str | None) -> Model:
         raise ConfigError(f"{weights_path} does not load ({e}).") from None
     leaves = weights.from_state_dict(state_dict, module, like, weights_path)
     variables = flax.traverse_util.unflatten_dict(leaves, sep="/")
-    tokenizer = _folder_tokenizer(folder, tokenizer_path)
+    model_cfg = saved.get("model_cfg", saved)
+    tokenizer = _folder_tokenizer(folder, tokenizer_path, model_cfg.get("text_cfg", {}))
     if tokenizer.vocab_size > config.model.text.vocab_size:
         raise ConfigError(
             f"{folder}: the tokenizer has {tokenizer.vocab_size} ids but the model's text "
@@ -275,21 +274,17 @@ def _load_open_clip(folder: str, tokenizer_path: str | None) -> Model:
     return Model(module, variables, tokenizer, config, interpolation=interpolation)
 
 
-def _folder_tokenizer(folder: str, tokenizer_path: str | None):
-    candidates = [tokenizer_path] if tokenizer_path else []
-    candidates += [os.path.join(folder, SENTENCEPIECE), os.path.join(folder, BPE_VOCAB)]
-    if importlib.util.find_spec("open_clip") is not None:  # its vocabulary, without importing
-        package = os.path.dirname(importlib.util.find_spec("open_clip").origin)
-        candidates.append(os.path.join(package, BPE_VOCAB))
-    for path in candidates:
-        if os.path.isfile(path):
-            try:
-                return tokenizer_lib.load(path)
-            except ValueError as e:
-                raise ConfigError(str(e)) from None
-    if tokenizer_path:
-        raise ConfigError(f"tokenizer={tokenizer_path!r} does not exist.")
-    raise ConfigError(
-        f"{folder} holds no {SENTENCEPIECE} or {BPE_VOCAB}: pass tokenizer= the path of the "
-        "model's sentencepiece model or OpenAI's BPE vocabulary."
-    )
+def _folder_tokenizer(folder: str, tokenizer_path: str | None, text_cfg: dict):
+    """`tokenizer_path`, else the folder's own tokenizer, else OpenAI's BPE vocabulary (which
+    clipjax ships), unless the model names a Hugging Face tokenizer instead."""
+    own = [os.path.join(folder, name) for name in (SENTENCEPIECE, BPE_VOCAB)]
+    path = tokenizer_path or next((p for p in own if os.path.isfile(p)), None)
+    if path is None and (name := text_cfg.get("hf_tokenizer_name")):
+        raise ConfigError(
+            f"{folder}: its model uses the Hugging Face tokenizer {name!r}, which clipjax does "
+            "not read; pass tokenizer= a sentencepiece model of the same vocabulary."
+        )
+    try:
+        return tokenizer_lib.load(path or tokenizer_lib.OPENAI)  # open_clip's default
+    except ValueError as e:
+        raise ConfigError(str(e)) from None

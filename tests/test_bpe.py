@@ -13,12 +13,19 @@ from clipjax.data import bpe
 from clipjax.data import tokenizer as tokenizer_lib
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "open_clip")
-VOCAB = os.path.join(FIXTURES, "bpe_simple_vocab_16e6.txt.gz")
+VOCAB = bpe.OPENAI_VOCAB  # shipped in the package, with its licence beside it
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
     return tokenizer_lib.load(VOCAB)
+
+
+def test_the_vocabulary_ships_with_its_licence_and_loads_by_name(tokenizer):
+    folder = os.path.dirname(bpe.__file__)
+    with open(os.path.join(folder, "bpe_simple_vocab_16e6.LICENSE")) as f:
+        assert "MIT License" in f.read()
+    assert tokenizer_lib.load("openai").vocab_gz == tokenizer.vocab_gz
 
 
 def test_ids_equal_open_clip(tokenizer):

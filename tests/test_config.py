@@ -96,8 +96,8 @@ def test_missing_tokenizer_file(tmp_path):
         _validate(c, tmp_path)
     assert str(e.value) == (
         f"config.data.tokenizer.path: no tokenizer at '{tmp_path}/missing.model'. Point it at "
-        "an existing sentencepiece .model or OpenAI's bpe_simple_vocab_16e6.txt.gz, or set it "
-        "to '' to train one from the training captions."
+        "an existing sentencepiece .model or OpenAI's bpe_simple_vocab_16e6.txt.gz (or 'openai', "
+        "the copy clipjax ships), or set it to '' to train one from the training captions."
     )
     (tmp_path / "broken.model").write_bytes(b"not a model")
     c.data.tokenizer.path = str(tmp_path / "broken.model")

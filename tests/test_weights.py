@@ -255,10 +255,44 @@ def test_load_errors_are_one_line(tmp_path, small_tokenizer):
     with pytest.raises(config_lib.ConfigError, match="the tokenizer has 49408 ids but the model"):
         inference.load(
             os.path.join(FIXTURES, "vit"),
-            tokenizer=os.path.join(FIXTURES, "bpe_simple_vocab_16e6.txt.gz"),
+            tokenizer="openai",
         )
     with pytest.raises(config_lib.ConfigError, match="one set of weights; drop step"):
         inference.load(os.path.join(FIXTURES, "vit"), step=3)
+
+
+def test_an_open_clip_folder_without_a_tokenizer_reads_the_shipped_bpe_vocabulary(tmp_path):
+    """open_clip's default tokenizer is OpenAI's BPE: clipjax ships the vocabulary, so a saved
+    folder loads without open_clip installed, with open_clip's ids; a model that names a
+    Hugging Face tokenizer is refused in one line instead."""
+    folder = tmp_path / "bpe"
+    folder.mkdir()
+    with open(os.path.join(FIXTURES, "vit", "open_clip_config.json")) as f:
+        config = json.load(f)
+    config["model_cfg"]["text_cfg"]["vocab_size"] = 49408
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    state_dict = load_file(os.path.join(FIXTURES, "vit", "open_clip_model.safetensors"))
+    embedding = state_dict["token_embedding.weight"]
+    state_dict["token_embedding.weight"] = np.pad(embedding, ((0, 49408 - len(embedding)), (0, 0)))
+    save_file(state_dict, str(folder / "open_clip_model.safetensors"))
+
+    model = inference.load(str(folder))
+    with open(os.path.join(FIXTURES, "bpe.json")) as f:
+        fixture = json.load(f)
+    np.testing.assert_array_equal(
+        model.tokenizer.encode(fixture["captions"], 77), fixture["ids"]["77"]
+    )
+    tokens = model.tokenize(fixture["captions"])  # at the model's context length, 16
+    assert model.encode_text(tokens).shape == (len(fixture["captions"]), 16)
+
+    config["model_cfg"]["text_cfg"]["hf_tokenizer_name"] = "timm/ViT-B-16-SigLIP"
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    with pytest.raises(config_lib.ConfigError) as e:
+        inference.load(str(folder))
+    assert str(e.value) == (
+        f"{folder}: its model uses the Hugging Face tokenizer 'timm/ViT-B-16-SigLIP', which "
+        "clipjax does not read; pass tokenizer= a sentencepiece model of the same vocabulary."
+    )
 
 
 def _shapes(model_config):

@@ -19,19 +19,22 @@ It writes:
 - `shapes.json`: the model_cfg and state_dict shapes of open_clip's ViT-B-32, ViT-B-16,
   ViT-L-14, RN50 and RN101 (the OpenAI and LAION checkpoints' shapes), built without weights.
 - `bpe.json`: open_clip's tokenizer ids of tricky captions at context lengths 77 and 12.
-- `bpe_simple_vocab_16e6.txt.gz`: OpenAI's BPE vocabulary, copied from the open_clip package
-  (MIT licence, as open_clip's and OpenAI CLIP's code).
+
+OpenAI's BPE vocabulary itself ships in the package (`clipjax/data/bpe_simple_vocab_16e6.txt.gz`,
+with its MIT licence); this script checks that it is the file open_clip ships.
 """
 
 import argparse
+import gzip
 import json
 import os
-import shutil
 
 import numpy as np
 import open_clip
 import safetensors.torch
 import torch
+
+from clipjax.data import bpe
 
 MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
@@ -171,7 +174,9 @@ def write_bpe(output):
     with open(os.path.join(output, "bpe.json"), "w") as f:
         json.dump({"captions": CAPTIONS, "ids": ids}, f, ensure_ascii=False, indent=1)
     vocab = os.path.join(os.path.dirname(open_clip.__file__), "bpe_simple_vocab_16e6.txt.gz")
-    shutil.copy(vocab, os.path.join(output, "bpe_simple_vocab_16e6.txt.gz"))
+    with open(vocab, "rb") as theirs, open(bpe.OPENAI_VOCAB, "rb") as ours:
+        if gzip.decompress(theirs.read()) != gzip.decompress(ours.read()):
+            raise SystemExit(f"{vocab} differs from {bpe.OPENAI_VOCAB}")
 
 
 def main():

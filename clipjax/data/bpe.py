@@ -1,13 +1,15 @@
 """OpenAI CLIP's byte-level BPE tokenizer, read from its vocabulary `bpe_simple_vocab_16e6.txt.gz`
-(shipped inside the open_clip_torch and OpenAI clip packages). Its ids equal open_clip's
-`SimpleTokenizer`: the same text clean-up (ftfy's fix where ftfy is installed, HTML unescaping,
-whitespace collapsed, lower case), the same pre-tokenising pattern, and rows
+(shipped beside this file, `OPENAI_VOCAB`, under OpenAI's MIT licence in
+`bpe_simple_vocab_16e6.LICENSE`; open_clip and OpenAI's clip ship the same file). Its ids equal
+open_clip's `SimpleTokenizer`: the same text clean-up (ftfy's fix where ftfy is installed, HTML
+unescaping, whitespace collapsed, lower case), the same pre-tokenising pattern, and rows
 `<|startoftext|> ... <|endoftext|> 0...` whose truncation keeps the end token.
 """
 
 import functools
 import gzip
 import html
+import os
 import re
 
 import numpy as np
@@ -18,6 +20,7 @@ try:
 except ImportError:  # optional, as in open_clip: it only repairs mis-decoded text
     ftfy = None
 
+OPENAI_VOCAB = os.path.join(os.path.dirname(__file__), "bpe_simple_vocab_16e6.txt.gz")
 START, END = "<start_of_text>", "<end_of_text>"  # open_clip's names (OpenAI: <|startoftext|>)
 NUM_MERGES = 49152 - 256 - 2  # OpenAI's vocabulary: 256 bytes ×2, the merges, 2 specials
 # Specials, contractions, letter runs, single digits, and runs of anything else but spaces.

@@ -15,7 +15,6 @@ import dataclasses
 import os
 import signal
 import sys
-from typing import TYPE_CHECKING
 
 import grain
 import numpy as np
@@ -23,9 +22,7 @@ from absl import logging
 
 from clipjax.data import image_ops, records, sources, text_ops
 from clipjax.data.tokenizer import Tokenizer
-
-if TYPE_CHECKING:
-    from clipjax.objectives.base import Views  # imported for real in train_dataset
+from clipjax.data.views import Views
 
 _PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
 # How many skipped records are named in logs and in the threshold error.
@@ -302,7 +299,7 @@ def train_dataset(
     context_length: int,
     global_batch_size: int,
     seed: int,
-    views: "Views | None" = None,
+    views: Views | None = None,
     rows: tuple[int, int] | None = None,
 ) -> grain.IterDataset:
     """This process's endless stream of training batches: rows `rows` = [lo, hi) (default:
@@ -310,7 +307,7 @@ def train_dataset(
     (see the module docstring; `sharding.process_rows` gives a process's rows).
 
     `data_config` is `config.data` (`train` source spec, `num_workers`, `augment`,
-    `max_skipped_fraction`). Each batch holds the `views` (`objectives.base.Views`, declared by
+    `max_skipped_fraction`). Each batch holds the `views` (`data.views.Views`, declared by
     the objective; None: `Views()`) of b = hi - lo examples; by default
     `{"image": float32 (b, image_size, image_size, 3), "text": int32 (b, context_length)}`,
     plus always `"skipped"`: int32 (b,), the bad records dropped just before each example (its
@@ -323,8 +320,6 @@ def train_dataset(
     `grain.checkpoint.CheckpointSave/Restore`): restoring resumes on exactly the batches that
     followed the save; and `start_at(k)`, which continues from global batch k.
     """
-    from clipjax.objectives.base import Views  # here: Grain workers import this module
-
     views = Views() if views is None else views
     image_views, text_views = views.image_views, views.text_views
     if "mlm" in text_views and tokenizer.mask_id is None:

@@ -104,14 +104,19 @@ def train(captions: Iterable[str], vocab_size: int) -> Tokenizer:
     return Tokenizer(model.getvalue())
 
 
+OPENAI = "openai"  # the name of the BPE vocabulary that ships with clipjax
+
+
 def load(path: str):
-    """A sentencepiece `.model`, or OpenAI's BPE vocabulary `bpe_simple_vocab_16e6.txt.gz`
-    (any `.gz`) -> its tokenizer."""
+    """A sentencepiece `.model`, OpenAI's BPE vocabulary `bpe_simple_vocab_16e6.txt.gz` (any
+    `.gz`), or "openai" (the copy of it in this package) -> its tokenizer."""
+    if path == OPENAI:
+        path = bpe.OPENAI_VOCAB
     if not epath.Path(path).is_file():
         raise ValueError(
             f"no tokenizer at {path!r}. Point it at an existing sentencepiece .model or "
-            "OpenAI's bpe_simple_vocab_16e6.txt.gz, or set it to '' to train one from the "
-            "training captions."
+            "OpenAI's bpe_simple_vocab_16e6.txt.gz (or 'openai', the copy clipjax ships), or "
+            "set it to '' to train one from the training captions."
         )
     data = epath.Path(path).read_bytes()
     path = os.fspath(path)
@@ -142,7 +147,8 @@ def save(tokenizer, workdir: str):
 def load_or_train(tokenizer_config, workdir: str, captions: Iterable[str]) -> Tokenizer:
     """The tokenizer of a run (`tokenizer_config` is `config.data.tokenizer`).
 
-    - `path` set: load that model (sentencepiece, or OpenAI's BPE vocabulary `.txt.gz`).
+    - `path` set: load that model (sentencepiece, or OpenAI's BPE vocabulary `.txt.gz`, or
+      "openai" for the copy of it in this package).
     - `path` empty: reuse the one saved in `workdir` (a resumed run), else train one with
       `vocab_size` on `captions` and save it there.
     """

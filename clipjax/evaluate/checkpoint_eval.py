@@ -4,12 +4,13 @@
 import flax.linen as nn
 import jax
 
-from clipjax import checkpoint, inference, sharding, train
+from clipjax import checkpoint, inference, sharding
 from clipjax import config as config_lib
 from clipjax.data import tokenizer as tokenizer_lib
 from clipjax.evaluate import evaluator as evaluator_lib
 from clipjax.metrics import MetricsWriter
 from clipjax.objectives.base import Objective
+from clipjax.step import build
 
 
 def evaluate(config, workdir: str, step: int | None = None) -> tuple[int, dict[str, float]]:
@@ -18,7 +19,7 @@ def evaluate(config, workdir: str, step: int | None = None) -> tuple[int, dict[s
     mesh = sharding.make_mesh(config.mesh)
     config_lib.validate(config, workdir, sharding.data_parallel_size(mesh))
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-        objective, _, abstract_state, _ = train.build(config, mesh)
+        objective, _, abstract_state, _ = build(config, mesh)
         ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_ckpts)
         try:
             ckpt.check_compatible(abstract_state)

@@ -1,0 +1,462 @@
+"""Every config field the trainer reads, with its default, and the checks run before compiling.
+
+Config files in `configs/` start from `base_config()` and change values; a field that is not
+here is a typo, and `validate` names it before anything runs.
+"""
+
+import difflib
+import importlib.util
+import json
+import math
+import os
+import uuid
+
+import ml_collections
+
+from clipjax import evaluate, objectives, optimizers, paths
+from clipjax.data import image_ops, sources
+from clipjax.data import tokenizer as tokenizer_lib
+from clipjax.errors import ConfigError
+from clipjax.models.layers import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
+from clipjax.models.resnet import resnet_size
+from clipjax.models.vit import vit_size
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """CLIP ViT-B/32 at open_clip's ViT-B-32 shapes, on the built-in dataset."""
+    c = ml_collections.ConfigDict()
+    c.objective = "clip"
+    c.seed = 0
+
+    c.batch_size = 32_768  # global, over all devices
+    c.total_steps = 100_000
+    c.log_every = 100
+    c.eval_every = 2_000
+    c.ckpt_every = 2_000
+    c.ckpt_every_secs = 0.0  # > 0: also save when this many seconds passed since the last save
+    c.keep_ckpts = 3
+    # Steps whose loss or gradients are not finite are skipped; this many in a row stop the run.
+    c.max_nonfinite_steps = 20
+    # A clipjax workdir, export or open_clip folder whose weights start a new run (parameters
+    # and BatchNorm statistics; objective heads it lacks start fresh; a fresh optimizer).
+    c.init_from = ""
+
+    # Mesh axis sizes; -1 takes every device left. Pure data parallel by default.
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "model": 1})
+
+    c.model = ml_collections.ConfigDict()
+    c.model.embed_dim = 512
+    c.model.projection = "linear"  # tower → joint space; "mi_block" for CLIP-Lite's critic
+    # Compute dtype of the towers' products (models/precision.py: float32 parameters and
+    # accumulation, bfloat16 operands); "float32" computes everything in float32.
+    c.model.dtype = "bfloat16"
+    c.model.quick_gelu = False  # OpenAI's x·σ(1.702x) GELU, which its released weights need
+    c.model.scan_layers = False  # nn.scan over transformer blocks: compile time flat in depth
+    c.model.remat = "none"  # what the blocks' backward keeps: "none" (all), "dots", "full"
+    # The transformers' attention kernel (jax.nn.dot_product_attention's implementation):
+    # "auto" takes cuDNN's fused flash attention on a GPU with 16-bit operands, XLA elsewhere;
+    # "xla" or "cudnn" forces one ("cudnn" needs a GPU and a 16-bit model.dtype).
+    c.model.attention = "auto"
+    c.model.image = ml_collections.ConfigDict()
+    c.model.image.variant = "B/32"  # ViT "<size>/<patch>", or ResNet "RN50", "RN101", ...
+    c.model.image.size = 224
+    c.model.image.depth = -1  # ViT depth; -1: the variant's own
+    c.model.image.width = -1  # ResNet stem width; -1: the variant's own
+    c.model.image.output_dim = -1  # ResNet attention-pool output width; -1: the variant's own
+    c.model.text = ml_collections.ConfigDict()
+    c.model.text.width = 512
+    c.model.text.depth = 12
+    c.model.text.heads = 8
+    c.model.text.context_length = 77
+    c.model.text.vocab_size = 49_408
+
+    c.data = ml_collections.ConfigDict()
+    c.data.train = "shapes"  # source spec string
+    c.data.num_workers = 8  # Grain decode processes; 0 decodes in the training process
+    c.data.device_prefetch = 2  # batches placed on the devices ahead of the step using them
+    # Each training image view (see image_ops.Augment): "clip" = RandomResizedCrop + flip;
+    # "mocov2" adds colour jitter, grayscale and blur (sigma scaled to the image size).
+    c.data.augment = ml_collections.ConfigDict(
+        {"recipe": "clip", "crop_scale": (0.9, 1.0), "flip": True}
+    )
+    c.data.max_skipped_fraction = 0.01  # bad records beyond this fraction stop the run
+    c.data.tokenizer = ml_collections.ConfigDict()
+    c.data.tokenizer.path = ""  # a sentencepiece .model; "" trains one into the workdir
+    c.data.tokenizer.vocab_size = 512  # only used when training a tokenizer
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.name = "adamw"  # or "sgd_lookahead" (SGD + momentum inside Lookahead)
+    c.optim.lr = 5e-4  # peak, after linear warm-up from 0; cosine decay to 0 at total_steps
+    c.optim.warmup_steps = 2_000
+    c.optim.warmup_from = 0.0  # learning rate at step 0
+    c.optim.weight_decay = 0.2  # not on biases, norms or the logit scale
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.98
+    c.optim.eps = 1e-6
+    c.optim.grad_clip = 1.0  # global-norm clip; 0 disables
+    c.optim.momentum = 0.9  # sgd_lookahead only
+    c.optim.lookahead_steps = 5  # sgd_lookahead: sync period k
+    c.optim.lookahead_alpha = 0.5  # sgd_lookahead: slow step size
+
+    # Objective-specific fields, read only when config.objective names them.
+    c.clip = ml_collections.ConfigDict()
+    # InfoNCE (CLIP; DeCLIP's MVS and NNS) as a ring over devices: (B/k)² logits per device
+    c.clip.chunked = True
+    # θ = log(logit scale) is projected into this range after each update (open_clip's clamp)
+    c.clip.log_scale_range = (0.0, math.log(100.0))
+    c.siglip = ml_collections.ConfigDict()
+    c.siglip.chunked = True  # ring over devices: at most (B/k)² logits per device
+    c.siglip.scale_init = math.log(10.0)  # t' with t = exp(t')
+    c.siglip.bias_init = -10.0
+    c.declip = ml_collections.ConfigDict()
+    c.declip.mvs_weight = 0.4  # official code: 0.4 / 0.2 / 0.2 / 0.2
+    c.declip.iss_weight = 0.2
+    c.declip.tss_weight = 0.2
+    c.declip.nns_weight = 0.2
+    c.declip.queue_size = 65_536  # one global FIFO of text embeddings, sharded over devices
+    c.declip.multi_view = True  # MVS over the 2 × 2 view pairs; False: the (x¹, t¹) pair only
+    c.declip.masked_caption_contrastive = True  # t¹ = the MLM-masked caption (official code)
+    c.declip.eda = True  # t² = an EDA rewrite of the caption; False: the caption itself
+    c.declip.sync_bn = False  # SimSiam BatchNorm statistics: per device (official) or synced
+    c.declip.log_scale_range = (3.0, 6.0)  # θ after each update (official); s is capped at 100
+    c.cliplite = ml_collections.ConfigDict()
+    c.cliplite.prior_weight = 0.1  # total = (1 - w) · cross + w · prior
+    c.cliplite.image_prior = True
+    c.cliplite.text_prior = False
+    c.cliplite.prior_mode = "cooperative"  # or "adversarial" (Deep InfoMax's minimax)
+    c.cliplite.negative = "next"  # or "sampled": one caption drawn ∝ exp(critic)
+    c.cliplite.image_view_weight = 0.0  # > 0 adds JSD between two image views, own critic
+    c.cliplite.caption_view_weight = 0.0  # > 0 adds JSD between caption and its EDA rewrite
+
+    # Evaluations, by name: each entry has a `kind` and that kind's fields
+    # (`clipjax.evaluate.fields`).
+    # Results are logged as eval/<name>/<metric> every eval_every steps.
+    c.evals = ml_collections.ConfigDict()
+    c.evals.shapes = eval_entry("zeroshot", source="shapes")
+    c.evals.shapes_retrieval = eval_entry("retrieval", source="shapes")
+    # Fitted on another random stream of the labelled split.
+    c.evals.shapes_probe = eval_entry(
+        "linear_probe", source="shapes", train_source="shapes:4096?seed=1"
+    )
+    return c
+
+
+def eval_entry(kind: str, **fields) -> ml_collections.ConfigDict:
+    """A `config.evals` entry of `kind` with every field of its kind (defaults, then `fields`),
+    so that each can be overridden from the command line."""
+    if kind not in evaluate.KINDS:
+        raise ConfigError(f"evaluation kind {kind!r} is not one of {', '.join(evaluate.KINDS)}.")
+    entry = ml_collections.ConfigDict({"kind": kind, **evaluate.fields(kind)})
+    entry.update(fields)
+    return entry
+
+
+def eval_settings(entry) -> ml_collections.ConfigDict:
+    """One `config.evals` entry (a full one, or a dict of some fields) with its kind's
+    defaults filled in."""
+    return eval_entry(**dict(entry))
+
+
+def apply_local(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The `:local` sizes shared by every config: a tiny ViT and text tower, 32-px images,
+    batch 128 and 600 steps, so a laptop CPU trains one in minutes and methods compare at
+    equal steps."""
+    c.batch_size = 128
+    c.total_steps = 600
+    c.log_every = 25
+    c.eval_every = 200
+    c.ckpt_every = 200
+
+    c.model.dtype = "float32"  # the README's studies ran in float32; bfloat16 also pays here
+    c.model.embed_dim = 64
+    c.model.image.variant = "Ti/8"
+    c.model.image.size = 32
+    c.model.image.depth = 4
+    c.model.text.width = 128
+    c.model.text.depth = 2
+    c.model.text.heads = 4
+    c.model.text.context_length = 24
+    c.model.text.vocab_size = 512
+
+    c.data.num_workers = 1
+    c.clip.chunked = False  # at batch 128 the all-gathered logits are small, and compile faster
+    # Swept on shapes:2000 at 30 epochs (README "DeCLIP against CLIP"): 5e-4 was best for
+    # CLIP (ahead of 2e-4, 1e-3, 2e-3, 4e-3) and for DeCLIP (ahead of 1e-3, 2e-3); on the
+    # 100k-pair default `shapes` as well (CLIP's 600 steps: 49.6% zero-shot against 46.1%).
+    c.optim.lr = 5e-4
+    c.optim.warmup_steps = 50
+    c.optim.weight_decay = 0.1
+    c.evals.shapes.num_examples = 512
+    c.evals.shapes_retrieval.num_examples = 512
+    c.evals.shapes_probe.num_examples = 512
+    c.evals.shapes_probe.train_source = "shapes:2048?seed=1"
+    return c
+
+
+def load_saved(workdir: str) -> ml_collections.ConfigDict:
+    """The config a run in `workdir` was trained with (its `config.json`), over base_config()."""
+    path = paths.path(workdir) / "config.json"
+    if not path.is_file():
+        raise ConfigError(
+            f"{path} does not exist: --workdir must be a directory clipjax.main trained in, or "
+            "pass --config=FILE with the config it was trained with."
+        )
+    saved = json.loads(path.read_text())
+    config = base_config()
+    # Every field of each evaluation, so that any can be overridden.
+    config.evals = {name: eval_settings(entry) for name, entry in saved.pop("evals", {}).items()}
+
+    def merge(into, values, prefix):
+        for key, value in values.items():
+            if key not in into:
+                raise ConfigError(
+                    f"{path}: {prefix}.{key} is not a field of this clipjax version; pass "
+                    "--config=FILE instead."
+                )
+            if isinstance(into[key], ml_collections.ConfigDict):
+                merge(into[key], value, f"{prefix}.{key}")
+            else:
+                into[key] = value
+
+    merge(config, saved, "config")
+    return config
+
+
+def _fields(config, prefix="config") -> dict[str, object]:
+    out = {}
+    for key, value in config.items():
+        name = f"{prefix}.{key}"
+        if isinstance(value, ml_collections.ConfigDict) and name != "config.evals":
+            out.update(_fields(value, name))
+        else:
+            out[name] = value
+    return out
+
+
+def _did_you_mean(name: str, known) -> str:
+    close = difflib.get_close_matches(name, known, n=1)
+    return f" Did you mean {close[0]}?" if close else ""
+
+
+def _unknown_eval_field(name: str, evals) -> ConfigError | None:
+    """For `config.evals.<entry>.<field>`: entries are the config's own, fields their kind's."""
+    entry, _, field = name.removeprefix("config.evals.").partition(".")
+    if evals is not None and entry not in evals:
+        have = ", ".join(sorted(evals)) or "none"
+        return ConfigError(
+            f"{name}: this config has no evaluation {entry!r} (it has: {have}); add one to "
+            "config.evals in a config file."
+        )
+    if not field:
+        return None
+    kind = evals[entry].get("kind") if evals is not None else None
+    if kind not in evaluate.KINDS:
+        if evals is not None:
+            return ConfigError(
+                f"config.evals.{entry}.kind={kind!r} is not an evaluation kind; use one of "
+                f"{', '.join(evaluate.KINDS)}."
+            )
+        known = {"kind"}.union(*map(evaluate.fields, evaluate.KINDS))  # no config: any kind's
+    else:
+        known = {"kind", *evaluate.fields(kind)}
+    if field in known:
+        return None
+    what = f"a {kind} evaluation" if kind in evaluate.KINDS else "an evaluation"
+    if other_kinds := [k for k in evaluate.KINDS if field in evaluate.fields(k)]:
+        hint = f" It is a field of {' and '.join(other_kinds)} evaluations."
+    else:
+        hint = _did_you_mean(name, [f"config.evals.{entry}.{k}" for k in sorted(known)])
+    return ConfigError(f"{name} is not a field of {what}.{hint}")
+
+
+def unknown_field_error(name: str, config=None) -> ConfigError | None:
+    """A ConfigError if `name` ("config.optim.lr") is not a config field, else None.
+
+    Evaluation entries are checked against `config.evals` when `config` is given."""
+    if name.startswith("config.evals."):
+        return _unknown_eval_field(name, None if config is None else config.evals)
+    known = _fields(base_config())
+    if name in known:
+        return None
+    return ConfigError(f"{name} is not a clipjax config field.{_did_you_mean(name, known)}")
+
+
+def _load_file(spec: str):
+    """The config of a `--config=path.py[:arg]` flag value, as config_flags loads it."""
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("_clipjax_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def config_file_error(argv: list[str]) -> ConfigError | None:
+    """The error for a `--config=path.py[:arg]` that does not load: no such file, or its
+    `get_config(arg)` refuses (e.g. a misspelt `:local`)."""
+    files = [arg.split("=", 1)[1] for arg in argv[1:] if arg.lstrip("-").startswith("config=")]
+    if not files:
+        return None
+    spec = files[-1]
+    path = spec.partition(":")[0]
+    if not os.path.isfile(path):
+        return ConfigError(
+            f"--config={spec}: no such file {path!r}; give a config file such as "
+            "configs/clip_vitb32.py (add :local for the laptop-sized variant)."
+        )
+    try:
+        _load_file(spec)
+    except Exception as e:  # noqa: BLE001 - any failure of the user's file is reported
+        kind = "" if isinstance(e, ValueError) else f"{type(e).__name__}: "
+        return ConfigError(f"--config={spec}: {kind}{e}")
+    return None
+
+
+def override_error(argv: list[str]) -> ConfigError | None:
+    """The error for the first `--config.<field>=...` in `argv` that names no field of the
+    `--config` file's config (for one clear line when flag parsing fails)."""
+    args = [arg.lstrip("-").split("=", 1) for arg in argv[1:]]
+    files = [value for name, *value in args if name == "config" and value]
+    config = _load_file(files[-1][0]) if files else None
+    for name, *_ in args:
+        if name.startswith("config.") and (error := unknown_field_error(name, config)):
+            return error
+    return None
+
+
+def _check_known_fields(config) -> None:
+    for name in _fields(config):
+        if error := unknown_field_error(name, config):
+            raise error
+    for entry, settings in config.evals.items():
+        fields = settings.keys() if isinstance(settings, ml_collections.ConfigDict) else ()
+        if "kind" not in fields:
+            raise ConfigError(
+                f"config.evals.{entry} needs a kind: one of {', '.join(evaluate.KINDS)}, e.g. "
+                f"{{'kind': 'zeroshot', 'source': 'folder:/data/imagenet/val'}}."
+            )
+        for field in fields:
+            if error := unknown_field_error(f"config.evals.{entry}.{field}", config):
+                raise error
+
+
+def _check_sources(config) -> None:
+    """Every source spec names something that exists (a path, a glob, a TFDS dataset)."""
+    specs = [("config.data.train", config.data.train, "train")]
+    for entry, settings in sorted(config.evals.items()):
+        settings = eval_settings(settings)
+        specs.append((f"config.evals.{entry}.source", settings.source, "eval"))
+        if settings.kind == "linear_probe":
+            field = f"config.evals.{entry}.train_source"
+            if not settings.train_source:
+                raise ConfigError(
+                    f"{field} is empty; name the labelled examples to fit the probe on, e.g. "
+                    "'folder:/data/imagenet/train' or 'tfds:cifar10:train'."
+                )
+            if not 0 < settings.holdout < 1:
+                raise ConfigError(
+                    f"config.evals.{entry}.holdout={settings.holdout} must be between 0 and 1."
+                )
+            specs.append((field, settings.train_source, "eval"))
+    for field, spec, split in specs:
+        try:
+            sources.make_source(spec, split)
+        except ValueError as e:
+            raise ConfigError(f"{field}: {e}") from None
+
+
+def _check_workdir(workdir: str) -> None:
+    probe = paths.path(workdir) / f".writable-{uuid.uuid4().hex}"
+    try:
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(
+            f"--workdir={workdir} is not writable ({e.strerror or e}); pass a directory you "
+            "can write to."
+        ) from None
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _check_values(config) -> None:
+    """Counts, intervals and names: each one checked against what it may be."""
+    at_least = {
+        "total_steps": 1,
+        "log_every": 1,
+        "eval_every": 1,
+        "ckpt_every": 1,
+        "keep_ckpts": 1,
+        "max_nonfinite_steps": 1,
+        "ckpt_every_secs": 0,
+        "data.num_workers": 0,
+        "data.device_prefetch": 0,
+    }
+    for name, low in at_least.items():
+        value = config
+        for part in name.split("."):
+            value = value[part]
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < low:
+            raise ConfigError(f"config.{name}={value!r} must be a number, at least {low}.")
+    names = {
+        "objective": (config.objective, sorted(objectives.OBJECTIVES)),
+        "optim.name": (config.optim.name, optimizers.OPTIMIZERS),
+        "model.dtype": (config.model.dtype, DTYPES),
+        "model.remat": (config.model.remat, tuple(REMAT_POLICIES)),
+        "model.attention": (config.model.attention, ATTENTION_IMPLEMENTATIONS),
+    }
+    for name, (value, known) in names.items():
+        if value not in known:
+            close = difflib.get_close_matches(str(value), known, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(
+                f"config.{name}={value!r} is unknown; use one of {', '.join(known)}.{hint}"
+            )
+    if config.model.attention == "cudnn" and config.model.dtype == "float32":
+        raise ConfigError(
+            "config.model.attention='cudnn' needs 16-bit operands: set config.model.dtype="
+            "'bfloat16', or config.model.attention='auto'."
+        )
+
+
+def validate(config, workdir: str, data_parallel: int) -> None:
+    """Raise ConfigError naming the field and the fix; run before anything compiles."""
+    _check_known_fields(config)
+    _check_values(config)
+    if config.batch_size % data_parallel:
+        raise ConfigError(
+            f"config.batch_size={config.batch_size} does not split over the {data_parallel} "
+            f"data-parallel devices; use a multiple of {data_parallel}."
+        )
+    image = config.model.image
+    try:
+        if image.variant.startswith("RN"):
+            resnet_size(image.variant)
+            patch = 32  # the ResNet downsamples by 32
+        else:
+            patch = vit_size(image.variant)[-1]
+    except ValueError as e:
+        raise ConfigError(f"config.model.image.variant: {e}") from None
+    if image.size % patch:
+        kind = "patch size" if not image.variant.startswith("RN") else "downsampling factor"
+        raise ConfigError(
+            f"config.model.image.size={image.size} is not divisible by the {kind} {patch} of "
+            f"variant {image.variant!r}; use a multiple of {patch}."
+        )
+    try:
+        image_ops.Augment(**config.data.augment)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    _check_sources(config)
+    if path := config.data.tokenizer.path:
+        try:
+            tokenizer_lib.load(path)
+        except ValueError as e:
+            raise ConfigError(f"config.data.tokenizer.path: {e}") from None
+    if config.init_from and not os.path.isdir(config.init_from):
+        raise ConfigError(
+            f"config.init_from={config.init_from!r} is not a folder: name a clipjax workdir, "
+            "a clipjax export or an open_clip local-dir folder."
+        )
+    _check_workdir(workdir)

@@ -1,0 +1,455 @@
+"""Grain input pipelines: the endless, resumable training stream and eager evaluation arrays.
+
+Training order: source → shuffle (a new order every epoch) → repeat → decode + views (augmented
+images, tokenized captions; seeded by the element's place in that one global order) → this
+process's rows of each global batch → drop and count bad records → batch → worker processes.
+So global batch k holds the same examples, with the same augmentations, whatever the number of
+processes reading it. Everything handed to Grain is a module-level class, so it
+pickles into spawned workers; jax is imported only inside `train_dataset`, so workers do not pay
+for importing it.
+"""
+
+import concurrent.futures
+import ctypes
+import dataclasses
+import os
+import signal
+import sys
+
+import grain
+import numpy as np
+from absl import logging
+
+from clipjax.data import image_ops, records, sources, text_ops
+from clipjax.data.tokenizer import Tokenizer
+from clipjax.data.views import Views
+
+_PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
+# How many skipped records are named in logs and in the threshold error.
+_NAMED_SKIPS = 5
+# The skipped fraction is judged once this many records (or the whole source) were read.
+_MIN_ATTEMPTED = 1000
+
+
+@dataclasses.dataclass(frozen=True)
+class _Skipped:
+    """Stands in the stream for a record that `records.decode` rejected."""
+
+    key: str
+    reason: str
+
+
+def _check_skipped(
+    spec: str, attempted: int, skipped: int, named: list, size: int, max_fraction: float
+) -> None:
+    """ValueError if more than `max_fraction` of the records were bad, once `attempted` reaches
+    min(1000, size). `named` holds (key, reason) of the first skipped records."""
+    if attempted < min(_MIN_ATTEMPTED, size) or skipped <= max_fraction * attempted:
+        return
+    first = ", ".join(f"{key} ({reason})" for key, reason in named)
+    first += ", ..." if skipped > len(named) else "."
+    raise ValueError(
+        f"source {spec!r}: skipped {skipped} of {attempted} records "
+        f"({100 * skipped / attempted:.1f}%), more than config.data.max_skipped_fraction="
+        f"{max_fraction}. First skipped: {first} Fix or remove those records, or raise "
+        "config.data.max_skipped_fraction."
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _MakeViews(grain.transforms.RandomMap):
+    """A raw record -> its views (an objective's `Views`, as plain fields so workers need not
+    import the objectives), or `_Skipped` if it does not decode.
+
+    The element's rng draws the image views first, in order, then (for a record with several
+    captions) the caption, then the text views in the order of `text_views`: the first image
+    view is the same whichever other views are made.
+    """
+
+    image_views: int
+    text_views: tuple[str, ...]
+    tokenizer: Tokenizer
+    image_size: int
+    context_length: int
+    augment: image_ops.Augment
+
+    def _augment(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        return image_ops.normalize(self.augment(image, rng, self.image_size))
+
+    def _encode(self, caption: str) -> np.ndarray:
+        return self.tokenizer.encode([caption], self.context_length)[0]
+
+    def random_map(self, record: dict, rng: np.random.Generator) -> dict | _Skipped:
+        try:
+            example = records.decode(record)
+        except records.BadRecord as e:
+            return _Skipped(e.key, e.reason)
+        out = {"image": self._augment(example["image"], rng)}
+        if self.image_views == 2:
+            out["image_2"] = self._augment(example["image"], rng)
+        if "caption" in example:
+            caption = example["caption"]
+        else:  # a multi-caption source: one of them, new each epoch
+            caption = example["captions"][rng.integers(len(example["captions"]))]
+        tok = self.tokenizer
+        for kind in self.text_views:
+            if kind == "plain":
+                out["text"] = self._encode(caption)
+            elif kind == "mlm":
+                out["text_mlm"], out["mlm_labels"] = text_ops.mlm_mask(
+                    self._encode(caption),
+                    rng,
+                    mask_id=tok.mask_id,
+                    vocab_size=tok.vocab_size,
+                    special_ids=(tok.pad_id, tok.unk_id, tok.bos_id, tok.eos_id),
+                )
+            else:
+                eda = text_ops.eda(caption, rng, lexicon=text_ops.wordnet_lexicon())
+                out["text_eda"] = self._encode(eda)
+        return out
+
+
+def _chunk(elements: list) -> dict:
+    """`MapDataset.batch`'s batch_fn: the good elements stacked (`examples`), and the bad ones
+    counted: `skipped` int32 (n_good,), the markers just before each good element; `trailing`,
+    those after the last one; `bad`, every marker's (key, reason); `size`, all elements."""
+    good, skipped, bad, run = [], [], [], 0
+    for element in elements:
+        if isinstance(element, _Skipped):
+            bad.append((element.key, element.reason))
+            run += 1
+        else:
+            good.append(element)
+            skipped.append(run)
+            run = 0
+    examples = {key: np.stack([g[key] for g in good]) for key in good[0]} if good else {}
+    return {
+        "examples": examples,
+        "skipped": np.array(skipped, np.int32),
+        "trailing": run,
+        "bad": bad,
+        "size": len(elements),
+    }
+
+
+class _DropSkipped(grain.IterDataset):
+    """Chunks (see `_chunk`) -> batches of exactly `batch_size` good examples, each with
+    `skipped` int32 (batch_size,): the bad records dropped just before it. Logs the first bad
+    records, and raises the `_check_skipped` ValueError when too many are bad.
+
+    Work stays in whole chunks up to here (Grain's per-element overhead is a large part of a
+    small image's cost); when no record is bad, a chunk is passed on as the batch. The
+    iterator's state is its parent's state before the current chunk, the examples of that chunk
+    already used, and the counts before it: restoring re-reads the chunk."""
+
+    def __init__(self, parent, batch_size: int, spec: str, size: int, max_fraction: float):
+        super().__init__(parent)
+        self._args = (batch_size, spec, size, max_fraction)
+
+    def __iter__(self) -> "_DropSkippedIterator":
+        return _DropSkippedIterator(self._parent.__iter__(), *self._args)
+
+
+class _DropSkippedIterator(grain.DatasetIterator):
+    def __init__(self, parent, batch_size: int, spec: str, size: int, max_fraction: float):
+        super().__init__(parent)
+        self._batch_size, self._spec = batch_size, spec
+        self._size, self._max_fraction = size, max_fraction
+        # Counts over the chunks read; `pending`: bad records after the last good one.
+        self._counts = {"attempted": 0, "skipped": 0, "named": [], "pending": 0}
+        self._before = None  # (parent state, counts) before the current chunk
+        self._examples, self._skipped, self._offset = {}, np.zeros(0, np.int32), 0
+
+    def _read_chunk(self) -> None:
+        counts = self._counts
+        self._before = (self._parent.get_state(), {**counts, "named": list(counts["named"])})
+        chunk = next(self._parent)
+        counts["attempted"] += chunk["size"]
+        counts["skipped"] += len(chunk["bad"])
+        for key, reason in chunk["bad"]:
+            if len(counts["named"]) < _NAMED_SKIPS and key not in (k for k, _ in counts["named"]):
+                counts["named"].append([key, reason])
+                logging.warning("Skipped a bad record of %s: %s (%s).", self._spec, key, reason)
+        skipped = chunk["skipped"]
+        if len(skipped):
+            skipped[0] += counts["pending"]
+            counts["pending"] = chunk["trailing"]
+        else:
+            counts["pending"] += chunk["trailing"]
+        _check_skipped(
+            self._spec,
+            counts["attempted"],
+            counts["skipped"],
+            counts["named"],
+            self._size,
+            self._max_fraction,
+        )
+        self._examples, self._skipped, self._offset = chunk["examples"], skipped, 0
+
+    def __next__(self) -> dict:
+        parts, need = [], self._batch_size  # (examples, skipped, start, stop)
+        while need:
+            if self._offset == len(self._skipped):
+                self._read_chunk()
+                continue
+            take = min(need, len(self._skipped) - self._offset)
+            parts.append((self._examples, self._skipped, self._offset, self._offset + take))
+            self._offset += take
+            need -= take
+        if len(parts) == 1 and parts[0][2] == 0 and parts[0][3] == len(parts[0][1]):
+            return {**parts[0][0], "skipped": parts[0][1]}  # a whole chunk: no copies
+        batch = {
+            key: np.concatenate([examples[key][a:b] for examples, _, a, b in parts])
+            for key in parts[0][0]
+        }
+        batch["skipped"] = np.concatenate([skipped[a:b] for _, skipped, a, b in parts])
+        return batch
+
+    def get_state(self) -> dict:
+        if self._before is None:  # no chunk read yet
+            return {"parent": self._parent.get_state(), "offset": 0, **self._counts}
+        parent, counts = self._before
+        return {"parent": parent, "offset": self._offset, **counts}
+
+    def set_state(self, state: dict) -> None:
+        self._parent.set_state(state["parent"])
+        self._counts = {key: state[key] for key in ("attempted", "skipped", "pending")}
+        self._counts["named"] = [list(n) for n in state["named"]]
+        self._before, self._examples, self._skipped = None, {}, np.zeros(0, np.int32)
+        self._offset = 0
+        if state["offset"]:
+            self._read_chunk()
+            self._offset = state["offset"]
+
+
+class _ProcessRows(grain.MapDataset):
+    """Element j of this process's stream: row `lo + j % b` of global batch `start + j // b`
+    of the global stream `parent`, where this process's devices hold rows [lo, hi) of every
+    global batch of `global_batch` elements and b = hi - lo."""
+
+    def __init__(self, parent, global_batch: int, rows: tuple[int, int], start: int):
+        super().__init__(parent)
+        self._global, (self._lo, hi), self._start = global_batch, rows, start
+        self._rows = hi - self._lo
+
+    def __len__(self) -> int:
+        return len(self._parent)  # endless: the parent repeats
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        batch, row = divmod(index, self._rows)
+        return self._parent[(self._start + batch) * self._global + self._lo + row]
+
+    def __str__(self) -> str:
+        return f"_ProcessRows(rows={self._lo}:{self._lo + self._rows} of {self._global})"
+
+
+class _Positioned(grain.IterDataset):
+    """The top of the training stream: its state records the global batches handed out and
+    the bad records this process skipped, around the inner stream's own state, so that
+    `checkpoint.Checkpointer` can map a position saved by another number of processes
+    (`start_at`)."""
+
+    def __init__(self, make):
+        super().__init__()
+        self._make = make  # start batch -> the inner IterDataset from there
+
+    def __iter__(self) -> "_PositionedIterator":
+        return _PositionedIterator(self._make)
+
+
+class _PositionedIterator(grain.DatasetIterator):
+    def __init__(self, make):
+        super().__init__()
+        self._make = make
+        self._inner = iter(make(0))
+        self._batches, self._skipped = 0, 0
+
+    def __next__(self) -> dict:
+        batch = next(self._inner)
+        self._batches += 1
+        self._skipped += int(batch["skipped"].sum())
+        return batch
+
+    def get_state(self) -> dict:
+        state = {"batches": self._batches, "skipped": self._skipped}
+        return {**state, "stream": self._inner.get_state()}
+
+    def set_state(self, state: dict) -> None:
+        self._inner.set_state(state["stream"])
+        self._batches, self._skipped = state["batches"], state["skipped"]
+
+    def start_at(self, batches: int) -> None:
+        """Continue from global batch `batches`, as a fresh stream: right for a position saved
+        by any number of processes when no record had been skipped before it."""
+        self.close()
+        self._inner, self._batches, self._skipped = iter(self._make(batches)), batches, 0
+
+    def close(self) -> None:
+        if hasattr(self._inner, "close"):
+            self._inner.close()
+
+
+def train_dataset(
+    data_config,
+    *,
+    tokenizer: Tokenizer,
+    image_size: int,
+    context_length: int,
+    global_batch_size: int,
+    seed: int,
+    views: Views | None = None,
+    rows: tuple[int, int] | None = None,
+) -> grain.IterDataset:
+    """This process's endless stream of training batches: rows `rows` = [lo, hi) (default:
+    all) of every global batch of `global_batch_size` examples, drawn from one global order
+    (see the module docstring; `sharding.process_rows` gives a process's rows).
+
+    `data_config` is `config.data` (`train` source spec, `num_workers`, `augment`,
+    `max_skipped_fraction`). Each batch holds the `views` (`data.views.Views`, declared by
+    the objective; None: `Views()`) of b = hi - lo examples; by default
+    `{"image": float32 (b, image_size, image_size, 3), "text": int32 (b, context_length)}`,
+    plus always `"skipped"`: int32 (b,), the bad records dropped just before each example (its
+    sum over batches counts every bad record once). A bad record's place is taken by the next
+    good one of this process's rows, so batches stay equal across process counts only while no
+    record is bad. Iterating raises ValueError once more than `max_skipped_fraction` of the
+    records read are bad (judged per worker, after each batch-sized chunk of records, once
+    min(1000, len(source)) were read).
+    The iterator of the returned dataset has `get_state` / `set_state` (use
+    `grain.checkpoint.CheckpointSave/Restore`): restoring resumes on exactly the batches that
+    followed the save; and `start_at(k)`, which continues from global batch k.
+    """
+    views = Views() if views is None else views
+    image_views, text_views = views.image_views, views.text_views
+    if "mlm" in text_views and tokenizer.mask_id is None:
+        raise ValueError(
+            "DeCLIP's masked-language-model view needs a '[MASK]' piece in the tokenizer, and "
+            "the sentencepiece model at config.data.tokenizer.path has none. Train it with "
+            "'[MASK]' as a user-defined symbol, or set config.data.tokenizer.path to '' to "
+            "train one (clipjax's tokenizers reserve '[MASK]')."
+        )
+    rows = (0, global_batch_size) if rows is None else rows
+    batch_size = rows[1] - rows[0]
+    # The stream's seed: derived as when each process drew its own stream (process 0's), so
+    # one-process runs kept their batches when the order became global.
+    data_seed = int(np.random.SeedSequence([seed, 0]).generate_state(1)[0])
+    max_fraction = getattr(data_config, "max_skipped_fraction", 0.01)
+    source = sources.make_source(data_config.train, "train")
+    augment = image_ops.Augment(**data_config.augment)
+
+    def make(start: int) -> grain.IterDataset:
+        ds = grain.MapDataset.source(source).seed(data_seed).shuffle().repeat()
+        ds = ds.random_map(
+            _MakeViews(image_views, text_views, tokenizer, image_size, context_length, augment)
+        )
+        ds = _ProcessRows(ds, global_batch_size, rows, start)
+        ds = ds.batch(batch_size, drop_remainder=True, batch_fn=_chunk)
+        # Elements are whole chunks here: a small buffer bounds host memory. Two threads
+        # overlap the decoding and PIL work, which releases the GIL; more only contend for it.
+        ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
+        # Bad records drop out of the chunks, which are regrouped into full batches.
+        ds = _DropSkipped(ds, batch_size, data_config.train, len(source), max_fraction)
+        if data_config.num_workers > 0:
+            options = grain.MultiprocessingOptions(num_workers=data_config.num_workers)
+            ds = ds.mp_prefetch(options, worker_init_fn=_init_worker)
+        return ds
+
+    return _Positioned(make)
+
+
+def _init_worker(index: int, count: int) -> None:
+    """In each Grain worker: leave SIGTERM and SIGINT to the trainer, which stops the input
+    after saving; and on Linux, die with the trainer even when it is killed with SIGKILL."""
+    del index, count
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if sys.platform == "linux":
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _eval_example(source, index: int, image_size: int) -> dict | _Skipped:
+    """Record `index` of `source`, decoded, its image resized (or `_Skipped`)."""
+    try:
+        example = records.decode(source[index])
+    except records.BadRecord as e:
+        return _Skipped(e.key, e.reason)
+    example["image"] = image_ops.resize(example["image"], image_size)
+    return example
+
+
+def eval_arrays(
+    spec: str,
+    *,
+    tokenizer: Tokenizer,
+    image_size: int,
+    context_length: int,
+    num_examples: int,
+    max_skipped_fraction: float,
+    seed: int = 0,
+    share: tuple[int, int, int] | None = None,
+) -> dict:
+    """The first `num_examples` records (-1: all) of the "eval" split of `spec`, decoded; bad
+    ones are skipped, leaving n examples.
+
+    The records are read in chunks of `chunk` slots, record i in slot i; with `share` = (lo,
+    hi, chunk) this process decodes only the slots [lo, hi) of each chunk (its rows of a
+    sharded chunk, `sharding.process_rows`), and what the processes read is gathered, so the
+    result is the same on every process but `image`. Default: one chunk of all records.
+
+    Returns `{"image": uint8 (C · (hi - lo), image_size, image_size, 3), this process's slots
+    of the C chunks (centre-cropped and resized; zeros for a bad record or past the end; uint8
+    is a quarter of float32's memory: normalise per batch with `image_ops.normalize`), "valid":
+    bool (C · chunk,), the slots that hold a good record (n of them), "label": int32 (n,) (-1
+    when the source has no labels), "text": int32 (m, context_length) (every caption of the n
+    images, image-major), "text_image": int32 (m,) (the index of each caption's image among the
+    n), "class_names": list[str], "prompt_templates": list[str] (each with `{}` for a class
+    name; both [] when the source has none), "skipped": int}`. Raises ValueError when more
+    than `max_skipped_fraction` of the records are bad. `seed` selects another stream of the
+    procedural `shapes` dataset.
+    """
+    source = sources.make_source(spec, "eval", seed=seed)
+    count = len(source) if num_examples == -1 else min(num_examples, len(source))
+    lo, hi, chunk = (0, count, count) if share is None else share
+    chunks = -(-count // chunk)
+    slots = [c * chunk + r for c in range(chunks) for r in range(lo, hi)]
+    records = [i for i in slots if i < count]  # the slots past the end come last
+    # PIL decodes and resizes with the GIL released: threads keep the cores busy.
+    with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        results = list(pool.map(lambda i: _eval_example(source, i, image_size), records))
+    images = np.zeros((len(slots), image_size, image_size, 3), np.uint8)
+    mine = {}  # slot -> (label, captions) of this process's good records; and its bad ones
+    bad = []
+    for k, (i, result) in enumerate(zip(records, results, strict=True)):
+        if isinstance(result, _Skipped):
+            bad.append((i, result.key, result.reason))
+            continue
+        images[k] = result["image"]
+        captions = result.get("captions", [result["caption"]] if "caption" in result else [])
+        mine[i] = (result.get("label", -1), captions)
+    if share is not None:
+        from clipjax import sharding  # here: Grain workers import this module, not jax
+
+        gathered = sharding.gather_objects((mine, bad))
+        mine = {i: meta for part, _ in gathered for i, meta in part.items()}
+        bad = sorted(b for _, part in gathered for b in part)
+    bad = [[key, reason] for _, key, reason in bad]
+    for key, reason in bad[:_NAMED_SKIPS]:
+        logging.warning("Skipped a bad record of %s: %s (%s).", spec, key, reason)
+    _check_skipped(spec, count, len(bad), bad[:_NAMED_SKIPS], count, max_skipped_fraction)
+    if not mine:
+        raise ValueError(f"source {spec!r}: no usable records among the first {count}.")
+    valid = np.zeros(chunks * chunk, bool)
+    valid[sorted(mine)] = True
+    labels, captions = zip(*(mine[i] for i in sorted(mine)), strict=True)
+    text_image = [i for i, caps in enumerate(captions) for _ in caps]
+    return {
+        "image": images,
+        "valid": valid,
+        "label": np.array(labels, np.int32),
+        "text": tokenizer.encode([c for caps in captions for c in caps], context_length),
+        "text_image": np.array(text_image, np.int32),
+        "class_names": list(source.class_names or []),
+        "prompt_templates": list(source.prompt_templates or []),
+        "skipped": len(bad),
+    }

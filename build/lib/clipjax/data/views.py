@@ -1,0 +1,34 @@
+"""The views of each example an objective asks of the training pipeline. Plain data, below
+both the pipeline that makes them and the objectives that declare them."""
+
+import dataclasses
+
+TEXT_VIEWS = ("plain", "mlm", "eda")
+
+
+@dataclasses.dataclass(frozen=True)
+class Views:
+    """Which views of each example an objective asks the training pipeline for
+    (`data.pipeline.train_dataset` makes them).
+
+    - `image_views` (1 or 2): independent augmentations of the image (`config.data.augment`,
+      see `image_ops.Augment`), batch keys `image` and `image_2`, each float32 (b, size, size,
+      3).
+    - `text_views`, int32 (b, context_length) each: "plain" → `text`, the caption; "mlm" →
+      `text_mlm`, the caption with BERT-style masking, plus `mlm_labels`, the original ids at
+      the masked positions and 0 elsewhere (`text_ops.mlm_mask`); "eda" → `text_eda`, an
+      EDA-augmented caption (`text_ops.eda`).
+    """
+
+    image_views: int = 1
+    text_views: tuple[str, ...] = ("plain",)
+
+    def __post_init__(self):
+        if self.image_views not in (1, 2):
+            raise ValueError(f"Views.image_views must be 1 or 2, not {self.image_views!r}.")
+        views = tuple(self.text_views)
+        object.__setattr__(self, "text_views", views)  # a list from a config is fine too
+        if not views or len(set(views)) != len(views) or not set(views) <= set(TEXT_VIEWS):
+            raise ValueError(
+                f"Views.text_views {views!r} must be distinct kinds among {TEXT_VIEWS}."
+            )

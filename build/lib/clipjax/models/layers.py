@@ -1,0 +1,257 @@
+"""The pre-LayerNorm transformer shared by the image and the text towers (CLIP/open_clip shape).
+
+Every parameter carries logical axis names ("embed", "mlp", "heads", "kv"); `clipjax/sharding.py`
+maps them onto the mesh.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from clipjax.models import precision
+
+LN_EPS = 1e-5  # CLIP's LayerNorm epsilon (Flax defaults to 1e-6)
+
+ACTIVATION_AXES = ("batch", "length", "embed")
+DENSE_INIT = nn.initializers.xavier_uniform()
+# Xavier over the fused head axes, as for a (width, heads * head_dim) matrix.
+QKV_INIT = nn.initializers.xavier_uniform(in_axis=0, out_axis=(1, 2))
+OUT_INIT = nn.initializers.xavier_uniform(in_axis=(0, 1), out_axis=2)
+
+
+def layer_norm(name: str) -> nn.LayerNorm:
+    """CLIP's LayerNorm, in float32 whatever the compute dtype (the precision policy)."""
+    return nn.LayerNorm(
+        epsilon=LN_EPS,
+        dtype=jnp.float32,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+        name=name,
+    )
+
+
+class Linear(nn.Module):
+    """`einsum(spec, x, kernel) + bias` under the precision policy (`precision.einsum`).
+
+    The kernel keeps its full `shape` from init on, so its logical `axes` name the array as
+    created. The bias spans the kernel's axes that the output keeps, in the kernel's order.
+    """
+
+    spec: str  # e.g. "BLW,WHD->BHLD": input, kernel and output indices
+    shape: tuple[int, ...]
+    axes: tuple[str | None, ...]
+    use_bias: bool = True
+    kernel_init: nn.initializers.Initializer = DENSE_INIT
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param(
+            "kernel", nn.with_logical_partitioning(self.kernel_init, self.axes), self.shape
+        )
+        y = precision.einsum(self.spec, x, kernel, self.dtype)
+        if not self.use_bias:
+            return y
+        indices, out = self.spec.split("->")
+        kernel_indices = indices.split(",")[1]
+        kept = [i for i, index in enumerate(kernel_indices) if index in out]
+        if sorted(kept, key=lambda i: out.index(kernel_indices[i])) != kept:
+            raise ValueError(f"{self.spec!r}: the output must keep the kernel's axes in order.")
+        bias = self.param(
+            "bias",
+            nn.with_logical_partitioning(nn.initializers.zeros, tuple(self.axes[i] for i in kept)),
+            tuple(self.shape[i] for i in kept),
+        )
+        sizes = {kernel_indices[i]: self.shape[i] for i in kept}
+        return y + bias.reshape([sizes.get(index, 1) for index in out])
+
+
+# model.attention -> the `implementation` of `jax.nn.dot_product_attention`: "auto" is cuDNN's
+# fused kernel where it applies (a GPU, 16-bit operands), else JAX's default (XLA's composition).
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+
+
+def attend(query, key, value, *, causal: bool, implementation: str = "auto"):
+    """Scaled dot-product attention, (B, L, heads, head_dim) each -> (B, L, heads, head_dim),
+    through `jax.nn.dot_product_attention` (fused on GPUs; `implementation` picks, see
+    ATTENTION_IMPLEMENTATIONS). The softmax and its statistics are float32 on every path, the
+    products take the operands' dtype; `causal` lets position t see positions <= t only."""
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(
+            f"model.attention={implementation!r} is unknown; use one of "
+            f"{', '.join(ATTENTION_IMPLEMENTATIONS)}."
+        )
+    impl = None if implementation == "auto" else implementation
+    sixteen_bit = query.dtype in (jnp.bfloat16, jnp.float16)  # what cuDNN's fused kernel takes
+    if impl is None and sixteen_bit and jax.default_backend() == "gpu":
+        impl = "cudnn"
+    try:
+        return jax.nn.dot_product_attention(
+            query, key, value, is_causal=causal, implementation=impl
+        )
+    except (NotImplementedError, ValueError, RuntimeError):  # a shape or GPU cuDNN refuses
+        if implementation != "auto" or impl is None:
+            raise
+        return jax.nn.dot_product_attention(query, key, value, is_causal=causal)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with q/k/v/out biases: (B, L, W) -> (B, L, W).
+
+    The four projections follow the precision policy; the attention itself is `attend` on
+    operands cast to the compute dtype, so with bfloat16 both of its products take bfloat16
+    operands, its softmax is float32, and its output is bfloat16 (the out projection's operand
+    dtype in any case).
+    """
+
+    heads: int
+    causal: bool = False
+    dtype: jnp.dtype = jnp.float32
+    implementation: str = "auto"
+
+    @nn.compact
+    def __call__(self, x):
+        width = x.shape[-1]
+        if width % self.heads:
+            raise ValueError(f"Width {width} is not divisible by {self.heads} attention heads.")
+        head_dim = width // self.heads
+
+        def project(name):  # (B, L, W) -> (B, L, heads, head_dim), in the compute dtype
+            return Linear(
+                "BLW,WHD->BLHD",
+                (width, self.heads, head_dim),
+                ("embed", "heads", "kv"),
+                kernel_init=QKV_INIT,
+                dtype=self.dtype,
+                name=name,
+            )(x).astype(self.dtype)
+
+        out = attend(
+            project("query"),
+            project("key"),
+            project("value"),
+            causal=self.causal,
+            implementation=self.implementation,
+        )
+        return Linear(
+            "BLHD,HDW->BLW",
+            (self.heads, head_dim, width),
+            ("heads", "kv", "embed"),
+            kernel_init=OUT_INIT,
+            dtype=self.dtype,
+            name="out",
+        )(out)
+
+
+def gelu(x):
+    """Exact GELU, x · Φ(x) = ½x(1 + erf(x/√2)), as torch's (open_clip's) default. Through erf:
+    `jax.nn.gelu`'s erfc form costs about twice as much on CPU, for accuracy only at x ≪ 0,
+    where both are ~0 (the largest difference is about 1e-6)."""
+    return 0.5 * x * (1.0 + jax.lax.erf(x * 0.5**0.5))
+
+
+def quick_gelu(x):
+    """x · σ(1.702 x): the GELU approximation OpenAI's CLIP models were trained with."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+class Mlp(nn.Module):
+    """Linear(mlp_dim) -> GELU -> Linear(width), with biases: (B, L, W) -> (B, L, W).
+
+    GELU is exact (torch's, as open_clip uses) or, with `quick_gelu`, OpenAI's approximation.
+    """
+
+    mlp_dim: int
+    dtype: jnp.dtype = jnp.float32
+    quick_gelu: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        width = x.shape[-1]
+        x = Linear(
+            "BLW,WM->BLM", (width, self.mlp_dim), ("embed", "mlp"), dtype=self.dtype, name="fc_in"
+        )(x)
+        x = quick_gelu(x) if self.quick_gelu else gelu(x)
+        return Linear(
+            "BLM,MW->BLW", (self.mlp_dim, width), ("mlp", "embed"), dtype=self.dtype, name="fc_out"
+        )(x)
+
+
+class Block(nn.Module):
+    """Pre-LN residual block: x + attn(ln(x)), then x + mlp(ln(x)). (B, L, W) -> (B, L, W)."""
+
+    heads: int
+    mlp_dim: int
+    causal: bool = False
+    dtype: jnp.dtype = jnp.float32
+    quick_gelu: bool = False
+    attention: str = "auto"  # ATTENTION_IMPLEMENTATIONS
+
+    @nn.compact
+    def __call__(self, x):
+        x = x + Attention(self.heads, self.causal, self.dtype, self.attention, name="attn")(
+            layer_norm("ln_attn")(x)
+        )
+        mlp = Mlp(self.mlp_dim, self.dtype, self.quick_gelu, name="mlp")
+        x = x + mlp(layer_norm("ln_mlp")(x))
+        return nn.with_logical_constraint(x, ACTIVATION_AXES)
+
+
+# model.remat -> what the backward pass keeps of a block's forward (the rest is recomputed).
+REMAT_POLICIES = {
+    "none": None,  # keep everything: no recomputation
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only each block's input
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep the matmuls
+}
+
+
+def _block_step(block, x, _):
+    """One scan step: the carry goes through this layer's block."""
+    return block(x), None
+
+
+class Transformer(nn.Module):
+    """`depth` pre-LN blocks: (B, L, W) -> (B, L, W).
+
+    The blocks are named block_00, block_01, ..., or with `scan` one `blocks` module whose
+    parameters have a leading depth axis, applied by `nn.scan` (one block is compiled, not
+    `depth`). `remat` names a policy of REMAT_POLICIES for what the backward pass keeps, and
+    `attention` an implementation of ATTENTION_IMPLEMENTATIONS.
+    """
+
+    depth: int
+    heads: int
+    mlp_dim: int
+    causal: bool = False
+    dtype: jnp.dtype = jnp.float32
+    quick_gelu: bool = False
+    scan: bool = False
+    remat: str = "none"
+    attention: str = "auto"  # ATTENTION_IMPLEMENTATIONS
+
+    @nn.compact
+    def __call__(self, x):
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(
+                f"model.remat={self.remat!r} is unknown; use one of {', '.join(REMAT_POLICIES)}."
+            )
+        block = Block
+        if self.remat != "none":
+            # Inside a scan, common subexpressions cannot merge across steps: no need to guard.
+            block = nn.remat(Block, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan)
+        args = (self.heads, self.mlp_dim, self.causal, self.dtype, self.quick_gelu, self.attention)
+        x = nn.with_logical_constraint(x, ACTIVATION_AXES)
+        if self.scan:
+            layers = nn.scan(
+                _block_step,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                length=self.depth,
+                # The depth axis of every parameter is not sharded.
+                metadata_params={nn.PARTITION_NAME: None},
+            )
+            x, _ = layers(block(*args, name="blocks"), x, None)
+            return x
+        for i in range(self.depth):
+            x = block(*args, name=f"block_{i:02d}")(x)
+        return x

@@ -1,0 +1,68 @@
+"""The mixed-precision policy of the towers: where `model.dtype` applies, and how.
+
+Parameters are float32 always. With a compute dtype narrower than float32 (`bfloat16`), every
+product of the transformers (projections, attention, MLPs, the patch embedding) takes its
+operands in that dtype and accumulates and returns float32, in the forward pass and in both
+products of the backward pass. Everything else (LayerNorm, softmax, residual sums, BatchNorm
+statistics, the joint-space projections and every loss) stays float32. This is what bfloat16
+hardware does at full rate: here bfloat16 × bfloat16 → float32 matmuls run at about 1.6× the
+float32 rate, while bfloat16 results or mixed-dtype products run at the float32 rate or below.
+
+With `float32` the products are plain `jnp.einsum`, unchanged.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+FLOAT32 = jnp.dtype(jnp.float32)
+
+
+def _transposed_specs(spec: str) -> tuple[str, str]:
+    """The einsum specs of the two cotangent products of `spec` ("a,b->c"): c,b->a and a,c->b.
+
+    Valid when every index of an operand appears in the other operand or in the output, which
+    holds for matmul-like products (no index summed within one operand alone)."""
+    inputs, out = spec.split("->")
+    lhs, rhs = inputs.split(",")
+    for name, operand, other in (("first", lhs, rhs), ("second", rhs, lhs)):
+        alone = set(operand) - set(other) - set(out) - {"."}
+        if alone:
+            raise ValueError(
+                f"einsum {spec!r}: index {sorted(alone)} of the {name} operand "
+                "is summed within it; mixed precision needs matmul-like products."
+            )
+    return f"{out},{rhs}->{lhs}", f"{lhs},{out}->{rhs}"
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _mixed_einsum(spec: str, dtype, lhs, rhs):
+    return jnp.einsum(spec, lhs.astype(dtype), rhs.astype(dtype), preferred_element_type=FLOAT32)
+
+
+def _mixed_forward(spec, dtype, lhs, rhs):
+    lhs, rhs = lhs.astype(dtype), rhs.astype(dtype)  # the residuals are kept narrow
+    return jnp.einsum(spec, lhs, rhs, preferred_element_type=FLOAT32), (lhs, rhs)
+
+
+def _mixed_backward(spec, dtype, residuals, cotangent):
+    lhs, rhs = residuals
+    lhs_spec, rhs_spec = _transposed_specs(spec)
+    cotangent = cotangent.astype(dtype)
+    d_lhs = jnp.einsum(lhs_spec, cotangent, rhs, preferred_element_type=FLOAT32)
+    d_rhs = jnp.einsum(rhs_spec, lhs, cotangent, preferred_element_type=FLOAT32)
+    return d_lhs, d_rhs
+
+
+_mixed_einsum.defvjp(_mixed_forward, _mixed_backward)
+
+
+def einsum(spec: str, lhs: jax.Array, rhs: jax.Array, dtype) -> jax.Array:
+    """`jnp.einsum(spec, lhs, rhs)` under the policy: plain for float32; else operands cast to
+    `dtype`, accumulated and returned in float32, with the backward products the same way."""
+    dtype = jnp.dtype(dtype)
+    if dtype == FLOAT32:
+        return jnp.einsum(spec, lhs, rhs)
+    _transposed_specs(spec)  # checked at trace time
+    return _mixed_einsum(spec, dtype, lhs.astype(FLOAT32), rhs.astype(FLOAT32))

@@ -1,0 +1,189 @@
+"""The two-tower model: image and text towers, projections, the logit scale and a logit bias.
+
+Objectives that add heads subclass it in their own module (DeCLIP's SimSiam and masked-LM
+heads, CLIP-Lite's prior discriminators and view critics), so a new method touches only its
+own file."""
+
+import functools
+import math
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from clipjax.models.heads import MIBlock
+from clipjax.models.resnet import ModifiedResNet, resnet_size
+from clipjax.models.text import TextTransformer
+from clipjax.models.vit import VisionTransformer, vit_size
+
+LOGIT_SCALE_INIT = math.log(1 / 0.07)
+
+
+def _projection(embed_dim: int, name: str) -> nn.Dense:
+    """Linear map to the joint space without bias, in float32 (it is small)."""
+    return nn.Dense(
+        embed_dim,
+        use_bias=False,
+        # CLIP's scale width^-0.5, i.e. unit fan-in variance.
+        kernel_init=nn.with_logical_partitioning(
+            nn.initializers.variance_scaling(1.0, "fan_in", "normal"), ("embed", "joint")
+        ),
+        name=name,
+    )
+
+
+def normalize(x):
+    return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
+
+class TwoTower(nn.Module):
+    """Image and text towers mapped into one joint space.
+
+    Parameters: image_tower, text_tower, image_projection, text_projection, log_scale (θ, the
+    logit scale in log space; each objective maps it to s = exp(θ) with its own clamp), and
+    optionally `bias` (SigLIP).
+    The image tower is a ModifiedResNet for variants named "RN..." (its BatchNorm statistics in
+    `batch_stats`), else a VisionTransformer. The projections are linear maps ("linear") or
+    CLIP-Lite's MI blocks ("mi_block"). Build it from `config.model` with `from_config`.
+    """
+
+    embed_dim: int
+    image_variant: str
+    text_vocab_size: int
+    text_context_length: int
+    text_width: int
+    text_depth: int
+    text_heads: int
+    image_depth: int = -1  # ViT only
+    image_width: int = -1  # ResNet only
+    image_output_dim: int = -1  # ResNet only: the attention pool's output width
+    quick_gelu: bool = False  # OpenAI's GELU approximation in both transformers
+    scan_layers: bool = False  # nn.scan over the transformer blocks of both towers
+    remat: str = "none"  # what the blocks' backward pass keeps (layers.REMAT_POLICIES)
+    attention: str = "auto"  # the blocks' attention kernel (layers.ATTENTION_IMPLEMENTATIONS)
+    projection: str = "linear"
+    log_scale_init: float = LOGIT_SCALE_INIT
+    bias_init: float | None = None  # a learned logit bias when set (SigLIP)
+    dtype: jnp.dtype = jnp.float32
+
+    @classmethod
+    def from_config(cls, model_config, **objective_fields) -> "TwoTower":
+        """From the `config.model` ConfigDict (see `clipjax/config.py`); objectives add their
+        own fields (`log_scale_init`, `bias_init`, and those of their subclasses)."""
+        image, text = model_config.image, model_config.text
+        return cls(
+            embed_dim=model_config.embed_dim,
+            image_variant=image.variant,
+            image_depth=image.depth,
+            image_width=image.width,
+            image_output_dim=image.output_dim,
+            quick_gelu=model_config.quick_gelu,
+            scan_layers=model_config.scan_layers,
+            remat=model_config.remat,
+            attention=model_config.attention,
+            text_vocab_size=text.vocab_size,
+            text_context_length=text.context_length,
+            text_width=text.width,
+            text_depth=text.depth,
+            text_heads=text.heads,
+            projection=model_config.projection,
+            dtype=jnp.dtype(model_config.dtype),
+            **objective_fields,
+        )
+
+    @property
+    def image_features_dim(self) -> int:
+        """Width of the image tower's pooled feature: the ViT width or the ResNet output."""
+        if self.image_variant.startswith("RN"):
+            return (
+                self.image_output_dim
+                if self.image_output_dim != -1
+                else resnet_size(self.image_variant)[3]
+            )
+        return vit_size(self.image_variant)[0]
+
+    def setup(self):
+        if self.image_variant.startswith("RN"):
+            self.image_tower = ModifiedResNet(
+                self.image_variant, self.image_width, self.dtype, self.image_output_dim
+            )
+        else:
+            self.image_tower = VisionTransformer(
+                self.image_variant,
+                self.image_depth,
+                self.dtype,
+                self.quick_gelu,
+                self.scan_layers,
+                self.remat,
+                self.attention,
+            )
+        self.text_tower = TextTransformer(
+            self.text_vocab_size,
+            self.text_context_length,
+            self.text_width,
+            self.text_depth,
+            self.text_heads,
+            dtype=self.dtype,
+            quick_gelu=self.quick_gelu,
+            scan_layers=self.scan_layers,
+            remat=self.remat,
+            attention=self.attention,
+        )
+        if self.projection == "linear":
+            self.image_projection = _projection(self.embed_dim, "image_projection")
+            self.text_projection = _projection(self.embed_dim, "text_projection")
+        elif self.projection == "mi_block":
+            self.image_projection = MIBlock(self.embed_dim)
+            self.text_projection = MIBlock(self.embed_dim)
+        else:
+            raise ValueError(
+                f"model.projection={self.projection!r} is unknown; use 'linear' or 'mi_block'."
+            )
+        scalar = functools.partial(nn.with_logical_partitioning, names=())
+        self.log_scale = self.param(
+            "log_scale", scalar(nn.initializers.constant(self.log_scale_init)), ()
+        )
+        if self.bias_init is not None:
+            self.bias = self.param("bias", scalar(nn.initializers.constant(self.bias_init)), ())
+
+    def _project(self, projection, features, train):
+        if self.projection == "mi_block":
+            return normalize(projection(features, train=train))
+        return normalize(projection(features))
+
+    def encode_image(self, images, train: bool = False):
+        """Images (B, H, W, 3) -> features (B, width_v) before projection, embed (B, embed_dim)
+        L2-normalised; both float32. width_v is the ViT width or the ResNet's output_dim.
+
+        `train` puts BatchNorm (ResNet, MI block) in training mode (apply with
+        `mutable=["batch_stats"]`)."""
+        if isinstance(self.image_tower, ModifiedResNet):
+            features = self.image_tower(images, train=train)
+        else:
+            features = self.image_tower(images)
+        features = features.astype(jnp.float32)
+        return {
+            "features": features,
+            "embed": self._project(self.image_projection, features, train),
+        }
+
+    def encode_text(self, tokens, train: bool = False):
+        """Tokens (B, L) -> features (B, width_t) at end-of-text, states (B, L, width_t)
+        final-LN token states, embed (B, embed_dim) L2-normalised; all float32."""
+        pooled, states = self.text_tower(tokens)
+        features = pooled.astype(jnp.float32)
+        return {
+            "features": features,
+            "states": states.astype(jnp.float32),
+            "embed": self._project(self.text_projection, features, train),
+        }
+
+    def __call__(self, images, tokens, train: bool = False):
+        """Both encodings, `log_scale` θ and, where the model has one, the logit `bias`."""
+        out = {
+            "image": self.encode_image(images, train=train),
+            "text": self.encode_text(tokens, train=train),
+            "log_scale": self.log_scale,
+        }
+        if self.bias_init is not None:
+            out["bias"] = self.bias
+        return out

@@ -1,0 +1,95 @@
+"""CLIP's Vision Transformer (open_clip shape), sized by a variant string such as "B/32"."""
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from clipjax.models.layers import Linear, Transformer, layer_norm
+
+# size -> (width, depth, mlp_dim, heads)
+VIT_SIZES = {
+    "Ti": (192, 12, 768, 3),
+    "S": (384, 12, 1536, 6),
+    "M": (512, 12, 2048, 8),
+    "B": (768, 12, 3072, 12),
+    "L": (1024, 24, 4096, 16),
+    "H": (1280, 32, 5120, 16),
+}
+
+
+def vit_size(variant: str) -> tuple[int, int, int, int, int]:
+    """(width, depth, mlp_dim, heads, patch) of a "<size>/<patch>" variant, e.g. "B/32"."""
+    size, _, patch = variant.partition("/")
+    if size not in VIT_SIZES or not patch.isdigit() or int(patch) == 0:
+        raise ValueError(
+            f"Unknown ViT variant {variant!r}: expected '<size>/<patch>' with size one of "
+            f"{', '.join(VIT_SIZES)} and a positive integer patch, e.g. 'B/32'."
+        )
+    return (*VIT_SIZES[size], int(patch))
+
+
+class VisionTransformer(nn.Module):
+    """Images (B, H, W, 3), already normalised -> pooled feature (B, width): ln_post(class token).
+
+    The positional embedding has one entry per patch plus the class token, so its length is
+    fixed by the image size seen at init.
+    """
+
+    variant: str
+    depth: int = -1  # -1: the variant's own depth
+    dtype: jnp.dtype = jnp.float32
+    quick_gelu: bool = False
+    scan_layers: bool = False
+    remat: str = "none"
+    attention: str = "auto"  # layers.ATTENTION_IMPLEMENTATIONS
+
+    @nn.compact
+    def __call__(self, images):
+        width, depth, mlp_dim, heads, patch = vit_size(self.variant)
+        height, image_width = images.shape[1:3]
+        if height % patch or image_width % patch:
+            raise ValueError(
+                f"model.image.size={height}x{image_width} is not divisible by the patch size "
+                f"{patch} of ViT variant {self.variant!r}; use a multiple of {patch}."
+            )
+        # The patch embedding: a stride-`patch` convolution, taken as one product over each
+        # patch's pixels (its kernel keeps the convolution's (patch, patch, 3, width) layout).
+        batch, channels = images.shape[0], images.shape[3]
+        patches = images.reshape(
+            batch, height // patch, patch, image_width // patch, patch, channels
+        )
+        x = Linear(
+            "bhpwqc,pqcd->bhwd",
+            (patch, patch, channels, width),
+            (None, None, None, "embed"),
+            use_bias=False,
+            kernel_init=nn.initializers.lecun_normal(),
+            dtype=self.dtype,
+            name="patch_embed",
+        )(patches)
+        x = x.reshape(batch, -1, width)  # (B, patches, width), row-major like the conv's
+
+        embed_init = nn.initializers.normal(width**-0.5)  # CLIP's scale for both
+        class_token = self.param(
+            "class_token", nn.with_logical_partitioning(embed_init, ("embed",)), (width,)
+        )
+        class_tokens = jnp.broadcast_to(class_token, (x.shape[0], 1, width))
+        x = jnp.concatenate([class_tokens, x], axis=1)
+        pos_embed = self.param(
+            "pos_embed", nn.with_logical_partitioning(embed_init, (None, "embed")), x.shape[1:]
+        )
+        x = x + pos_embed
+
+        x = layer_norm("ln_pre")(x)
+        x = Transformer(
+            depth if self.depth == -1 else self.depth,
+            heads,
+            mlp_dim,
+            dtype=self.dtype,
+            quick_gelu=self.quick_gelu,
+            scan=self.scan_layers,
+            remat=self.remat,
+            attention=self.attention,
+            name="transformer",
+        )(x)
+        pooled = layer_norm("ln_post")(x[:, 0])
+        return nn.with_logical_constraint(pooled, ("batch", "embed"))

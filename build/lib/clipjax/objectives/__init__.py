@@ -1,0 +1,20 @@
+"""Training objectives. Each computes its loss from model outputs and keeps its own state.
+
+An objective is built as `Objective(config, mesh)`; see `base.Objective` for what it offers.
+"""
+
+from clipjax.objectives.clip import Clip
+from clipjax.objectives.cliplite import ClipLite
+from clipjax.objectives.declip import DeClip
+from clipjax.objectives.siglip import SigLip
+
+OBJECTIVES = {"clip": Clip, "declip": DeClip, "siglip": SigLip, "cliplite": ClipLite}
+
+
+def get(name: str):
+    """The objective class registered under `name` (config.objective)."""
+    if name not in OBJECTIVES:
+        raise ValueError(
+            f"config.objective={name!r} is unknown; choose one of {sorted(OBJECTIVES)}."
+        )
+    return OBJECTIVES[name]

@@ -1,0 +1,1 @@
+"""Command-line tools around clipjax: data conversion and export."""

@@ -1,0 +1,319 @@
+r"""Convert image-caption data to clipjax's ArrayRecord shards (the `arrayrecord:` source).
+
+  python -m clipjax.tools.convert --input='/data/cc3m/*.tar' --output=/data/cc3m_ar --workers=8
+  python -m clipjax.tools.convert --input=/data/train.csv --output=/data/train_ar \
+      --caption_column=title --max_side=512
+
+Inputs: webdataset tar shards as img2dataset writes them (members `<key>.jpg|png|webp` with
+`<key>.txt`, or `<key>.json` holding a "caption"; members grouped by key), one output shard per
+tar; or a CSV/TSV read as the `csv:` source reads it, `--records_per_shard` rows per output
+shard. Records are `records.pack({"key", "image": encoded bytes, "caption"})`; images keep their
+bytes unless `--max_side` shrinks them (JPEG quality 95; PNG stays PNG).
+
+Bad records (an image that does not decode, a missing or empty caption) are skipped, counted
+and the first few named in the log. Each shard is written to a temporary name and renamed, and
+`index.json` ({"shards": [{"file", "source", "records", "skipped"}], "records", "skipped"}) is
+rewritten after each shard, so an interrupted run resumes where it stopped: rerun the command.
+"""
+
+import glob
+import io
+import json
+import multiprocessing
+import os
+import sys
+import tarfile
+import time
+from collections.abc import Iterator
+
+from absl import app, flags, logging
+from array_record.python import array_record_module
+from PIL import Image
+
+from clipjax.data import records, sources
+
+INDEX = "index.json"
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+# Random access needs one record per chunk; JPEG/PNG/WebP bytes do not compress further.
+WRITER_OPTIONS = "group_size:1,uncompressed"
+_NAMED_BAD = 10  # bad records named in the log, over the whole run
+
+
+def _shrink(image: Image.Image, max_side: int) -> bytes:
+    """Resized so that the longer side is `max_side`; PNG re-encoded as PNG, others as JPEG."""
+    scale = max_side / max(image.size)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    out = io.BytesIO()
+    if image.format == "PNG":
+        image.resize(size, Image.BICUBIC).save(out, format="PNG")
+    else:
+        image.convert("RGB").resize(size, Image.BICUBIC).save(out, format="JPEG", quality=95)
+    return out.getvalue()
+
+
+def prepare(raw: dict, max_side: int = 0) -> bytes:
+    """A raw record (`key`, `image` bytes or file path, `caption`) -> one packed record.
+
+    Raises `records.BadRecord` if the image does not decode or the caption is missing or
+    empty. With `max_side` > 0, a larger image is shrunk to that longer side."""
+    key = str(raw["key"])
+    caption = records.clean_caption(raw.get("caption"), key)
+    data = raw.get("image")
+    if isinstance(data, str):
+        try:
+            with open(data, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise records.BadRecord(key, e.strerror or str(e)) from None
+    if data is None:
+        raise records.BadRecord(key, "missing image")
+    image = records.load_image(data, key)
+    if max_side and max(image.size) > max_side:
+        data = _shrink(image, max_side)
+    return records.pack({"key": key, "image": data, "caption": caption})
+
+
+def tar_records(path: str) -> Iterator[dict]:
+    """Raw records of a webdataset tar: consecutive members sharing a key (the member name up
+    to the first '.' of its base name) form one record; the caption is the `.txt` member, else
+    the "caption" of the `.json` one."""
+
+    def record(key: str, members: dict) -> dict:
+        image = next((members[e] for e in IMAGE_EXTENSIONS if e in members), None)
+        caption = members.get("txt")
+        if caption is None and "json" in members:
+            try:
+                caption = json.loads(members["json"]).get("caption")
+            except (ValueError, AttributeError):
+                caption = None
+        return {"key": key, "image": image, "caption": caption}
+
+    key, members = None, {}
+    with tarfile.open(path, "r:*") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            folder, base = os.path.split(member.name)
+            stem, _, extension = base.partition(".")
+            extension = extension.lower()
+            if extension not in (*IMAGE_EXTENSIONS, "txt", "json"):
+                continue
+            member_key = os.path.join(folder, stem)
+            if member_key != key and members:
+                yield record(key, members)
+                members = {}
+            key = member_key
+            members[extension] = tar.extractfile(member).read()
+    if members:
+        yield record(key, members)
+
+
+def _convert_shard(task: tuple) -> dict:
+    """Writes one output shard; returns its index entry plus `bad`: the first (key, reason)s.
+
+    `task` = (output dir, file name, source description, max_side, raw records or a tar
+    path)."""
+    output, name, source, max_side, raws = task
+    if isinstance(raws, str):
+        raws = tar_records(raws)
+    path = os.path.join(output, name)
+    count, bad = 0, []
+    skipped = 0
+    writer = array_record_module.ArrayRecordWriter(path + ".tmp", WRITER_OPTIONS)
+    try:
+        for raw in raws:
+            try:
+                writer.write(prepare(raw, max_side))
+                count += 1
+            except records.BadRecord as e:
+                skipped += 1
+                if len(bad) < _NAMED_BAD:
+                    bad.append((e.key, e.reason))
+    finally:
+        writer.close()
+    os.replace(path + ".tmp", path)
+    return {"file": name, "source": source, "records": count, "skipped": skipped, "bad": bad}
+
+
+def _write_index(output: str, entries: dict) -> dict:
+    shards = [entries[name] for name in sorted(entries)]
+    index = {
+        "shards": shards,
+        "records": sum(s["records"] for s in shards),
+        "skipped": sum(s["skipped"] for s in shards),
+    }
+    with open(os.path.join(output, INDEX + ".tmp"), "w") as f:
+        json.dump(index, f, indent=1)
+    os.replace(os.path.join(output, INDEX + ".tmp"), os.path.join(output, INDEX))
+    return index
+
+
+def _read_index(output: str) -> dict:
+    path = os.path.join(output, INDEX)
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return {entry["file"]: entry for entry in json.load(f)["shards"]}
+
+
+def _stem(path: str) -> str:
+    base = os.path.basename(path)
+    for suffix in (".tar.gz", ".tgz", ".tar"):
+        if base.endswith(suffix):
+            return base[: -len(suffix)]
+    return base
+
+
+def plan(
+    input_: str, *, records_per_shard: int, image_column=None, caption_column=None
+) -> list[tuple[str, str, object]]:
+    """The output shards of `input_`: (file name, source description, tar path or raw
+    records). Raises ValueError for an input that matches nothing."""
+    if input_.lower().endswith((".csv", ".tsv")):
+        options = {"image": image_column, "caption": caption_column}
+        query = "&".join(f"{k}={v}" for k, v in options.items() if v)
+        source = sources.make_source(f"csv:{input_}" + (f"?{query}" if query else ""), "train")
+        stem = _stem(input_).rsplit(".", 1)[0]
+        shards = []
+        for start in range(0, len(source), records_per_shard):
+            stop = min(start + records_per_shard, len(source))
+            name = f"{stem}-{start // records_per_shard:05d}.arrayrecord"
+            raws = [source[i] for i in range(start, stop)]
+            shards.append((name, f"{os.path.abspath(input_)}[{start}:{stop}]", raws))
+        return shards
+    pattern = os.path.expanduser(input_)
+    if os.path.isdir(pattern):
+        pattern = os.path.join(pattern, "*.tar")
+    paths = sorted(glob.glob(pattern))
+    if not paths:
+        raise ValueError(
+            f"--input={input_}: no files match {pattern!r}; pass a glob of webdataset .tar "
+            "shards (quoted, e.g. '/data/cc3m/*.tar'), a directory of them, or a .csv/.tsv file."
+        )
+    names = [f"{_stem(p)}.arrayrecord" for p in paths]
+    if len(set(names)) != len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})[0]
+        raise ValueError(
+            f"--input={input_}: two inputs would both write {twice}; convert them into "
+            "different --output directories."
+        )
+    return [
+        (name, os.path.abspath(p), os.path.abspath(p)) for name, p in zip(names, paths, strict=True)
+    ]
+
+
+def _progress(done: int, total: int, count: int, start: float, done_at_start: int) -> None:
+    """One updating line on stderr: shards done, records written, their rate, time left."""
+    elapsed = time.monotonic() - start
+    rate = count / elapsed if elapsed > 0 else 0.0
+    new = done - done_at_start
+    eta = "?"
+    if new:
+        minutes, seconds = divmod(int(elapsed / new * (total - done)), 60)
+        eta = f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}"
+    print(
+        f"\rshards {done}/{total}  records {count}  {rate:.0f} records/s  ETA {eta}",
+        end="" if done < total else "\n",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def convert(
+    input_: str,
+    output: str,
+    *,
+    max_side: int = 0,
+    records_per_shard: int = 10_000,
+    workers: int = 1,
+    image_column: str | None = None,
+    caption_column: str | None = None,
+) -> dict:
+    """Converts `input_` (see the module docstring) into shards in `output`; returns the index.
+
+    Shards already listed in `output/index.json` with the same source and present on disk are
+    kept, not rewritten."""
+    if records_per_shard < 1:
+        raise ValueError(f"--records_per_shard={records_per_shard} must be at least 1.")
+    shards = plan(
+        input_,
+        records_per_shard=records_per_shard,
+        image_column=image_column,
+        caption_column=caption_column,
+    )
+    os.makedirs(output, exist_ok=True)
+    entries = _read_index(output)
+    todo = []
+    for name, source, raws in shards:
+        entry = entries.get(name)
+        if entry is not None and entry["source"] != source:
+            raise ValueError(
+                f"{os.path.join(output, name)} was converted from {entry['source']}, not "
+                f"{source}; convert into another --output directory."
+            )
+        if entry is None or not os.path.exists(os.path.join(output, name)):
+            todo.append((output, name, source, max_side, raws))
+    done_at_start = len(shards) - len(todo)
+    if done_at_start:
+        logging.info(
+            "%d of %d shards were already converted; skipping them.", done_at_start, len(shards)
+        )
+    start, count, named = time.monotonic(), 0, 0
+    _progress(done_at_start, len(shards), 0, start, done_at_start)
+    # Spawned, not forked: forking a process that has started threads can deadlock.
+    pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
+    try:
+        written = pool.imap_unordered(_convert_shard, todo) if pool else map(_convert_shard, todo)
+        for done, entry in enumerate(written, start=done_at_start + 1):
+            for key, reason in entry.pop("bad")[: max(0, _NAMED_BAD - named)]:
+                logging.warning("Skipped %s in %s: %s.", key, entry["source"], reason)
+                named += 1
+            entries[entry["file"]] = entry
+            _write_index(output, entries)
+            count += entry["records"]
+            _progress(done, len(shards), count, start, done_at_start)
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    return _write_index(output, entries)
+
+
+def _define_flags() -> None:
+    # Defined here, not on import, so that importing this module adds no global flags.
+    flags.DEFINE_string("input", None, "Glob of webdataset .tar shards, a folder, or a CSV/TSV.")
+    flags.DEFINE_string("output", None, "Directory for the .arrayrecord shards and index.json.")
+    flags.DEFINE_integer("max_side", 0, "Shrink images whose longer side exceeds this; 0 keeps.")
+    flags.DEFINE_integer("records_per_shard", 10_000, "CSV input: records per output shard.")
+    flags.DEFINE_integer("workers", 1, "Processes converting shards in parallel.")
+    flags.DEFINE_string("image_column", None, "CSV input: image column (image, filepath).")
+    flags.DEFINE_string("caption_column", None, "CSV input: caption column (caption, title, text).")
+    flags.mark_flags_as_required(["input", "output"])
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    FLAGS = flags.FLAGS
+    try:
+        index = convert(
+            FLAGS.input,
+            FLAGS.output,
+            max_side=FLAGS.max_side,
+            records_per_shard=FLAGS.records_per_shard,
+            workers=FLAGS.workers,
+            image_column=FLAGS.image_column,
+            caption_column=FLAGS.caption_column,
+        )
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    print(
+        f"{index['records']} records in {len(index['shards'])} shards "
+        f"({index['skipped']} skipped) in {FLAGS.output}",
+        file=sys.stderr,
+    )
+
+
+if __name__ == "__main__":
+    _define_flags()
+    app.run(main)
