@@ -23,7 +23,8 @@ from clipjax.models.vit import vit_size
 
 
 def base_config() -> ml_collections.ConfigDict:
-    """CLIP ViT-B/32 at open_clip's ViT-B-32 shapes, on the built-in dataset."""
+    """CLIP ViT-B/32 at open_clip's ViT-B-32 shapes, on the built-in dataset: the run's fields,
+    then one section each for the model, data, optimizer, objectives and evaluations."""
     c = ml_collections.ConfigDict()
     c.objective = "clip"
     c.seed = 0
@@ -44,61 +45,83 @@ def base_config() -> ml_collections.ConfigDict:
     # Mesh axis sizes; -1 takes every device left. Pure data parallel by default.
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "model": 1})
 
-    c.model = ml_collections.ConfigDict()
-    c.model.embed_dim = 512
-    c.model.projection = "linear"  # tower → joint space; "mi_block" for CLIP-Lite's critic
+    c.model = _model()
+    c.data = _data()
+    c.optim = _optim()
+    c.update(_objectives())  # c.clip, c.siglip, c.declip, c.cliplite
+    c.evals = _evals()
+    return c
+
+
+def _model() -> ml_collections.ConfigDict:
+    """The two towers: ViT-B/32 and open_clip's text transformer."""
+    model = ml_collections.ConfigDict()
+    model.embed_dim = 512
+    model.projection = "linear"  # tower → joint space; "mi_block" for CLIP-Lite's critic
     # Compute dtype of the towers' products (models/precision.py: float32 parameters and
     # accumulation, bfloat16 operands); "float32" computes everything in float32.
-    c.model.dtype = "bfloat16"
-    c.model.quick_gelu = False  # OpenAI's x·σ(1.702x) GELU, which its released weights need
-    c.model.scan_layers = False  # nn.scan over transformer blocks: compile time flat in depth
-    c.model.remat = "none"  # what the blocks' backward keeps: "none" (all), "dots", "full"
+    model.dtype = "bfloat16"
+    model.quick_gelu = False  # OpenAI's x·σ(1.702x) GELU, which its released weights need
+    model.scan_layers = False  # nn.scan over transformer blocks: compile time flat in depth
+    model.remat = "none"  # what the blocks' backward keeps: "none" (all), "dots", "full"
     # The transformers' attention kernel (jax.nn.dot_product_attention's implementation):
     # "auto" takes cuDNN's fused flash attention on a GPU with 16-bit operands, XLA elsewhere;
     # "xla" or "cudnn" forces one ("cudnn" needs a GPU and a 16-bit model.dtype).
-    c.model.attention = "auto"
-    c.model.image = ml_collections.ConfigDict()
-    c.model.image.variant = "B/32"  # ViT "<size>/<patch>", or ResNet "RN50", "RN101", ...
-    c.model.image.size = 224
-    c.model.image.depth = -1  # ViT depth; -1: the variant's own
-    c.model.image.width = -1  # ResNet stem width; -1: the variant's own
-    c.model.image.output_dim = -1  # ResNet attention-pool output width; -1: the variant's own
-    c.model.text = ml_collections.ConfigDict()
-    c.model.text.width = 512
-    c.model.text.depth = 12
-    c.model.text.heads = 8
-    c.model.text.context_length = 77
-    c.model.text.vocab_size = 49_408
+    model.attention = "auto"
+    model.image = ml_collections.ConfigDict()
+    model.image.variant = "B/32"  # ViT "<size>/<patch>", or ResNet "RN50", "RN101", ...
+    model.image.size = 224
+    model.image.depth = -1  # ViT depth; -1: the variant's own
+    model.image.width = -1  # ResNet stem width; -1: the variant's own
+    model.image.output_dim = -1  # ResNet attention-pool output width; -1: the variant's own
+    model.text = ml_collections.ConfigDict()
+    model.text.width = 512
+    model.text.depth = 12
+    model.text.heads = 8
+    model.text.context_length = 77
+    model.text.vocab_size = 49_408
+    return model
 
-    c.data = ml_collections.ConfigDict()
-    c.data.train = "shapes"  # source spec string
-    c.data.num_workers = 8  # Grain decode processes; 0 decodes in the training process
-    c.data.device_prefetch = 2  # batches placed on the devices ahead of the step using them
+
+def _data() -> ml_collections.ConfigDict:
+    """The training input: source, decoding, augmentation, tokenizer."""
+    data = ml_collections.ConfigDict()
+    data.train = "shapes"  # source spec string
+    data.num_workers = 8  # Grain decode processes; 0 decodes in the training process
+    data.device_prefetch = 2  # batches placed on the devices ahead of the step using them
     # Each training image view (see image_ops.Augment): "clip" = RandomResizedCrop + flip;
     # "mocov2" adds colour jitter, grayscale and blur (sigma scaled to the image size).
-    c.data.augment = ml_collections.ConfigDict(
+    data.augment = ml_collections.ConfigDict(
         {"recipe": "clip", "crop_scale": (0.9, 1.0), "flip": True}
     )
-    c.data.max_skipped_fraction = 0.01  # bad records beyond this fraction stop the run
-    c.data.tokenizer = ml_collections.ConfigDict()
-    c.data.tokenizer.path = ""  # a sentencepiece .model; "" trains one into the workdir
-    c.data.tokenizer.vocab_size = 512  # only used when training a tokenizer
+    data.max_skipped_fraction = 0.01  # bad records beyond this fraction stop the run
+    data.tokenizer = ml_collections.ConfigDict()
+    data.tokenizer.path = ""  # a sentencepiece .model; "" trains one into the workdir
+    data.tokenizer.vocab_size = 512  # only used when training a tokenizer
+    return data
 
-    c.optim = ml_collections.ConfigDict()
-    c.optim.name = "adamw"  # or "sgd_lookahead" (SGD + momentum inside Lookahead)
-    c.optim.lr = 5e-4  # peak, after linear warm-up from 0; cosine decay to 0 at total_steps
-    c.optim.warmup_steps = 2_000
-    c.optim.warmup_from = 0.0  # learning rate at step 0
-    c.optim.weight_decay = 0.2  # not on biases, norms or the logit scale
-    c.optim.b1 = 0.9
-    c.optim.b2 = 0.98
-    c.optim.eps = 1e-6
-    c.optim.grad_clip = 1.0  # global-norm clip; 0 disables
-    c.optim.momentum = 0.9  # sgd_lookahead only
-    c.optim.lookahead_steps = 5  # sgd_lookahead: sync period k
-    c.optim.lookahead_alpha = 0.5  # sgd_lookahead: slow step size
 
-    # Objective-specific fields, read only when config.objective names them.
+def _optim() -> ml_collections.ConfigDict:
+    """AdamW (or SGD in Lookahead) on a warm-up and cosine schedule."""
+    optim = ml_collections.ConfigDict()
+    optim.name = "adamw"  # or "sgd_lookahead" (SGD + momentum inside Lookahead)
+    optim.lr = 5e-4  # peak, after linear warm-up from 0; cosine decay to 0 at total_steps
+    optim.warmup_steps = 2_000
+    optim.warmup_from = 0.0  # learning rate at step 0
+    optim.weight_decay = 0.2  # not on biases, norms or the logit scale
+    optim.b1 = 0.9
+    optim.b2 = 0.98
+    optim.eps = 1e-6
+    optim.grad_clip = 1.0  # global-norm clip; 0 disables
+    optim.momentum = 0.9  # sgd_lookahead only
+    optim.lookahead_steps = 5  # sgd_lookahead: sync period k
+    optim.lookahead_alpha = 0.5  # sgd_lookahead: slow step size
+    return optim
+
+
+def _objectives() -> ml_collections.ConfigDict:
+    """Each objective's own fields, read only when `config.objective` names it."""
+    c = ml_collections.ConfigDict()
     c.clip = ml_collections.ConfigDict()
     # InfoNCE (CLIP; DeCLIP's MVS and NNS) as a ring over devices: (B/k)² logits per device
     c.clip.chunked = True
@@ -127,18 +150,21 @@ def base_config() -> ml_collections.ConfigDict:
     c.cliplite.negative = "next"  # or "sampled": one caption drawn ∝ exp(critic)
     c.cliplite.image_view_weight = 0.0  # > 0 adds JSD between two image views, own critic
     c.cliplite.caption_view_weight = 0.0  # > 0 adds JSD between caption and its EDA rewrite
+    return c
 
-    # Evaluations, by name: each entry has a `kind` and that kind's fields
-    # (`clipjax.evaluate.fields`).
-    # Results are logged as eval/<name>/<metric> every eval_every steps.
-    c.evals = ml_collections.ConfigDict()
-    c.evals.shapes = eval_entry("zeroshot", source="shapes")
-    c.evals.shapes_retrieval = eval_entry("retrieval", source="shapes")
+
+def _evals() -> ml_collections.ConfigDict:
+    """Evaluations, by name: zero-shot, retrieval and a linear probe on `shapes`. Each entry
+    has a `kind` and that kind's fields (`clipjax.evaluate.fields`); results are logged as
+    eval/<name>/<metric> every eval_every steps."""
+    evals = ml_collections.ConfigDict()
+    evals.shapes = eval_entry("zeroshot", source="shapes")
+    evals.shapes_retrieval = eval_entry("retrieval", source="shapes")
     # Fitted on another random stream of the labelled split.
-    c.evals.shapes_probe = eval_entry(
+    evals.shapes_probe = eval_entry(
         "linear_probe", source="shapes", train_source="shapes:4096?seed=1"
     )
-    return c
+    return evals
 
 
 def eval_entry(kind: str, **fields) -> ml_collections.ConfigDict:

@@ -1,1 +1,0 @@
-"""Command-line tools around clipjax: data conversion and export."""
