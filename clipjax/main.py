@@ -14,7 +14,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from clipjax import train
+from clipjax import summary, train
 from clipjax.config import config_file_error, override_error
 from clipjax.errors import ConfigError, Interrupted, TrainingError
 from clipjax.metrics import quiet_library_logs
@@ -128,7 +128,7 @@ def main(argv) -> None:
         jax.devices()[0].platform,
     )
     try:
-        train.run(FLAGS.config, FLAGS.workdir)
+        chance = train.run(FLAGS.config, FLAGS.workdir)
     except ConfigError as e:
         logging.error("%s", e)
         fail(str(e))
@@ -140,6 +140,8 @@ def main(argv) -> None:
         fail(str(e), status=128 + e.signum)
     except KeyboardInterrupt:  # before the loop started: nothing to save yet
         fail("interrupted before training started; nothing was saved.", status=130)
+    if jax.process_index() == 0:
+        print(summary.training(FLAGS.workdir, chance))
 
 
 if __name__ == "__main__":

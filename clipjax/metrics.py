@@ -2,6 +2,7 @@
 
 import json
 import logging as pylogging
+import sys
 import time
 import uuid
 from collections import defaultdict
@@ -32,8 +33,20 @@ class _QuietOrbaxTasks(pylogging.Filter):
         return not ("never retrieved" in message and "orbax" in message)
 
 
+# Grain's worker processes, stopped while one batch is on its way to the trainer, can leave
+# that batch's shared-memory blocks to multiprocessing's resource tracker, which unlinks them at
+# exit and warns of each ("leaked shared_memory objects"). The blocks of every batch the trainer
+# received are freed by the input itself (`pipeline._PositionedIterator`); these few are
+# Grain's own, past reach, and cleaned up. The tracker is a separate process, started with
+# the interpreter's -W options: so the filter goes there, before Grain starts it.
+_TRACKER_WARNING = "ignore:resource_tracker:UserWarning"
+
+
 def quiet_library_logs() -> None:
-    """Install the filters above: on absl's log handler and on asyncio's logger (once)."""
+    """Install the filters above: on absl's log handler and on asyncio's logger (once); and
+    the resource tracker's warning of Grain's last shared-memory blocks."""
+    if _TRACKER_WARNING not in sys.warnoptions:
+        sys.warnoptions.append(_TRACKER_WARNING)
     handler = logging.get_absl_handler()
     if not any(isinstance(f, _QuietLibraries) for f in handler.filters):
         handler.addFilter(_QuietLibraries())

@@ -21,21 +21,12 @@ from absl import app, flags
 from matplotlib.figure import Figure
 
 from clipjax.metrics import MetricsFileError, Series, read_metrics, series
+from clipjax.summary import SETTINGS, best
 
 flags.DEFINE_string("workdir", None, "Training run directory (holds metrics.jsonl).")
 flags.DEFINE_string("output", None, "Directory for the report; default WORKDIR/report.")
 flags.mark_flags_as_required(["workdir"])
 FLAGS = flags.FLAGS
-
-# Eval outputs that are a chosen hyperparameter, not a score: no "best", not plotted.
-SETTINGS = ("probe_l2",)
-
-
-def best(points: Series) -> tuple[int, float]:
-    """(step, value) of the highest value; the earliest step on ties. NaNs never win."""
-    finite = [(step, value) for step, value in points if not math.isnan(value)]
-    step, value = max(finite or points, key=lambda p: (p[1], -p[0]))
-    return step, value
 
 
 def eval_groups(metrics: dict[str, Series]) -> dict[str, dict[str, Series]]:
@@ -56,6 +47,25 @@ def _plot(ax, points: Series, **kwargs) -> None:
     ax.plot([s for s, _ in points], [v for _, v in points], **kwargs)
 
 
+def _panels(count: int, max_cols: int, panel_width: float):
+    """A figure of `count` panels, in rows of at most `max_cols`, and those panels' axes."""
+    cols = min(max_cols, count)
+    rows = math.ceil(count / cols)
+    fig = Figure(figsize=(panel_width * cols, 3.8 * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax in axes[count:]:
+        ax.set_visible(False)
+    return fig, axes[:count]
+
+
+def _label(ax, title: str, legend: bool) -> None:
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    if legend:
+        ax.legend(fontsize="small")
+
+
 def plot_training(metrics: dict[str, Series], path: str) -> bool:
     """training.png; False (nothing written) when there are no training metrics."""
     panels = []
@@ -70,22 +80,13 @@ def plot_training(metrics: dict[str, Series], path: str) -> bool:
             panels.append((title, [name]))
     if not panels:
         return False
-    cols = min(2, len(panels))
-    rows = math.ceil(len(panels) / cols)
-    fig = Figure(figsize=(6.5 * cols, 3.8 * rows), layout="constrained")
-    axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    for ax, (title, names) in zip(axes, panels, strict=False):
+    fig, axes = _panels(len(panels), max_cols=2, panel_width=6.5)
+    for ax, (title, names) in zip(axes, panels, strict=True):
         for name in names:
             total = name == "train/loss" and len(names) > 1
             style = {"color": "black", "linewidth": 2.0} if total else {"linewidth": 1.2}
             _plot(ax, metrics[name], label=name.removeprefix("train/"), **style)
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        if len(names) > 1:
-            ax.legend(fontsize="small")
-    for ax in axes[len(panels) :]:
-        ax.set_visible(False)
+        _label(ax, title, legend=len(names) > 1)
     fig.savefig(path, dpi=100)
     return True
 
@@ -94,20 +95,12 @@ def plot_evals(groups: dict[str, dict[str, Series]], path: str) -> bool:
     """evals.png, one panel per evaluation; False (nothing written) when there are none."""
     if not groups:
         return False
-    cols = min(3, len(groups))
-    rows = math.ceil(len(groups) / cols)
-    fig = Figure(figsize=(5.5 * cols, 3.8 * rows), layout="constrained")
-    axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    for ax, (name, group) in zip(axes, groups.items(), strict=False):
+    fig, axes = _panels(len(groups), max_cols=3, panel_width=5.5)
+    for ax, (name, group) in zip(axes, groups.items(), strict=True):
         for metric, points in group.items():
             if metric not in SETTINGS:
                 _plot(ax, points, marker="o", markersize=3, label=metric)
-        ax.set_title(name)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
-    for ax in axes[len(groups) :]:
-        ax.set_visible(False)
+        _label(ax, name, legend=True)
     fig.savefig(path, dpi=100)
     return True
 

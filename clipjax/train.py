@@ -72,8 +72,10 @@ def _diverged(step: int, count: int, ckpt: checkpoint.Checkpointer) -> TrainingE
     )
 
 
-def run(config, workdir: str, *, stop_at: int | None = None, input_batches=None) -> None:
+def run(config, workdir: str, *, stop_at: int | None = None, input_batches=None) -> dict:
     """Train (or resume) in `workdir` until `config.total_steps`, or until step `stop_at`.
+    Returns the chance level of each evaluation metric where one is known (for the closing
+    summary, `clipjax.summary.training`).
 
     SIGTERM or SIGINT ends the current step and the next, saves a checkpoint and raises
     `Interrupted`. `input_batches` replaces the config's input with an iterator of global
@@ -83,7 +85,7 @@ def run(config, workdir: str, *, stop_at: int | None = None, input_batches=None)
     config_lib.validate(config, workdir, sharding.data_parallel_size(mesh))
     lock = workdir_lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
     with lock, jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-        _train(config, workdir, mesh, stop_at, input_batches)
+        return _train(config, workdir, mesh, stop_at, input_batches)
 
 
 def _start(config, workdir: str, mesh, input_batches):
@@ -131,7 +133,7 @@ def _start(config, workdir: str, mesh, input_batches):
     return step_fn, ckpt, evaluators, train_iter, state, loaded_model
 
 
-def _train(config, workdir: str, mesh, stop_at: int | None, input_batches) -> None:
+def _train(config, workdir: str, mesh, stop_at: int | None, input_batches) -> dict:
     if config.data.train.split(":")[0] in ("shapes", "glyphs") and input_batches is None:
         logging.info(
             "Training on a built-in dataset. For real data set --config.data.train "
@@ -182,6 +184,7 @@ def _train(config, workdir: str, mesh, stop_at: int | None, input_batches) -> No
                 if book.stop_requested:  # a signal on any process stops every process here
                     ckpt.wait()
                     raise Interrupted(book.signal, step, f"{ckpt.directory}/{step}")
+        return evaluator_lib.chance_all(evaluators)
     finally:
         ckpt.close()
         writer.close()

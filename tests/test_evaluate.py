@@ -1,6 +1,7 @@
 """Evaluations: metrics on hand-made embeddings with known answers, prompt lists, the linear
 probe against a float64 reference, and the Evaluators end to end on a tiny model."""
 
+import itertools
 import math
 
 import flax.linen as nn
@@ -16,6 +17,7 @@ from clipjax.data import tokenizer as tokenizer_lib
 from clipjax.evaluate import evaluator as evaluator_lib
 from clipjax.evaluate import linear_probe, prompts, retrieval
 from clipjax.evaluate.retrieval import recall_at_k
+from clipjax.evaluate.zeroshot import chance as class_chance
 from clipjax.evaluate.zeroshot import class_embeddings, topk_accuracy
 from tests.tiny import tiny_config
 
@@ -123,6 +125,49 @@ def test_perfect_embeddings_give_perfect_scores():
 
 
 # ---------------------------------------------------------------------------- prompts
+
+
+def test_chance_levels_equal_the_mean_over_every_random_ranking():
+    """The chance level of each metric is its exact mean over all rankings of the candidates:
+    enumerated here (5 captions of 3 images; 4 classes), against the closed forms."""
+    text_image = np.array([0, 0, 1, 2, 2])  # images with 2, 1 and 2 captions
+    levels = retrieval.chance(text_image, ks=(1, 2))
+    rows = []
+    for text_order in itertools.permutations(range(5)):
+        for image_order in itertools.permutations(range(3)):
+            # Every query ranks the candidates alike: over all orders, every ranking equally.
+            text_scores, image_scores = np.empty(5), np.empty(3)
+            text_scores[list(text_order)] = np.arange(5, 0, -1)
+            image_scores[list(image_order)] = np.arange(3, 0, -1)
+            rows.append(
+                _recall_from_scores(
+                    np.tile(text_scores, (3, 1)), np.tile(image_scores, (5, 1)), text_image, (1, 2)
+                )
+            )
+    for key, value in levels.items():
+        assert value == pytest.approx(np.mean([r[key] for r in rows]), abs=1e-12), key
+    # Zero-shot and probe: k of C classes.
+    labels = np.array([0, 1, 2, 3])
+    accuracies = [
+        topk_accuracy(np.tile(np.array(order, float), (4, 1)), labels, ks=(1, 2, 5))
+        for order in itertools.permutations(range(4))
+    ]
+    for k, value in class_chance(4, ks=(1, 2, 5)).items():
+        assert value == pytest.approx(np.mean([a[k] for a in accuracies]), abs=1e-12)
+
+
+def _recall_from_scores(scores_i2t, scores_t2i, text_image, ks):
+    """recall@k from (images, texts) and (texts, images) score matrices, by brute force."""
+    out = {}
+    for k in ks:
+        top_texts = np.argsort(-scores_i2t, axis=1, kind="stable")[:, :k]
+        hits = [
+            np.isin(np.flatnonzero(text_image == i), top).any() for i, top in enumerate(top_texts)
+        ]
+        top_images = np.argsort(-scores_t2i, axis=1, kind="stable")[:, :k]
+        out[f"i2t_r{k}"] = np.mean(hits)
+        out[f"t2i_r{k}"] = np.mean([text_image[j] in top for j, top in enumerate(top_images)])
+    return out
 
 
 def test_presets_have_the_standard_sizes_and_order():
@@ -294,6 +339,12 @@ def test_evaluators_end_to_end(tiny_setup):
         else:
             assert 0.0 <= value <= 1.0
     assert results["eval/shapes/zeroshot_top1"] <= results["eval/shapes/zeroshot_top5"]
+    chance = evaluator_lib.chance_all(evaluators)  # 48 classes; n images of 1 caption each
+    assert chance["eval/shapes/zeroshot_top5"] == chance["eval/shapes_probe/probe_top5"] == 5 / 48
+    n = len(next(e for e in evaluators if e.kind == "retrieval").prepared["captions"])
+    assert chance["eval/shapes_retrieval/t2i_r10"] == 10 / n
+    assert chance["eval/shapes_retrieval/i2t_r1"] == pytest.approx(1 / n)
+    assert set(chance) < set(results)
     # Chunked, padded and sharded over 8 devices: the same embeddings as one direct call.
     assert zeroshot.valid.sum() == 36 and zeroshot.batch_size == 16
     assert zeroshot.images.shape[0] == 48  # 3 chunks of slots

@@ -105,8 +105,8 @@ def test_export_refuses_a_folder_in_use(run, tmp_path):
 
 def test_evaluate_model_equals_the_checkpoint_evaluation(run):
     config, workdir, output = run
-    _, from_checkpoint = checkpoint_eval.evaluate(config, workdir)
-    from_export = checkpoint_eval.evaluate_model(config.copy_and_resolve_references(), output)
+    _, from_checkpoint, _ = checkpoint_eval.evaluate(config, workdir)
+    from_export, _ = checkpoint_eval.evaluate_model(config.copy_and_resolve_references(), output)
     assert from_export.keys() == from_checkpoint.keys()
     for key, value in from_checkpoint.items():
         assert from_export[key] == pytest.approx(value, abs=1 / 32 + 1e-9), key  # 32 examples
@@ -155,7 +155,7 @@ def test_init_from_starts_at_the_loaded_weights(run, tmp_path):
     rows = read_metrics(os.path.join(workdir, "metrics.jsonl"))[0]
     step0 = {k: v for k, v in rows[0].items() if k != "step"}
     assert rows[0]["step"] == 0 and step0
-    expected = checkpoint_eval.evaluate_model(config.copy_and_resolve_references(), output)
+    expected, _ = checkpoint_eval.evaluate_model(config.copy_and_resolve_references(), output)
     for key, value in expected.items():
         assert step0[key] == pytest.approx(value, abs=1 / 32 + 1e-9), key
     exported, kept = (os.path.join(d, "tokenizer.model") for d in (output, workdir))

@@ -89,7 +89,7 @@ def test_standalone_evaluation_reproduces_the_training_evaluation(runs, tmp_path
     straight, _, _ = runs
     copy = tmp_path / "copy"
     shutil.copytree(straight, copy)
-    step, results = checkpoint_eval.evaluate(load_saved(str(copy)), str(copy))
+    step, results, _ = checkpoint_eval.evaluate(load_saved(str(copy)), str(copy))
     logged = [row for row in _rows(straight) if "eval/shapes/zeroshot_top1" in row][-1]
     assert step == 6
     assert results == {k: v for k, v in logged.items() if k.startswith("eval/")}

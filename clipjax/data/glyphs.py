@@ -18,11 +18,12 @@ import dataclasses
 import functools
 import os
 import string
-from collections.abc import Iterator
 
 import matplotlib
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from clipjax.data import synthetic
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 CHARACTERS = string.ascii_uppercase + string.digits
@@ -55,7 +56,6 @@ FONTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("DejaVuSansMono.ttf", ("monospace", "typewriter")),
     ("STIXGeneral.ttf", ("classic serif", "book")),
 )
-_SPLIT_IDS = {"train": 0, "eval": 1}
 # Each takes a noun phrase with its article.
 _CAPTIONS = (
     "{}",
@@ -140,46 +140,18 @@ def _render(glyph: _Glyph, side: int) -> np.ndarray:
     return np.asarray(image.resize((side, side), Image.BILINEAR))
 
 
-class GlyphsSource:
+class GlyphsSource(synthetic.SyntheticSource):
     """Random-access source of glyph examples, with the interface of `shapes.ShapesSource`:
     `source[i]` is `{"image": uint8 (render_size, render_size, 3), "caption": str, "label":
     int32}`, `label` being the index in `CLASS_NAMES`."""
 
+    name = "glyphs"
     class_names = CLASS_NAMES
     prompt_templates = PROMPT_TEMPLATES
+    sample = staticmethod(_sample)
+    caption = staticmethod(_caption)
+    render = staticmethod(_render)
 
-    def __init__(
-        self, split: str = "train", size: int = 100_000, render_size: int = 64, seed: int = 0
-    ):
-        if split not in _SPLIT_IDS:
-            raise ValueError(
-                f"glyphs: unknown split {split!r}; expected one of {list(_SPLIT_IDS)}."
-            )
-        self.split, self.size, self.render_size, self.seed = split, size, render_size, seed
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __repr__(self) -> str:
-        return f"GlyphsSource(split={self.split!r}, size={self.size}, seed={self.seed})"
-
-    def _glyph_and_caption(self, index: int) -> tuple[_Glyph, str]:
-        index = int(index)
-        if not 0 <= index < self.size:
-            raise IndexError(f"index {index} out of range for {self!r}")
-        rng = np.random.default_rng([self.seed, _SPLIT_IDS[self.split], index])
-        glyph = _sample(rng, self.split, index)
-        return glyph, _caption(glyph, rng)
-
-    def __getitem__(self, index: int) -> dict:
-        glyph, caption = self._glyph_and_caption(index)
-        return {
-            "image": _render(glyph, self.render_size),
-            "caption": caption,
-            "label": np.int32(glyph.char_index),
-        }
-
-    def captions(self, num: int) -> Iterator[str]:
-        """The captions of examples 0..num-1 (without drawing the images)."""
-        for index in range(min(num, self.size)):
-            yield self._glyph_and_caption(index)[1]
+    @staticmethod
+    def label(glyph: _Glyph) -> int:
+        return glyph.char_index

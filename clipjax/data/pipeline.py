@@ -267,7 +267,13 @@ class _PositionedIterator(grain.DatasetIterator):
         self._batches, self._skipped = 0, 0
 
     def __next__(self) -> dict:
-        batch = next(self._inner)
+        # Out of the workers' shared memory at once: the block is unlinked when its array is
+        # freed, and a batch still held at exit (aliased by a CPU device array, say) would be
+        # left for the resource tracker, which warns of each. One host copy per batch.
+        batch = {
+            key: value if type(value) is np.ndarray else np.array(value)
+            for key, value in next(self._inner).items()
+        }
         self._batches += 1
         self._skipped += int(batch["skipped"].sum())
         return batch

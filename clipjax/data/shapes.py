@@ -13,10 +13,11 @@ Positions in captions are only vertical ("near the top"): training flips images 
 
 import dataclasses
 import math
-from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from clipjax.data import synthetic
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (215, 25, 30),
@@ -40,7 +41,6 @@ PROMPT_TEMPLATES: list[str] = [
     "a simple illustration of a {}.",
 ]
 
-_SPLIT_IDS = {"train": 0, "eval": 1}
 _SIZE_WORDS = {"small": ("small", "little", "tiny"), "large": ("large", "big", "huge")}
 _POSITION_WORDS = {
     "top": ("near the top", "at the top", "in the upper part"),
@@ -202,53 +202,25 @@ def _render(scene: _Scene, side: int) -> np.ndarray:
     return np.asarray(image)
 
 
-class ShapesSource:
+class ShapesSource(synthetic.SyntheticSource):
     """Grain random-access source of shapes examples.
 
     `source[i]` is `{"image": uint8 (render_size, render_size, 3), "caption": str,
     "label": int32}`; `label` is the index in `CLASS_NAMES` of the (first) object.
     """
 
+    name = "shapes"
     class_names = CLASS_NAMES
     prompt_templates = PROMPT_TEMPLATES
+    sample = staticmethod(_sample_scene)
+    caption = staticmethod(_caption)
+    render = staticmethod(_render)
 
-    def __init__(
-        self, split: str = "train", size: int = 100_000, render_size: int = 64, seed: int = 0
-    ):
-        if split not in _SPLIT_IDS:
-            raise ValueError(
-                f"shapes: unknown split {split!r}; expected one of {list(_SPLIT_IDS)}."
-            )
-        self.split, self.size, self.render_size, self.seed = split, size, render_size, seed
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __repr__(self) -> str:
-        return f"ShapesSource(split={self.split!r}, size={self.size}, seed={self.seed})"
-
-    def _scene_and_caption(self, index: int) -> tuple[_Scene, str]:
-        index = int(index)
-        if not 0 <= index < self.size:
-            raise IndexError(f"index {index} out of range for {self!r}")
-        rng = np.random.default_rng([self.seed, _SPLIT_IDS[self.split], index])
-        scene = _sample_scene(rng, self.split, index)
-        return scene, _caption(scene, rng)
-
-    def __getitem__(self, index: int) -> dict:
-        scene, caption = self._scene_and_caption(index)
+    @staticmethod
+    def label(scene: _Scene) -> int:
         first = scene.objects[0]
-        return {
-            "image": _render(scene, self.render_size),
-            "caption": caption,
-            "label": np.int32(CLASS_NAMES.index(f"{first.color} {first.shape}")),
-        }
+        return CLASS_NAMES.index(f"{first.color} {first.shape}")
 
     def contents(self, index: int) -> frozenset[tuple[str, str]]:
         """The (colour, shape) of every object of example `index`, without drawing it."""
-        return frozenset((o.color, o.shape) for o in self._scene_and_caption(index)[0].objects)
-
-    def captions(self, num: int) -> Iterator[str]:
-        """The captions of examples 0..num-1 (without drawing the images), e.g. for tokenizers."""
-        for index in range(min(num, self.size)):
-            yield self._scene_and_caption(index)[1]
+        return frozenset((o.color, o.shape) for o in self.spec_and_caption(index)[0].objects)

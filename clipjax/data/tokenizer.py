@@ -27,32 +27,15 @@ class Tokenizer:
     def __init__(self, model_proto: bytes):
         self.model_proto = model_proto
         self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        self.vocab_size = self._sp.get_piece_size()
+        self.pad_id, self.unk_id = self._sp.pad_id(), self._sp.unk_id()
+        self.bos_id, self.eos_id = self._sp.bos_id(), self._sp.eos_id()
 
     def __getstate__(self) -> dict:
         return {"model_proto": self.model_proto}
 
     def __setstate__(self, state: dict):
         self.__init__(state["model_proto"])
-
-    @property
-    def vocab_size(self) -> int:
-        return self._sp.get_piece_size()
-
-    @property
-    def pad_id(self) -> int:
-        return self._sp.pad_id()
-
-    @property
-    def unk_id(self) -> int:
-        return self._sp.unk_id()
-
-    @property
-    def bos_id(self) -> int:
-        return self._sp.bos_id()
-
-    @property
-    def eos_id(self) -> int:
-        return self._sp.eos_id()
 
     @property
     def mask_id(self) -> int | None:

@@ -3,7 +3,8 @@
 `KINDS` is the one registry of evaluation kinds (a `config.evals` entry's `kind`). Each kind's
 module holds its own config fields with their defaults (`FIELDS`), its metric names
 (`METRICS`), and the two steps `evaluator.Evaluator` runs for it: `prepare(evaluation, data)`
-once, when the data is loaded, and `score(evaluation, prepared, embed)` at each evaluation.
+once, when the data is loaded, and `score(evaluation, prepared, embed)` at each evaluation;
+and `chance_levels(evaluation, prepared)`, what `score` gives a model that guesses.
 `fields(kind)` adds the fields every kind has.
 """
 

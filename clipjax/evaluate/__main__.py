@@ -24,7 +24,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from clipjax import config as config_lib
-from clipjax import paths
+from clipjax import paths, summary
 from clipjax.evaluate import checkpoint_eval
 from clipjax.metrics import quiet_library_logs
 
@@ -82,13 +82,17 @@ def main(argv) -> None:
     quiet_library_logs()
     try:
         if FLAGS.model:
-            step, results = None, checkpoint_eval.evaluate_model(FLAGS.config, FLAGS.model)
+            step = None
+            results, chance = checkpoint_eval.evaluate_model(FLAGS.config, FLAGS.model)
         else:
-            step, results = checkpoint_eval.evaluate(FLAGS.config, FLAGS.workdir, FLAGS.step)
+            step, results, chance = checkpoint_eval.evaluate(
+                FLAGS.config, FLAGS.workdir, FLAGS.step
+            )
     except config_lib.ConfigError as e:
         logging.error("%s", e)
         _fail(str(e))
     print(json.dumps({"step": step, **results}, indent=2))
+    print(summary.evaluation(results, chance, step, FLAGS.workdir or FLAGS.model))
 
 
 if __name__ == "__main__":

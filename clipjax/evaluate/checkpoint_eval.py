@@ -13,9 +13,9 @@ from clipjax.objectives.base import Objective
 from clipjax.step import build
 
 
-def evaluate(config, workdir: str, step: int | None = None) -> tuple[int, dict[str, float]]:
+def evaluate(config, workdir: str, step: int | None = None) -> tuple[int, dict, dict]:
     """Run `config.evals` on checkpoint `step` (default: the latest) of `workdir`; returns the
-    step and the results, which are also appended to the workdir's metrics."""
+    step, the results (also appended to the workdir's metrics) and their chance levels."""
     mesh = sharding.make_mesh(config.mesh)
     config_lib.validate(config, workdir, sharding.data_parallel_size(mesh))
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
@@ -39,11 +39,12 @@ def evaluate(config, workdir: str, step: int | None = None) -> tuple[int, dict[s
         except ValueError as e:
             raise config_lib.ConfigError(str(e)) from None
         results = evaluator_lib.run_all(evaluators, state.params, state.model_state)
+        chance = evaluator_lib.chance_all(evaluators)
     step = int(state.step)
     writer = MetricsWriter(workdir)
     writer.write(step, results)
     writer.close()
-    return step, results
+    return step, results, chance
 
 
 class _Towers(Objective):
@@ -53,9 +54,10 @@ class _Towers(Objective):
         self.model = model
 
 
-def evaluate_model(config, model_path: str) -> dict[str, float]:
+def evaluate_model(config, model_path: str) -> tuple[dict, dict]:
     """Run `config.evals` on any model `clipjax.load` reads (a workdir's latest checkpoint, an
-    export, an open_clip folder). The model's own shapes replace `config.model`."""
+    export, an open_clip folder); the results and their chance levels. The model's own shapes
+    replace `config.model`."""
     model = inference.load(model_path)
     config.model = model.config.model
     mesh = sharding.make_mesh(config.mesh)
@@ -68,4 +70,5 @@ def evaluate_model(config, model_path: str) -> dict[str, float]:
             raise config_lib.ConfigError(str(e)) from None
         params = model.variables["params"]
         model_state = {k: v for k, v in model.variables.items() if k != "params"}
-        return evaluator_lib.run_all(evaluators, params, model_state)
+        results = evaluator_lib.run_all(evaluators, params, model_state)
+        return results, evaluator_lib.chance_all(evaluators)

@@ -146,6 +146,11 @@ class Evaluator:
         rows = rows.reshape(-1, *inputs.shape[1:])
         return self._embed(embed_fn, params, model_state, rows, slice(len(inputs)))
 
+    def chance(self) -> dict[str, float]:
+        """`eval/<name>/<metric>` of a model that guesses, for the metrics where it is known."""
+        levels = self._kind_module.chance_levels(self, self.prepared)
+        return {f"eval/{self.name}/{k}": float(v) for k, v in levels.items()}
+
     def __call__(self, params, model_state) -> dict[str, float]:
         start = time.perf_counter()
 
@@ -194,3 +199,8 @@ def run_all(evaluators: list[Evaluator], params, model_state) -> dict[str, float
     for evaluator in evaluators:
         results.update(evaluator(params, model_state))
     return results
+
+
+def chance_all(evaluators: list[Evaluator]) -> dict[str, float]:
+    """Every evaluator's chance levels in one dict (the metrics where one is known)."""
+    return {key: v for evaluator in evaluators for key, v in evaluator.chance().items()}

@@ -12,6 +12,7 @@ import numpy as np
 import optax
 import optax.tree_utils as otu
 
+from clipjax.evaluate import zeroshot
 from clipjax.evaluate.zeroshot import topk_accuracy
 
 # A linear_probe evaluation's own config fields, with their defaults (`clipjax.evaluate.KINDS`).
@@ -197,6 +198,11 @@ def prepare(evaluation, data: dict) -> dict:
         "train_labels": train_labels,
         "num_classes": int(num_classes),
     }
+
+
+def chance_levels(evaluation, prepared: dict) -> dict[str, float]:
+    """What `score` gives features that carry nothing of the class: a guess among them."""
+    return {f"probe_top{k}": v for k, v in zeroshot.chance(prepared["num_classes"]).items()}
 
 
 def score(evaluation, prepared: dict, embed) -> dict[str, float]:

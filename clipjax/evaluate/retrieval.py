@@ -4,6 +4,8 @@ Ranks are positions in a stable descending sort of the scores: of two equal scor
 index comes first, so ties neither help nor hurt by chance.
 """
 
+import math
+
 import numpy as np
 
 # A retrieval evaluation has only the fields every kind has (`clipjax.evaluate.KINDS`).
@@ -83,6 +85,30 @@ def prepare(evaluation, data: dict) -> dict:
             "captions; retrieval needs an image-caption source."
         )
     return {"captions": data["text"], "text_image": data["text_image"]}
+
+
+def chance(text_image: np.ndarray, ks=(1, 5, 10)) -> dict[str, float]:
+    """The recall@k of a random ranking, exactly: t2i, k / n of the n images (those that
+    `text_image` names); i2t, the mean over images of the chance that one of its m captions
+    is among k of the M drawn at random, 1 - C(M - m, k) / C(M, k)."""
+    text_image = np.asarray(text_image)
+    num_images, num_texts = int(text_image.max()) + 1, len(text_image)
+    per_image = np.bincount(text_image)
+    per_image = per_image[per_image > 0]  # as `recall_at_k`, over the images with a caption
+    levels = {}
+    for k in ks:
+        k_texts, k_images = min(k, num_texts), min(k, num_images)
+        miss = [
+            math.comb(num_texts - m, k_texts) / math.comb(num_texts, k_texts) for m in per_image
+        ]
+        levels[f"i2t_r{k}"] = float(1 - np.mean(miss))
+        levels[f"t2i_r{k}"] = k_images / num_images
+    return levels
+
+
+def chance_levels(evaluation, prepared: dict) -> dict[str, float]:
+    """What `score` gives a model that guesses."""
+    return chance(prepared["text_image"])
 
 
 def score(evaluation, prepared: dict, embed) -> dict[str, float]:

@@ -71,6 +71,16 @@ def prepare(evaluation, data: dict) -> dict:
     return {"labels": labels, "num_classes": len(names), "prompts": tokens}
 
 
+def chance(num_classes: int, ks=(1, 5)) -> dict[int, float]:
+    """The top-k accuracy of scores that rank the classes at random: min(k, C) / C."""
+    return {k: min(k, num_classes) / num_classes for k in ks}
+
+
+def chance_levels(evaluation, prepared: dict) -> dict[str, float]:
+    """What `score` gives a model that guesses."""
+    return {f"zeroshot_top{k}": v for k, v in chance(prepared["num_classes"]).items()}
+
+
 def score(evaluation, prepared: dict, embed) -> dict[str, float]:
     """`zeroshot_top{1,5}`; `embed(embed_fn, inputs[, valid])` gives float64 embeddings."""
     objective = evaluation.objective

@@ -4,6 +4,9 @@ Every parameter carries logical axis names ("embed", "mlp", "heads", "kv"); `cli
 maps them onto the mesh.
 """
 
+import dataclasses
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -255,3 +258,32 @@ class Transformer(nn.Module):
         for i in range(self.depth):
             x = block(*args, name=f"block_{i:02d}")(x)
         return x
+
+
+@dataclasses.dataclass(frozen=True)
+class TowerOptions:
+    """How both transformer towers compute (`config.model`): the compute `dtype`, OpenAI's
+    `quick_gelu`, `scan_layers` and `remat` (the Transformer's `scan` and `remat`), and the
+    `attention` kernel."""
+
+    dtype: Any = jnp.float32
+    quick_gelu: bool = False
+    scan_layers: bool = False
+    remat: str = "none"  # REMAT_POLICIES
+    attention: str = "auto"  # ATTENTION_IMPLEMENTATIONS
+
+
+def tower_transformer(options: TowerOptions, depth: int, heads: int, mlp_dim: int, *, causal=False):
+    """A tower's `transformer`, built inside its compact `__call__` under `options`."""
+    return Transformer(
+        depth,
+        heads,
+        mlp_dim,
+        causal=causal,
+        dtype=options.dtype,
+        quick_gelu=options.quick_gelu,
+        scan=options.scan_layers,
+        remat=options.remat,
+        attention=options.attention,
+        name="transformer",
+    )

@@ -3,7 +3,7 @@
 import flax.linen as nn
 import jax.numpy as jnp
 
-from clipjax.models.layers import Transformer, layer_norm
+from clipjax.models.layers import TowerOptions, layer_norm, tower_transformer
 
 PAD_ID = 0
 
@@ -13,8 +13,7 @@ class TextTransformer(nn.Module):
 
     Returns `(pooled, states)`: `states` (B, L, width) are the final-LayerNorm token states and
     `pooled` (B, width) is the state at the end-of-text token, the last non-pad position.
-    `quick_gelu` selects OpenAI's GELU approximation (for imported OpenAI weights);
-    `scan_layers` and `remat` are the Transformer's `scan` and `remat`.
+    `options` (`layers.TowerOptions`) are how it computes, as the image tower does.
     """
 
     vocab_size: int
@@ -23,11 +22,7 @@ class TextTransformer(nn.Module):
     depth: int
     heads: int
     mlp_ratio: int = 4
-    dtype: jnp.dtype = jnp.float32
-    quick_gelu: bool = False
-    scan_layers: bool = False
-    remat: str = "none"
-    attention: str = "auto"  # layers.ATTENTION_IMPLEMENTATIONS
+    options: TowerOptions = TowerOptions()
 
     @nn.compact
     def __call__(self, tokens):
@@ -52,17 +47,8 @@ class TextTransformer(nn.Module):
             (self.context_length, self.width),
         )
         x = x + pos_embed[:length]  # the residual stream is float32 (the precision policy)
-        x = Transformer(
-            self.depth,
-            self.heads,
-            self.mlp_ratio * self.width,
-            causal=True,
-            dtype=self.dtype,
-            quick_gelu=self.quick_gelu,
-            scan=self.scan_layers,
-            remat=self.remat,
-            attention=self.attention,
-            name="transformer",
+        x = tower_transformer(
+            self.options, self.depth, self.heads, self.mlp_ratio * self.width, causal=True
         )(x)
         states = layer_norm("ln_final")(x)
         # The last non-pad position; not the count of non-pad ids, since a vocabulary may also

@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from clipjax.models.heads import MIBlock
+from clipjax.models.layers import TowerOptions
 from clipjax.models.resnet import ModifiedResNet, resnet_size
 from clipjax.models.text import TextTransformer
 from clipjax.models.vit import VisionTransformer, vit_size
@@ -102,31 +103,22 @@ class TwoTower(nn.Module):
         return vit_size(self.image_variant)[0]
 
     def setup(self):
+        options = TowerOptions(
+            self.dtype, self.quick_gelu, self.scan_layers, self.remat, self.attention
+        )
         if self.image_variant.startswith("RN"):
             self.image_tower = ModifiedResNet(
                 self.image_variant, self.image_width, self.dtype, self.image_output_dim
             )
         else:
-            self.image_tower = VisionTransformer(
-                self.image_variant,
-                self.image_depth,
-                self.dtype,
-                self.quick_gelu,
-                self.scan_layers,
-                self.remat,
-                self.attention,
-            )
+            self.image_tower = VisionTransformer(self.image_variant, self.image_depth, options)
         self.text_tower = TextTransformer(
             self.text_vocab_size,
             self.text_context_length,
             self.text_width,
             self.text_depth,
             self.text_heads,
-            dtype=self.dtype,
-            quick_gelu=self.quick_gelu,
-            scan_layers=self.scan_layers,
-            remat=self.remat,
-            attention=self.attention,
+            options=options,
         )
         if self.projection == "linear":
             self.image_projection = _projection(self.embed_dim, "image_projection")

@@ -3,7 +3,7 @@
 import flax.linen as nn
 import jax.numpy as jnp
 
-from clipjax.models.layers import Linear, Transformer, layer_norm
+from clipjax.models.layers import Linear, TowerOptions, layer_norm, tower_transformer
 
 # size -> (width, depth, mlp_dim, heads)
 VIT_SIZES = {
@@ -36,11 +36,7 @@ class VisionTransformer(nn.Module):
 
     variant: str
     depth: int = -1  # -1: the variant's own depth
-    dtype: jnp.dtype = jnp.float32
-    quick_gelu: bool = False
-    scan_layers: bool = False
-    remat: str = "none"
-    attention: str = "auto"  # layers.ATTENTION_IMPLEMENTATIONS
+    options: TowerOptions = TowerOptions()
 
     @nn.compact
     def __call__(self, images):
@@ -63,7 +59,7 @@ class VisionTransformer(nn.Module):
             (None, None, None, "embed"),
             use_bias=False,
             kernel_init=nn.initializers.lecun_normal(),
-            dtype=self.dtype,
+            dtype=self.options.dtype,
             name="patch_embed",
         )(patches)
         x = x.reshape(batch, -1, width)  # (B, patches, width), row-major like the conv's
@@ -80,16 +76,8 @@ class VisionTransformer(nn.Module):
         x = x + pos_embed
 
         x = layer_norm("ln_pre")(x)
-        x = Transformer(
-            depth if self.depth == -1 else self.depth,
-            heads,
-            mlp_dim,
-            dtype=self.dtype,
-            quick_gelu=self.quick_gelu,
-            scan=self.scan_layers,
-            remat=self.remat,
-            attention=self.attention,
-            name="transformer",
+        x = tower_transformer(
+            self.options, depth if self.depth == -1 else self.depth, heads, mlp_dim
         )(x)
         pooled = layer_norm("ln_post")(x[:, 0])
         return nn.with_logical_constraint(pooled, ("batch", "embed"))
