@@ -12,6 +12,7 @@ import os
 import uuid
 
 import ml_collections
+from absl import logging
 
 from clipjax import evaluate, objectives, optimizers, paths
 from clipjax.data import image_ops, sources
@@ -217,6 +218,82 @@ def apply_local(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.evals.shapes_probe.num_examples = 512
     c.evals.shapes_probe.train_source = "shapes:2048?seed=1"
     return c
+
+
+# What a resumed run may change. Fields that only steer the run change freely (one log line);
+# the schedule's are the user's call (a warning); every other field fixes the state's shapes,
+# the objective or the input order, and a change is refused.
+RESUME_STEERING = (
+    "total_steps", "log_every", "eval_every", "ckpt_every", "ckpt_every_secs", "keep_ckpts",
+    "max_nonfinite_steps", "init_from", "evals", "data.num_workers", "data.device_prefetch",
+    "data.max_skipped_fraction", "model.attention", "model.remat",
+)  # fmt: skip
+RESUME_WARNED = ("optim.lr", "optim.warmup_steps")
+
+
+def _flatten(values: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _under(field: str, names) -> bool:
+    return any(field == name or field.startswith(name + ".") for name in names)
+
+
+def resume_changes(saved: dict, new: dict) -> dict[str, list[str]]:
+    """The fields whose values differ between a workdir's saved config and a new one (plain
+    dicts, as config.json holds them), as "field saved → new", under "steering", "warned" and
+    "refused" (see RESUME_STEERING)."""
+    saved, new = _flatten(saved), _flatten(new)
+    changes = {"steering": [], "warned": [], "refused": []}
+    for field in sorted(set(saved) | set(new)):
+        if saved.get(field, "absent") == new.get(field, "absent"):
+            continue
+        if _under(field, RESUME_STEERING):
+            kind = "steering"
+        elif _under(field, RESUME_WARNED):
+            kind = "warned"
+        else:
+            kind = "refused"
+        changes[kind].append(
+            f"{field} {saved.get(field, 'absent')!r} → {new.get(field, 'absent')!r}"
+        )
+    return changes
+
+
+def check_resume(config, workdir: str) -> None:
+    """Before a run resumes in `workdir`: ConfigError, in one line, if `config` changes a field
+    that fixes the state, the objective or the input order; log what else changed."""
+    path = paths.path(workdir) / "config.json"
+    if not path.is_file():
+        return
+    try:
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(
+            f"{path} does not read as JSON ({e}); restore it or use a new --workdir."
+        ) from None
+    changes = resume_changes(saved, json.loads(config.to_json_best_effort()))
+    if changes["refused"]:
+        raise ConfigError(
+            f"{workdir} holds checkpoints of a run with other values of fields that fix its "
+            f"state or input order: {'; '.join(changes['refused'])}. Resume with the saved "
+            "values (config.json there), use a new --workdir, or start afresh from its weights "
+            f"with a new --workdir and --config.init_from={workdir}."
+        )
+    if changes["steering"]:
+        logging.info("Resuming with changed settings: %s", "; ".join(changes["steering"]))
+    if changes["warned"]:
+        logging.warning(
+            "Resuming with a changed learning-rate schedule: %s. The optimizer state was "
+            "built under the old one; the run continues on the new.",
+            "; ".join(changes["warned"]),
+        )
 
 
 def load_saved(workdir: str) -> ml_collections.ConfigDict:

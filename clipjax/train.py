@@ -91,9 +91,15 @@ def run(config, workdir: str, *, stop_at: int | None = None, input_batches=None)
 def _start(config, workdir: str, mesh, input_batches):
     """Objective, step, checkpointer, evaluators, the batches on the devices (restored to the
     checkpoint's position) and the state: restored, initialised, or loaded (`init_from`)."""
-    objective, init, abstract_state, step_fn = build(config, mesh)
     ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_ckpts)
-    ckpt.check_compatible(abstract_state)
+    try:
+        if ckpt.latest_step() is not None:
+            config_lib.check_resume(config, workdir)
+        objective, init, abstract_state, step_fn = build(config, mesh)
+        ckpt.check_compatible(abstract_state)
+    except config_lib.ConfigError:
+        ckpt.close()
+        raise
     _save_config(config, workdir)
 
     loaded_model = None

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from clipjax import checkpoint, sharding, train
+from clipjax import config as config_lib
 from clipjax.config import ConfigError, eval_settings, load_saved
 from clipjax.errors import Interrupted, TrainingError
 from clipjax.evaluate import checkpoint_eval
@@ -106,12 +107,67 @@ def test_loss_decreases(runs):
     assert losses[6] < losses[1]
 
 
-def test_incompatible_checkpoint_is_refused(runs):
+def test_incompatible_checkpoint_is_refused(runs, tmp_path):
+    """A changed field that fixes the state is refused in one line from the saved config; with
+    no config.json beside the checkpoints, the checkpoint's own shapes still refuse it."""
     straight, _, _ = runs
     config = tiny_config()
     config.model.embed_dim = 24
-    with pytest.raises(ConfigError, match=r"incompatible model: params/.* Use a new --workdir"):
+    config.seed = 3
+    with pytest.raises(ConfigError) as e:
         train.run(config, straight)
+    assert str(e.value) == (
+        f"{straight} holds checkpoints of a run with other values of fields that fix its state "
+        "or input order: model.embed_dim 16 → 24; seed 0 → 3. Resume with the saved values "
+        "(config.json there), use a new --workdir, or start afresh from its weights with a new "
+        f"--workdir and --config.init_from={straight}."
+    )
+    copy = tmp_path / "copy"
+    shutil.copytree(straight, copy)
+    os.remove(copy / "config.json")
+    with pytest.raises(ConfigError, match=r"incompatible model: params/.* Use a new --workdir"):
+        train.run(config, str(copy))
+
+
+def test_resume_changes_sort_fields_into_steering_warned_and_refused():
+    saved = {
+        "batch_size": 128,
+        "total_steps": 600,
+        "optim": {"lr": 5e-4, "b1": 0.9},
+        "evals": {"a": {"source": "shapes"}},
+        "data": {"train": "csv:x", "num_workers": 1},
+    }
+    new = {
+        "batch_size": 64,
+        "total_steps": 900,
+        "optim": {"lr": 1e-3, "b1": 0.9},
+        "evals": {"b": {"source": "shapes"}},
+        "data": {"train": "csv:y", "num_workers": 4},
+    }
+    assert config_lib.resume_changes(saved, new) == {
+        "steering": [
+            "data.num_workers 1 → 4",
+            "evals.a.source 'shapes' → 'absent'",
+            "evals.b.source 'absent' → 'shapes'",
+            "total_steps 600 → 900",
+        ],
+        "warned": ["optim.lr 0.0005 → 0.001"],
+        "refused": ["batch_size 128 → 64", "data.train 'csv:x' → 'csv:y'"],
+    }
+
+
+def test_a_resume_that_changes_only_how_the_run_is_steered_continues_exactly(runs, tmp_path):
+    straight, _, _ = runs
+    copy = tmp_path / "copy"
+    shutil.copytree(straight, copy)
+    shutil.rmtree(copy / "checkpoints" / "6")  # resume from step 3
+    config = tiny_config()
+    config.log_every, config.ckpt_every, config.keep_ckpts = 2, 2, 5
+    train.run(config, str(copy))
+    resumed = {step: loss for step, loss in _losses(str(copy)).items() if step > 3}
+    assert resumed == {step: _losses(straight)[step] for step in resumed}
+    assert 4 in resumed and 6 in resumed
+    assert _checkpoint_steps(str(copy)) == [3, 4, 6]
 
 
 def _checkpoint_steps(workdir):
