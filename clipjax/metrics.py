@@ -67,6 +67,13 @@ class MetricsWriter:
         if self.enabled:
             workdir = paths.path(workdir)
             self._jsonl = paths.GrowingFile(workdir / "metrics.jsonl")
+            if self._jsonl.dropped:
+                logging.warning(
+                    "%s: dropped its last line, cut mid-write (%d characters); appending after "
+                    "the last whole row.",
+                    workdir / "metrics.jsonl",
+                    len(self._jsonl.dropped),
+                )
             # A writer's own suffix: a run resumed within the same second as the last one
             # started would otherwise get its event file's name, and replace it.
             suffix = f".{uuid.uuid4().hex[:8]}"

@@ -43,9 +43,15 @@ class GrowingFile:
 
     def __init__(self, target: epath.Path):
         self.target = target
+        text = target.read_text() if target.exists() else ""
+        self.dropped = ""  # a last line cut mid-write by a kill, removed so appends stay whole
+        if text and not text.endswith("\n"):
+            head, newline, self.dropped = text.rpartition("\n")
+            text = head + newline
+            write_atomic(target, text.encode())
         if is_remote(target):
             self._file = None
-            self._text = target.read_text() if target.exists() else ""
+            self._text = text
         else:
             self._file = target.open("a")
 

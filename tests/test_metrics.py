@@ -51,6 +51,22 @@ def test_jsonl_appends_across_writers(tmp_path):
     assert [row["step"] for row in _rows(str(tmp_path))] == [1, 2]
 
 
+def test_a_last_line_cut_by_a_kill_is_dropped_before_appending(tmp_path):
+    """A run killed mid-write leaves half a row; the next writer removes it, so its own rows
+    are whole, and every reader sees only whole rows."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "train/loss": 2.0}\n{"step": 2, "train/lo')
+    writer = MetricsWriter(str(tmp_path))
+    writer.write(2, {"train/loss": 1.5})
+    writer.close()
+    rows, malformed = read_metrics(str(path))
+    assert rows == [{"step": 1, "train/loss": 2.0}, {"step": 2, "train/loss": 1.5}]
+    assert malformed == 0
+    path.write_text('{"step": 1')  # nothing whole at all
+    MetricsWriter(str(tmp_path)).close()
+    assert path.read_text() == ""
+
+
 def test_progress_line():
     progress = Progress(total_steps=1000, batch_size=64, first_step=0)
     line = progress.line(step=250, loss=1.23456, samples_per_s=1280.0, eta_s=3725.0)
