@@ -98,22 +98,30 @@ class Checkpointer:
                 f"checkpoint {self.directory}/{step} does not restore ({_reason(e)}){hint}."
             ) from None
 
-    def restore(self, abstract_state, data_iterator):
+    def restore(self, abstract_state, data_iterator, *, allow_changed_data: bool = False):
         """Restore the latest checkpoint that restores onto `abstract_state`'s shardings, with
         the data iterator's position (in place); None if there is none. A damaged checkpoint is
         named in one log line, moved to `workdir/damaged_checkpoints/` (kept, not deleted; the
-        run will save that step again) and the one before it is tried."""
+        run will save that step again) and the one before it is tried.
+
+        ConfigError if the position was saved over other data than the iterator's (their
+        `sources.fingerprint`s differ), unless `allow_changed_data` (then a warning)."""
         steps = sorted(self.manager.all_steps(), reverse=True)
         reasons = []
+        source = data_iterator.get_state().get("source")
         try:
-            return self._restore_first(steps, abstract_state, data_iterator, reasons)
+            return self._restore_first(
+                steps, abstract_state, data_iterator, reasons, (source, allow_changed_data)
+            )
         finally:
             if reasons:
                 self.manager.reload()
 
-    def _restore_first(self, steps, abstract_state, data_iterator, reasons):
+    def _restore_first(self, steps, abstract_state, data_iterator, reasons, source):
         for step in steps:
-            # Checked before the state is read: ConfigError if the position cannot move.
+            # Checked before the state is read: ConfigError if the position cannot move or
+            # points into other data.
+            self._check_source(step, *source)
             written_by, batches = self._moved_position(step)
             args = {"state": ocp.args.StandardRestore(abstract_state)}
             if written_by is None:  # the input's position restores as it was saved
@@ -159,16 +167,54 @@ class Checkpointer:
             moved,
         )
 
+    def _positions(self, step: int) -> tuple[int | None, list[dict]]:
+        """(how many processes wrote checkpoint `step`'s input position, their saved states);
+        (None, []) when the files are missing (restoring names that)."""
+        files = sorted((self.directory / str(step) / "data").glob("process_*-of-*.json"))
+        names = [_PROCESS_FILE.fullmatch(f.name) for f in files]
+        written_by = max((int(name[2]) for name in names if name), default=None)
+        states = []
+        for path in files:
+            try:
+                states.append(json.loads(path.read_text()))
+            except (OSError, ValueError):  # damaged: restoring names it and falls back
+                return written_by, []
+        return written_by, states
+
+    def _check_source(self, step: int, source: dict | None, allow_changed: bool) -> None:
+        """ConfigError (a warning when `allow_changed`) if checkpoint `step`'s input position
+        was saved over a training source whose fingerprint is not `source`."""
+        saved = next((s["source"] for s in self._positions(step)[1] if "source" in s), None)
+        if source is None or saved is None or saved == source:
+            return
+        if saved["records"] != source["records"]:
+            change = f"holds {source['records']} records, {saved['records']} when it was saved"
+        else:
+            change = f"holds {source['records']} records as before, but the sampled ones differ"
+        where = f"{self.directory}/{step}"
+        if allow_changed:
+            logging.warning(
+                "The training data changed since checkpoint %s (it %s); resuming anyway "
+                "(config.data.allow_changed): the restored input position points into the new "
+                "data, so the run does not continue on the batches it would have seen.",
+                where,
+                change,
+            )
+            return
+        raise ConfigError(
+            f"the training data (config.data.train) changed since checkpoint {where}: it "
+            f"{change}, so the saved input position points into other data. Restore the data, "
+            "train in a new --workdir (--config.init_from=WORKDIR starts from its weights), or "
+            "resume anyway with --config.data.allow_changed=True."
+        )
+
     def _moved_position(self, step: int) -> tuple[int | None, int | None]:
         """(processes that wrote checkpoint `step`'s input position, the global batch that
         follows it) when that count is not this run's; (None, None) when it is (or the files
         are missing: restoring names that). ConfigError if the position cannot move."""
-        files = sorted((self.directory / str(step) / "data").glob("process_*-of-*.json"))
-        names = [_PROCESS_FILE.fullmatch(f.name) for f in files]
-        written_by = max((int(name[2]) for name in names if name), default=None)
-        if written_by in (None, jax.process_count()):
+        written_by, states = self._positions(step)
+        if written_by in (None, jax.process_count()) or not states:
             return None, None
-        states = [json.loads(path.read_text()) for path in files]
         how = (
             f"resume it with {written_by} processes (e.g. launch/local.sh {written_by} ...), or "
             "start a new --workdir"

@@ -96,6 +96,9 @@ def _data() -> ml_collections.ConfigDict:
         {"recipe": "clip", "crop_scale": (0.9, 1.0), "flip": True}
     )
     data.max_skipped_fraction = 0.01  # bad records beyond this fraction stop the run
+    # Resume even though the training source's records differ from those the checkpoint's
+    # input position was saved over (its fingerprint: size and a hash of sampled records).
+    data.allow_changed = False
     data.tokenizer = ml_collections.ConfigDict()
     data.tokenizer.path = ""  # a sentencepiece .model; "" trains one into the workdir
     data.tokenizer.vocab_size = 512  # only used when training a tokenizer
@@ -226,7 +229,7 @@ def apply_local(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 RESUME_STEERING = (
     "total_steps", "log_every", "eval_every", "ckpt_every", "ckpt_every_secs", "keep_ckpts",
     "max_nonfinite_steps", "init_from", "evals", "data.num_workers", "data.device_prefetch",
-    "data.max_skipped_fraction", "model.attention", "model.remat",
+    "data.max_skipped_fraction", "data.allow_changed", "model.attention", "model.remat",
 )  # fmt: skip
 RESUME_WARNED = ("optim.lr", "optim.warmup_steps")
 

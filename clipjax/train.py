@@ -125,7 +125,15 @@ def _start(config, workdir: str, mesh, input_batches):
     except ValueError as e:  # views the tokenizer cannot make; class lists that do not match
         raise config_lib.ConfigError(str(e)) from None
 
-    state = ckpt.restore(abstract_state, train_iter)
+    try:
+        state = ckpt.restore(
+            abstract_state, train_iter, allow_changed_data=config.data.allow_changed
+        )
+    except config_lib.ConfigError:  # a position that cannot move, or one into other data
+        ckpt.close()
+        if hasattr(train_iter, "close"):
+            train_iter.close()
+        raise
     if state is None:
         state = init(jax.random.PRNGKey(config.seed))
         if loaded_model:

@@ -187,6 +187,33 @@ def test_csv_train_relative_and_absolute_paths(tmp_path, monkeypatch):
     assert list(sources.captions("csv:data/train.csv", 1)) == ["a red thing"]
 
 
+def test_fingerprint_follows_the_records_their_count_and_their_image_files(tmp_path):
+    names = [f"{i}.png" for i in range(40)]
+    write_images(tmp_path, names)
+
+    def csv_source(count: int, caption: str = "a thing"):
+        lines = [f"{name},{caption} {i}" for i, name in enumerate(names[:count])]
+        (tmp_path / "train.csv").write_text("image,caption\n" + "\n".join(lines) + "\n")
+        return sources.make_source(f"csv:{tmp_path}/train.csv", "train")
+
+    before = sources.fingerprint(csv_source(40))
+    assert before == sources.fingerprint(csv_source(40))  # deterministic
+    assert before["records"] == 40
+    cut = sources.fingerprint(csv_source(20))
+    assert cut["records"] == 20 and cut["sample"] != before["sample"]
+    # The same rows with other captions; then the same rows with the first image redrawn.
+    assert sources.fingerprint(csv_source(40, "another"))["sample"] != before["sample"]
+    image_bytes_, _ = image_bytes(99)
+    (tmp_path / names[0]).write_bytes(image_bytes_)
+    redrawn = sources.fingerprint(csv_source(40))
+    assert redrawn["records"] == 40 and redrawn["sample"] != before["sample"]
+    # Built-in datasets: their size and seed are their content.
+    shapes50 = sources.fingerprint(sources.make_source("shapes:50", "train"))
+    assert shapes50 == sources.fingerprint(sources.make_source("shapes:50", "train"))
+    assert shapes50 != sources.fingerprint(sources.make_source("shapes:50?seed=1", "train"))
+    assert sources.fingerprint(sources.make_source("shapes:51", "train"))["records"] == 51
+
+
 def test_tsv_default_and_named_columns(tmp_path):
     write_images(tmp_path, ["x.png", "y.png"])
     (tmp_path / "a.tsv").write_text("filepath\ttitle\nx.png\ta title, not split\n")

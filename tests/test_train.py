@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
 from clipjax import checkpoint, sharding, train
 from clipjax import config as config_lib
@@ -168,6 +169,39 @@ def test_a_resume_that_changes_only_how_the_run_is_steered_continues_exactly(run
     assert resumed == {step: _losses(straight)[step] for step in resumed}
     assert 4 in resumed and 6 in resumed
     assert _checkpoint_steps(str(copy)) == [3, 4, 6]
+
+
+def test_a_resume_over_changed_training_data_is_refused_unless_allowed(tmp_path):
+    """The checkpoint's input position was saved over a 64-row CSV; cut to 32 rows, the same
+    spec is refused in one line, and resumes with `data.allow_changed`."""
+    names = [f"{i}.png" for i in range(64)]
+    for seed, name in enumerate(names):
+        pixels = np.random.default_rng(seed).integers(0, 256, (20, 20, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / name)
+
+    def write(count: int) -> None:
+        lines = [f"{name},a picture number {i}" for i, name in enumerate(names[:count])]
+        (tmp_path / "pairs.csv").write_text("image,caption\n" + "\n".join(lines) + "\n")
+
+    write(64)
+    config = tiny_config()
+    config.data.train = f"csv:{tmp_path}/pairs.csv"
+    config.evals = {}
+    workdir = str(tmp_path / "run")
+    train.run(config, workdir, stop_at=3)
+    write(32)
+    with pytest.raises(ConfigError) as e:
+        train.run(config, workdir)
+    assert str(e.value) == (
+        f"the training data (config.data.train) changed since checkpoint {workdir}/checkpoints/"
+        "3: it holds 32 records, 64 when it was saved, so the saved input position points into "
+        "other data. Restore the data, train in a new --workdir (--config.init_from=WORKDIR "
+        "starts from its weights), or resume anyway with --config.data.allow_changed=True."
+    )
+    assert _checkpoint_steps(workdir) == [3]
+    config.data.allow_changed = True
+    train.run(config, workdir)
+    assert _checkpoint_steps(workdir) == [3, 6]
 
 
 def _checkpoint_steps(workdir):

@@ -249,20 +249,22 @@ class _Positioned(grain.IterDataset):
     """The top of the training stream: its state records the global batches handed out and
     the bad records this process skipped, around the inner stream's own state, so that
     `checkpoint.Checkpointer` can map a position saved by another number of processes
-    (`start_at`)."""
+    (`start_at`); and the source's fingerprint (`sources.fingerprint`), so that it can refuse
+    a position into other data."""
 
-    def __init__(self, make):
+    def __init__(self, make, source: dict):
         super().__init__()
         self._make = make  # start batch -> the inner IterDataset from there
+        self._source = source
 
     def __iter__(self) -> "_PositionedIterator":
-        return _PositionedIterator(self._make)
+        return _PositionedIterator(self._make, self._source)
 
 
 class _PositionedIterator(grain.DatasetIterator):
-    def __init__(self, make):
+    def __init__(self, make, source: dict):
         super().__init__()
-        self._make = make
+        self._make, self._source = make, source
         self._inner = iter(make(0))
         self._batches, self._skipped = 0, 0
 
@@ -279,7 +281,7 @@ class _PositionedIterator(grain.DatasetIterator):
         return batch
 
     def get_state(self) -> dict:
-        state = {"batches": self._batches, "skipped": self._skipped}
+        state = {"batches": self._batches, "skipped": self._skipped, "source": self._source}
         return {**state, "stream": self._inner.get_state()}
 
     def set_state(self, state: dict) -> None:
@@ -361,7 +363,7 @@ def train_dataset(
             ds = ds.mp_prefetch(options, worker_init_fn=_init_worker)
         return ds
 
-    return _Positioned(make)
+    return _Positioned(make, sources.fingerprint(source))
 
 
 def _init_worker(index: int, count: int) -> None:
