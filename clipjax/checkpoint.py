@@ -6,7 +6,9 @@ the uninterrupted run would have. Saves are asynchronous and atomic: a step dire
 only once it is complete.
 """
 
+import errno
 import json
+import os
 import re
 import time
 
@@ -15,8 +17,8 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from clipjax import paths
-from clipjax.errors import ConfigError
+from clipjax import paths, sharding
+from clipjax.errors import ConfigError, TrainingError
 
 # Grain's file of one process's input position: process_<index>-of-<count>.json
 _PROCESS_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json")
@@ -36,14 +38,23 @@ class Checkpointer:
     def __init__(self, workdir: str, *, keep: int):
         _single_writer_for_one_process()
         self.directory = paths.path(workdir) / "checkpoints"
+        self.keep = keep
         self.manager = ocp.CheckpointManager(
             self.directory,
             item_handlers={
                 "state": ocp.StandardCheckpointHandler(),
                 "data": grain.checkpoint.CheckpointHandler(),
             },
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep,
+                enable_async_checkpointing=True,
+                # A save cut short by a kill leaves a temporary folder; the next run removes it.
+                cleanup_tmp_directories=True,
+            ),
         )
+        self._pending = None  # (step, bytes) of the save started last, until it is on disk
+        self._failed = False  # a save failed: the run stops, and closing waits for nothing
+        self._space_checked = False
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -235,24 +246,138 @@ class Checkpointer:
         return written_by, states[0]["batches"]
 
     def save(self, step: int, state, data_iterator) -> None:
-        """Start an asynchronous save of `state` and the iterator position; returns at once."""
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                data=grain.checkpoint.CheckpointSave(data_iterator),
-            ),
-            force=True,  # the trainer decides when; orbax would also save the first step
-        )
+        """Start an asynchronous save of `state` and the iterator position; returns once the
+        previous save is on disk (Orbax waits for it anyway).
+
+        TrainingError, in one line, if the previous save failed, or if the disk has less room
+        than a checkpoint takes; the checkpoints before stay intact and no temporary folder is
+        left. The first save warns when fewer than `keep` + 1 checkpoints fit (Orbax writes a
+        new checkpoint before it deletes the oldest)."""
+        self.wait()
+        needed = self._checkpoint_bytes(state)
+        free = sharding.gather_objects(paths.free_bytes(self.directory))[0]  # process 0's
+        if free is not None and free < needed:
+            raise self._failure(step, "the disk is too full to hold it", needed)
+        if free is not None and not self._space_checked and free < (self.keep + 1) * needed:
+            logging.warning(
+                "%s has %s free, and a checkpoint takes about %s: fewer than "
+                "config.keep_ckpts + 1 = %d fit, so the run will stop when the disk fills. "
+                "Free space, lower config.keep_ckpts, or use another --workdir.",
+                self.directory,
+                _size(free),
+                _size(needed),
+                self.keep + 1,
+            )
+        self._space_checked = True
+        try:
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state),
+                    data=grain.checkpoint.CheckpointSave(data_iterator),
+                ),
+                force=True,  # the trainer decides when; orbax would also save the first step
+            )
+        except Exception as e:  # noqa: BLE001 - a full disk, or any other I/O error
+            raise self._failure(step, _write_reason(e), needed) from None
+        self._pending = (step, needed)
 
     def wait(self) -> None:
-        """Block until every started save is on disk."""
-        self.manager.wait_until_finished()
+        """Block until every started save is on disk; TrainingError, in one line, if one
+        failed (see `save`)."""
+        if self._pending is None:
+            return
+        (step, needed), self._pending = self._pending, None
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - a full disk, or any other I/O error
+            raise self._failure(step, _write_reason(e), needed) from None
 
     def close(self) -> None:
-        """Wait for pending saves; an async save is lost if the process exits first."""
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Wait for pending saves (an async save is lost if the process exits first); then
+        TrainingError if one failed."""
+        try:
+            if not self._failed:
+                self.wait()
+        finally:
+            try:
+                self.manager.close()
+            except Exception:  # noqa: BLE001 - the failure was reported, by `wait` or `save`
+                if not self._failed:
+                    raise
+
+    def _checkpoint_bytes(self, state) -> int:
+        """What one checkpoint of `state` takes: its arrays' bytes, or the last checkpoint's
+        size on disk where that is more."""
+        arrays = sum(leaf.nbytes for leaf in jax.tree.leaves(state) if hasattr(leaf, "nbytes"))
+        return max(arrays, self._saved_bytes())
+
+    def _saved_bytes(self) -> int:
+        """The size of the latest checkpoint's files (0 if none, or remote)."""
+        latest = self._finished_steps()[-1:]
+        if not latest or paths.is_remote(self.directory):
+            return 0
+        folder = os.fspath(self.directory / str(latest[0]))
+        return sum(
+            os.path.getsize(os.path.join(root, name))
+            for root, _, names in os.walk(folder)
+            for name in names
+        )
+
+    def _finished_steps(self) -> list[int]:
+        """The steps whose checkpoints are whole (Orbax renames a folder to its step once
+        the save is complete), from the directory itself."""
+        if not self.directory.exists():
+            return []
+        return sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
+
+    def _failure(self, step: int, reason: str, needed: int) -> TrainingError:
+        """Remove what the failed save of `step` left, and the one line that stops the run."""
+        self._failed = True
+        self._pending = None
+        if jax.process_index() == 0:
+            for unfinished in self.directory.glob("*.orbax-checkpoint-tmp*"):
+                _remove(unfinished)
+        free = sharding.gather_objects(paths.free_bytes(self.directory))[0]
+        steps = self._finished_steps()
+        last = (
+            f"the last good checkpoint, {self.directory}/{steps[-1]}, is intact: run the same "
+            "command to resume from it"
+            if steps
+            else "no checkpoint was saved yet: run the same command to start again"
+        )
+        room = "" if free is None else f" and {_size(free)} are free there"
+        return TrainingError(
+            f"could not save checkpoint {self.directory}/{step} ({reason}): it needs about "
+            f"{_size(needed)}{room}. Free space, lower config.keep_ckpts (now {self.keep}) or "
+            f"use another --workdir; {last}."
+        )
+
+
+def _size(count: int) -> str:
+    return f"{count / 1e6:,.1f} MB"
+
+
+def _remove(folder) -> None:
+    """Remove an unfinished checkpoint folder; writes of the failed save still in flight may
+    recreate files in it for a moment, so try a few times."""
+    for _ in range(5):
+        try:
+            folder.rmtree()
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            time.sleep(0.2)
+    logging.warning("Could not remove %s, the rest of a failed save; remove it by hand.", folder)
+
+
+def _write_reason(error: Exception) -> str:
+    """Why a save failed, in a few words: a full disk named as such (tensorstore reports it
+    deep in a long message), anything else as `_reason`."""
+    if "No space left on device" in str(error) or getattr(error, "errno", None) == errno.ENOSPC:
+        return "the disk is full"
+    return _reason(error)
 
 
 def _reason(error: Exception) -> str:

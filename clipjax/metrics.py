@@ -17,10 +17,14 @@ from clipjax import paths
 
 class _QuietLibraries(pylogging.Filter):
     """Drops the INFO lines of libraries that log every save (Orbax prints its whole options),
-    which would bury the progress line; their warnings and errors still show."""
+    which would bury the progress line; their warnings and errors still show, without the
+    tracebacks of Orbax's threads: `checkpoint.Checkpointer` reports a failed save itself."""
 
     def filter(self, record: pylogging.LogRecord) -> bool:
-        return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
+        if "/orbax/" not in record.pathname:
+            return True
+        record.exc_info, record.exc_text = None, None
+        return record.levelno >= pylogging.WARNING
 
 
 class _QuietOrbaxTasks(pylogging.Filter):
@@ -33,6 +37,21 @@ class _QuietOrbaxTasks(pylogging.Filter):
         return not ("never retrieved" in message and "orbax" in message)
 
 
+class _QuietClosedLoop:
+    """`sys.unraisablehook` without "Event loop is closed": when a save fails (a full disk),
+    Orbax closes its event loop while tensorstore still completes the other writes, and each
+    completion's callback into that loop raises it, hundreds of times. The failure itself is
+    reported once, by `checkpoint.Checkpointer`. Other unraisable errors go to `hook`."""
+
+    def __init__(self, hook):
+        self.hook = hook
+
+    def __call__(self, unraisable) -> None:
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            self.hook(unraisable)
+
+
 # Grain's worker processes, stopped while one batch is on its way to the trainer, can leave
 # that batch's shared-memory blocks to multiprocessing's resource tracker, which unlinks them at
 # exit and warns of each ("leaked shared_memory objects"). The blocks of every batch the trainer
@@ -43,13 +62,16 @@ _TRACKER_WARNING = "ignore:resource_tracker:UserWarning"
 
 
 def quiet_library_logs() -> None:
-    """Install the filters above: on absl's log handler and on asyncio's logger (once); and
-    the resource tracker's warning of Grain's last shared-memory blocks."""
+    """Install the filters above: on absl's log handler, on asyncio's logger and on
+    unraisable errors (once); and the resource tracker's warning of Grain's last shared-memory
+    blocks."""
     if _TRACKER_WARNING not in sys.warnoptions:
         sys.warnoptions.append(_TRACKER_WARNING)
     handler = logging.get_absl_handler()
     if not any(isinstance(f, _QuietLibraries) for f in handler.filters):
         handler.addFilter(_QuietLibraries())
+    if not isinstance(sys.unraisablehook, _QuietClosedLoop):
+        sys.unraisablehook = _QuietClosedLoop(sys.unraisablehook)
     tasks = pylogging.getLogger("asyncio")
     if not any(isinstance(f, _QuietOrbaxTasks) for f in tasks.filters):
         tasks.addFilter(_QuietOrbaxTasks())

@@ -9,6 +9,7 @@ are single uploads there, and a growing file is rewritten whole (`GrowingFile`).
 
 import io
 import os
+import shutil
 import uuid
 
 from etils import epath
@@ -24,6 +25,17 @@ def path(location) -> epath.Path:
     if is_remote(location):
         return epath.Path(location)
     return epath.Path(os.path.abspath(os.path.expanduser(location)))
+
+
+def free_bytes(location) -> int | None:
+    """Bytes free on the filesystem that holds `location` (or its nearest existing parent);
+    None for a remote location, whose space is not known."""
+    if is_remote(location):
+        return None
+    folder = path(location)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
 
 
 def write_atomic(target: epath.Path, data: bytes) -> None:

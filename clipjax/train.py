@@ -200,10 +200,10 @@ def _train(config, workdir: str, mesh, stop_at: int | None, input_batches) -> di
                     raise Interrupted(book.signal, step, f"{ckpt.directory}/{step}")
         return evaluator_lib.chance_all(evaluators)
     finally:
-        ckpt.close()
         writer.close()
         if hasattr(batches, "close"):
             batches.close()
+        ckpt.close()  # last: it raises if the last save failed
 
 
 def _logged_row(book: bookkeeping.Bookkeeper, done: bookkeeping.Finished, progress) -> dict:

@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -202,6 +203,76 @@ def test_a_resume_over_changed_training_data_is_refused_unless_allowed(tmp_path)
     config.data.allow_changed = True
     train.run(config, workdir)
     assert _checkpoint_steps(workdir) == [3, 6]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 32 MB tmpfs, a disk that fills (mounting needs root, as on the CI machine)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(disk)]
+    if subprocess.run(mount, capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def _train_command(workdir, *, free_space_known: bool = True) -> subprocess.CompletedProcess:
+    """`python -m clipjax.main` with `tiny_config()`'s settings; with `free_space_known=False`,
+    as on an object store, no free-space check precedes a save and Orbax meets the full disk."""
+    flags = [f"--workdir={workdir}", "--config=tests/configs/tiny.py:clip_vitb32"]
+    flags += [f"--config.{k}={v}" for k, v in (("total_steps", 6), ("log_every", 1))]
+    flags += ["--config.eval_every=1000", "--config.ckpt_every=3"]
+    unknown = "" if free_space_known else "paths.free_bytes = lambda location: None; "
+    code = (
+        f"from clipjax import paths; {unknown}from clipjax import main; from absl import app; "
+        "app.run(main.main, flags_parser=main.parse_flags)"
+    )
+    root = os.path.dirname(os.path.dirname(__file__))
+    # The session's compilation cache: the tests' own programs, compiled once.
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir}
+    command = [sys.executable, "-c", code, *flags]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=root, env=env)
+
+
+def test_a_full_disk_stops_the_run_in_one_line_and_the_same_command_resumes(
+    runs, small_disk, caplog
+):
+    """Checkpoint 3 is saved; then the disk has room for half a checkpoint. The save at step 6
+    is refused before it starts; without a free-space reading (an object store), Orbax's write
+    fails on the full disk. Each time: one line, exit 1, no traceback, no temporary folder, and
+    checkpoint 3 intact. With space freed, the same command ends on the uninterrupted run's
+    losses."""
+    straight, _, _ = runs
+    workdir = str(small_disk / "run")
+    config = tiny_config()
+    config.keep_ckpts = 5  # 6 checkpoints do not fit in 32 MB: the first save warns
+    train.run(config, workdir, stop_at=3)
+    assert "fewer than config.keep_ckpts + 1 = 6 fit" in caplog.text
+    size = sum(f.stat().st_size for f in (small_disk / "run/checkpoints/3").rglob("*"))
+    filler = small_disk / "filler"
+    with open(filler, "wb") as f:
+        os.posix_fallocate(f.fileno(), 0, shutil.disk_usage(small_disk).free - size // 2)
+    message = (
+        rf"clipjax: could not save checkpoint {workdir}/checkpoints/6 \((.*)\): it needs about "
+        r"[\d.,]+ MB( and [\d.,]+ MB are free there)?\. Free space, lower config.keep_ckpts "
+        rf"\(now 3\) or use another --workdir; the last good checkpoint, {workdir}/checkpoints/"
+        "3, is intact: run the same command to resume from it."
+    )
+    for known, reason in ((True, "the disk is too full to hold it"), (False, "the disk is full")):
+        done = _train_command(workdir, free_space_known=known)
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+        last = re.fullmatch(message, done.stderr.strip().splitlines()[-1])
+        assert last and last[1] == reason and bool(last[2]) == known, done.stderr[-500:]
+        assert os.listdir(small_disk / "run/checkpoints") == ["3"]
+    os.remove(filler)
+    assert _train_command(workdir).returncode == 0
+    assert _checkpoint_steps(workdir) == [3, 6]
+    assert all(
+        row["train/loss"] == _losses(straight)[row["step"]]
+        for row in _rows(workdir)
+        if "train/loss" in row
+    )
 
 
 def _checkpoint_steps(workdir):
