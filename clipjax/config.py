@@ -31,6 +31,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
 
     c.batch_size = 32_768  # global, over all devices
+    # Contrastive gradient accumulation (GradCache): each step embeds the batch in this many
+    # micro-batches, takes the loss over the whole batch (every negative), and pulls its
+    # gradient back one micro-batch at a time. CLIP and SigLIP with ViT towers; it must divide
+    # each device's share of the batch.
+    c.accum_steps = 1
     c.total_steps = 100_000
     c.log_every = 100
     c.eval_every = 2_000
@@ -75,12 +80,17 @@ def _model() -> ml_collections.ConfigDict:
     model.image.depth = -1  # ViT depth; -1: the variant's own
     model.image.width = -1  # ResNet stem width; -1: the variant's own
     model.image.output_dim = -1  # ResNet attention-pool output width; -1: the variant's own
+    # LiT: lock the tower and its projection (optim.frozen's shorthand); BatchNorm statistics
+    # stay as loaded. Usually with init_from.
+    model.image.locked = False
+    model.image.patch_dropout = 0.0  # ViT: fraction of patch tokens dropped in training (FLIP)
     model.text = ml_collections.ConfigDict()
     model.text.width = 512
     model.text.depth = 12
     model.text.heads = 8
     model.text.context_length = 77
     model.text.vocab_size = 49_408
+    model.text.locked = False  # LiT the other way round: the text tower and its projection
     return model
 
 
@@ -117,6 +127,9 @@ def _optim() -> ml_collections.ConfigDict:
     optim.b2 = 0.98
     optim.eps = 1e-6
     optim.grad_clip = 1.0  # global-norm clip; 0 disables
+    # Parameters that never change: a regex over their '/'-joined names, matched whole (e.g.
+    # "image_tower/.*"); they get no gradient, no update and no optimizer moments.
+    optim.frozen = ""
     optim.momentum = 0.9  # sgd_lookahead only
     optim.lookahead_steps = 5  # sgd_lookahead: sync period k
     optim.lookahead_alpha = 0.5  # sgd_lookahead: slow step size
@@ -498,6 +511,7 @@ def _check_values(config) -> None:
         "ckpt_every_secs": 0,
         "data.num_workers": 0,
         "data.device_prefetch": 0,
+        "accum_steps": 1,
     }
     for name, low in at_least.items():
         value = config
@@ -519,6 +533,17 @@ def _check_values(config) -> None:
             raise ConfigError(
                 f"config.{name}={value!r} is unknown; use one of {', '.join(known)}.{hint}"
             )
+    dropout = config.model.image.patch_dropout
+    if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout < 1:
+        raise ConfigError(
+            f"config.model.image.patch_dropout={dropout!r} must be in [0, 1): the fraction of "
+            "patch tokens dropped in training (FLIP used 0.5 and 0.75)."
+        )
+    if dropout and config.model.image.variant.startswith("RN"):
+        raise ConfigError(
+            f"config.model.image.patch_dropout={dropout} needs a ViT image tower; "
+            f"{config.model.image.variant!r} is a ResNet, which has no patch tokens."
+        )
     if config.model.attention == "cudnn" and config.model.dtype == "float32":
         raise ConfigError(
             "config.model.attention='cudnn' needs 16-bit operands: set config.model.dtype="
@@ -534,6 +559,13 @@ def validate(config, workdir: str, data_parallel: int) -> None:
         raise ConfigError(
             f"config.batch_size={config.batch_size} does not split over the {data_parallel} "
             f"data-parallel devices; use a multiple of {data_parallel}."
+        )
+    per_device = config.batch_size // data_parallel
+    if per_device % config.accum_steps:
+        raise ConfigError(
+            f"config.accum_steps={config.accum_steps} does not divide the {per_device} examples "
+            f"each of the {data_parallel} data-parallel devices holds (config.batch_size="
+            f"{config.batch_size}); use a divisor of {per_device}."
         )
     image = config.model.image
     try:

@@ -1,6 +1,7 @@
 """The learning-rate schedule and the optimizers: AdamW, and SGD + Lookahead (CLIP-Lite)."""
 
 import functools
+import re
 from typing import NamedTuple
 
 import jax
@@ -49,11 +50,54 @@ def lookahead(inner: optax.GradientTransformation, sync_period: int, alpha: floa
 OPTIMIZERS = ("adamw", "sgd_lookahead")
 
 
-def make_optimizer(optim, schedule: optax.Schedule) -> optax.GradientTransformation:
+def param_names(params) -> list[str]:
+    """Each parameter's '/'-joined name (e.g. "image_tower/patch_embed/kernel"), in leaf order;
+    alike for plain and for logically boxed parameters."""
+    return [
+        "/".join(str(key.key) for key in path if isinstance(key, jax.tree_util.DictKey))
+        for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]
+    ]
+
+
+def frozen_mask(params, pattern: str):
+    """A pytree of bools like `params`: True where the parameter's name matches `pattern`
+    whole (`re.fullmatch`); all False for ""."""
+    regex = re.compile(pattern) if pattern else None
+    flags = [bool(regex and regex.fullmatch(name)) for name in param_names(params)]
+    return jax.tree.unflatten(jax.tree.structure(params), flags)
+
+
+def frozen_pattern(config) -> str:
+    """The regex of the parameters that never change: `config.optim.frozen`, and the towers
+    (with their projections) that `config.model.<tower>.locked` locks."""
+    parts = [config.optim.frozen] if config.optim.frozen else []
+    for tower in ("image", "text"):
+        if config.model[tower].locked:
+            parts.append(f"{tower}_tower/.*|{tower}_projection/.*")
+    return "|".join(f"(?:{part})" for part in parts)
+
+
+def make_optimizer(
+    optim, schedule: optax.Schedule, frozen: str = ""
+) -> optax.GradientTransformation:
     """`optim.name`: "adamw", or "sgd_lookahead" (SGD with momentum inside Lookahead).
 
-    Weight decay applies to matrices only: none on biases, norms or the logit scale.
+    Weight decay applies to matrices only: none on biases, norms or the logit scale. The
+    parameters whose names match the regex `frozen` (`frozen_mask`) get a zero update and hold
+    no optimizer state (no moments), and the gradient clip's norm leaves them out.
     """
+    tx = _trainable_optimizer(optim, schedule)
+    if not frozen:
+        return tx
+
+    def labels(params):
+        return jax.tree.map(lambda f: "frozen" if f else "trained", frozen_mask(params, frozen))
+
+    return optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
+
+
+def _trainable_optimizer(optim, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """The optimizer of the parameters that train (see `make_optimizer`)."""
     decay_mask = functools.partial(jax.tree.map, lambda p: p.ndim >= 2)
     if optim.name == "adamw":
         tx = optax.adamw(

@@ -5,6 +5,7 @@ Below the trainer, so that what only needs a state's shapes (loading a workdir, 
 checkpoint, the benchmarks) does not import the training loop."""
 
 import functools
+import re
 from typing import Any
 
 import flax
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from clipjax import objectives, optimizers, sharding
+from clipjax.errors import ConfigError
 
 
 @flax.struct.dataclass
@@ -26,7 +28,64 @@ class TrainState:
     rng: jax.Array  # base key; step keys are fold_in(rng, step)
 
 
-def train_step(state: TrainState, batch, *, objective, optimizer, schedule):
+def _micro_batches(x, steps: int):
+    """(B, ...) -> (steps, B / steps, ...): micro-batch j holds rows j, j + steps, ..., so that
+    each device's share of the batch splits evenly over the micro-batches."""
+    return jnp.swapaxes(x.reshape(x.shape[0] // steps, steps, *x.shape[1:]), 0, 1)
+
+
+def _whole_batch(x):
+    """The inverse of `_micro_batches`."""
+    return jnp.swapaxes(x, 0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def _stop_frozen(params, frozen):
+    """`params` with the frozen leaves (`frozen`: a pytree of bools, or None) cut from the
+    gradient, so that no backward pass runs through a locked tower."""
+    if frozen is None:
+        return params
+    return jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
+
+
+def accumulated_grads(objective, params, model_state, batch, state, rng, steps: int, frozen=None):
+    """The loss of an `EmbeddingObjective` over the whole batch and its gradient, computed
+    `steps` micro-batches at a time (GradCache, Gao et al. 2021): the same values as
+    `jax.value_and_grad(objective.loss)`, with one micro-batch's activations alive at a time.
+
+    1. Embed every micro-batch, keeping no activations (a scan).
+    2. The loss and its gradient with respect to the embeddings, over the whole batch: every
+       negative, all-gathered as in an un-accumulated step.
+    3. Run each micro-batch's towers again and pull that gradient back through them (a `vjp`
+       per micro-batch, in a scan), summing the parameter gradients.
+    The towers' model_state (BatchNorm) is not updated: `build` refuses accumulation there.
+    Returns ((loss, (metrics, model_state, state)), grads)."""
+    micro = jax.tree.map(lambda x: _micro_batches(x, steps), batch)
+    keys = jax.random.split(rng, steps)  # the same random choices in both passes
+
+    def embed(p, micro_batch, key):
+        return objective.embed(_stop_frozen(p, frozen), model_state, micro_batch, key)[0]
+
+    def contrast(p, embeddings, state):
+        return objective.contrast(_stop_frozen(p, frozen), embeddings, state)
+
+    _, embeddings = jax.lax.scan(lambda _, xs: (None, embed(params, *xs)), None, (micro, keys))
+    (loss, (metrics, state)), (grads, embed_grads) = jax.value_and_grad(
+        contrast, argnums=(0, 1), has_aux=True
+    )(params, jax.tree.map(_whole_batch, embeddings), state)
+
+    def pull_back(total, xs):
+        micro_batch, key, cotangent = xs
+        _, pullback = jax.vjp(lambda p: embed(p, micro_batch, key), params)
+        return jax.tree.map(jnp.add, total, pullback(cotangent)[0]), None
+
+    cotangents = jax.tree.map(lambda g: _micro_batches(g, steps), embed_grads)
+    grads, _ = jax.lax.scan(pull_back, grads, (micro, keys, cotangents))
+    return (loss, (metrics, model_state, state)), grads
+
+
+def train_step(
+    state: TrainState, batch, *, objective, optimizer, schedule, accum_steps=1, frozen=None
+):
     """One update. Returns the new state and this step's scalar metrics.
 
     A step whose loss, gradient norm or update norm is not finite is not applied: the state only
@@ -36,11 +95,20 @@ def train_step(state: TrainState, batch, *, objective, optimizer, schedule):
     (bad records the input dropped before each row) and `control` int32 (rows, 2) (a stop
     signal arrived; a timed save is due). Their totals over the global batch come back as
     `data/skipped`, `control/stop` and `control/save`, the same on every process, so that all
-    processes stop or save at the same step."""
+    processes stop or save at the same step.
+
+    With `accum_steps` > 1 the gradient is accumulated over that many micro-batches
+    (`accumulated_grads`). The parameters where the pytree of bools `frozen` is True get no
+    gradient (no backward pass runs through them) and stay bitwise as they are."""
     batch = dict(batch)
     host = {key: batch.pop(key) for key in ("skipped", "control") if key in batch}
     rng = jax.random.fold_in(state.rng, state.step)
-    grad_fn = jax.value_and_grad(objective.loss, has_aux=True)
+    if accum_steps > 1:
+        grad_fn = functools.partial(accumulated_grads, objective, steps=accum_steps, frozen=frozen)
+    else:
+        grad_fn = jax.value_and_grad(
+            lambda p, *args: objective.loss(_stop_frozen(p, frozen), *args), has_aux=True
+        )
     (loss, (metrics, model_state, objective_state)), grads = grad_fn(
         state.params, state.model_state, batch, state.objective_state, rng
     )
@@ -50,8 +118,11 @@ def train_step(state: TrainState, batch, *, objective, optimizer, schedule):
     # for its norm to be represented, which is divergence too. (A per-leaf check compiles
     # several times slower on CPU.)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(updates))
+    params = objective.constrain(optax.apply_updates(state.params, updates))
+    if frozen is not None:  # bitwise: not even a -0.0 + 0.0
+        params = jax.tree.map(lambda new, old, f: old if f else new, params, state.params, frozen)
     updated = state.replace(
-        params=objective.constrain(optax.apply_updates(state.params, updates)),
+        params=params,
         model_state=model_state,
         opt_state=opt_state,
         objective_state=objective_state,
@@ -75,7 +146,14 @@ def build(config, mesh):
     """Model, objective, optimizer, the state's init function, abstract state and shardings."""
     objective = objectives.get(config.objective)(config, mesh)
     schedule = optimizers.make_schedule(config.optim, config.total_steps)
-    optimizer = optimizers.make_optimizer(config.optim, schedule)
+    frozen = optimizers.frozen_pattern(config)
+    try:
+        optimizer = optimizers.make_optimizer(config.optim, schedule, frozen)
+        re.compile(frozen)
+    except re.error as e:
+        raise ConfigError(
+            f"config.optim.frozen={config.optim.frozen!r} is not a regex ({e})."
+        ) from None
     size, length = config.model.image.size, config.model.text.context_length
 
     def init_boxed(rng):
@@ -93,7 +171,7 @@ def build(config, mesh):
             rng=state_rng,
         )
 
-    abstract_boxed = jax.eval_shape(init_boxed, jax.random.PRNGKey(0))
+    abstract_boxed = _unbox_masked(jax.eval_shape(init_boxed, jax.random.PRNGKey(0)))
     abstract_values = sharding.unboxed(abstract_boxed)
     logical_specs = nn.get_partition_spec(abstract_boxed)
     sharding.check_divisible(abstract_values, logical_specs, mesh)
@@ -104,10 +182,54 @@ def build(config, mesh):
         abstract_values,
         state_sharding,
     )
+    _check_accumulation(config, objective, abstract_values)
+    mask = optimizers.frozen_mask(abstract_values.params, frozen)
+    if frozen and not any(jax.tree.leaves(mask)):
+        tops = sorted(
+            {name.split("/")[0] for name in optimizers.param_names(abstract_values.params)}
+        )
+        raise ConfigError(
+            f"config.optim.frozen={config.optim.frozen!r} matches no parameter. Names are "
+            f"'/'-joined paths starting with {', '.join(tops)} (a tower: 'image_tower/.*')."
+        )
     step_fn = jax.jit(
-        functools.partial(train_step, objective=objective, optimizer=optimizer, schedule=schedule),
+        functools.partial(
+            train_step,
+            objective=objective,
+            optimizer=optimizer,
+            schedule=schedule,
+            accum_steps=config.accum_steps,
+            frozen=mask if frozen else None,
+        ),
         in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
         out_shardings=(state_sharding, sharding.replicated(mesh)),
         donate_argnums=0,
     )
     return objective, init, abstract_state, step_fn
+
+
+def _unbox_masked(tree):
+    """`tree` without the logical boxes around optax's `MaskedNode`s: the moments a frozen
+    parameter does not have keep its box, which would give a sharding to an empty node."""
+
+    def unbox(x):
+        masked = isinstance(x, nn.LogicallyPartitioned) and isinstance(x.value, optax.MaskedNode)
+        return x.value if masked else x
+
+    return jax.tree.map(unbox, tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+
+
+def _check_accumulation(config, objective, abstract_state) -> None:
+    """ConfigError unless `config.accum_steps` micro-batches give exactly the batch's
+    gradient."""
+    if config.accum_steps == 1:
+        return
+    reason, way_out = objective.no_accumulation, "config.accum_steps=1"
+    if not reason and jax.tree.leaves(abstract_state.model_state):
+        reason = "the image tower's BatchNorm statistics would be each micro-batch's"
+        way_out += " or a ViT image tower"
+    if reason:
+        raise ConfigError(
+            f"config.accum_steps={config.accum_steps}: {config.objective} cannot accumulate its "
+            f"gradient exactly, as {reason}; use {way_out}."
+        )

@@ -65,6 +65,10 @@ class TwoTower(nn.Module):
     log_scale_init: float = LOGIT_SCALE_INIT
     bias_init: float | None = None  # a learned logit bias when set (SigLIP)
     dtype: jnp.dtype = jnp.float32
+    # A locked tower (LiT) keeps its BatchNorm statistics: training runs it in inference mode.
+    image_locked: bool = False
+    text_locked: bool = False
+    patch_dropout: float = 0.0  # ViT: the fraction of patch tokens dropped in training (FLIP)
 
     @classmethod
     def from_config(cls, model_config, **objective_fields) -> "TwoTower":
@@ -88,6 +92,9 @@ class TwoTower(nn.Module):
             text_heads=text.heads,
             projection=model_config.projection,
             dtype=jnp.dtype(model_config.dtype),
+            image_locked=image.locked,
+            text_locked=text.locked,
+            patch_dropout=image.patch_dropout,
             **objective_fields,
         )
 
@@ -111,7 +118,9 @@ class TwoTower(nn.Module):
                 self.image_variant, self.image_width, self.dtype, self.image_output_dim
             )
         else:
-            self.image_tower = VisionTransformer(self.image_variant, self.image_depth, options)
+            self.image_tower = VisionTransformer(
+                self.image_variant, self.image_depth, options, self.patch_dropout
+            )
         self.text_tower = TextTransformer(
             self.text_vocab_size,
             self.text_context_length,
@@ -147,15 +156,18 @@ class TwoTower(nn.Module):
         L2-normalised; both float32. width_v is the ViT width or the ResNet's output_dim.
 
         `train` puts BatchNorm (ResNet, MI block) in training mode (apply with
-        `mutable=["batch_stats"]`)."""
+        `mutable=["batch_stats"]`) unless the tower is locked, and drops patches (a ViT with
+        `patch_dropout`; apply with `rngs={"patch_dropout": key}`)."""
         if isinstance(self.image_tower, ModifiedResNet):
-            features = self.image_tower(images, train=train)
+            features = self.image_tower(images, train=train and not self.image_locked)
         else:
-            features = self.image_tower(images)
+            features = self.image_tower(images, train=train)
         features = features.astype(jnp.float32)
         return {
             "features": features,
-            "embed": self._project(self.image_projection, features, train),
+            "embed": self._project(
+                self.image_projection, features, train and not self.image_locked
+            ),
         }
 
     def encode_text(self, tokens, train: bool = False):
@@ -166,7 +178,7 @@ class TwoTower(nn.Module):
         return {
             "features": features,
             "states": states.astype(jnp.float32),
-            "embed": self._project(self.text_projection, features, train),
+            "embed": self._project(self.text_projection, features, train and not self.text_locked),
         }
 
     def __call__(self, images, tokens, train: bool = False):

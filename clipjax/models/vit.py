@@ -1,6 +1,7 @@
 """CLIP's Vision Transformer (open_clip shape), sized by a variant string such as "B/32"."""
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from clipjax.models.layers import Linear, TowerOptions, layer_norm, tower_transformer
@@ -37,9 +38,10 @@ class VisionTransformer(nn.Module):
     variant: str
     depth: int = -1  # -1: the variant's own depth
     options: TowerOptions = TowerOptions()
+    patch_dropout: float = 0.0  # in training, drop this fraction of the patch tokens (FLIP)
 
     @nn.compact
-    def __call__(self, images):
+    def __call__(self, images, train: bool = False):
         width, depth, mlp_dim, heads, patch = vit_size(self.variant)
         height, image_width = images.shape[1:3]
         if height % patch or image_width % patch:
@@ -74,6 +76,8 @@ class VisionTransformer(nn.Module):
             "pos_embed", nn.with_logical_partitioning(embed_init, (None, "embed")), x.shape[1:]
         )
         x = x + pos_embed
+        if train and self.patch_dropout > 0:
+            x = drop_patches(x, self.make_rng("patch_dropout"), self.patch_dropout)
 
         x = layer_norm("ln_pre")(x)
         x = tower_transformer(
@@ -81,3 +85,15 @@ class VisionTransformer(nn.Module):
         )(x)
         pooled = layer_norm("ln_post")(x[:, 0])
         return nn.with_logical_constraint(pooled, ("batch", "embed"))
+
+
+def drop_patches(tokens, rng, rate: float):
+    """FLIP's patch dropout (Li et al. 2023; open_clip's PatchDropout): of tokens (B, 1 + P,
+    width), the class token first, keep the class token and a random max(1, ⌊(1 - rate)·P⌋) of
+    the P patch tokens of each example, drawn from `rng`; after the positional embedding, so
+    each kept token still says where it came from."""
+    batch, length, width = tokens.shape
+    keep = max(1, int((length - 1) * (1 - rate)))
+    kept = jax.lax.top_k(jax.random.normal(rng, (batch, length - 1)), keep)[1]
+    patches = jnp.take_along_axis(tokens[:, 1:], kept[..., None], axis=1)
+    return jnp.concatenate([tokens[:, :1], patches], axis=1)

@@ -48,6 +48,9 @@ class Objective:
 
     model: TwoTower
     views: Views = Views()  # one CLIP-augmented image, one plain caption
+    # Why the gradient cannot be accumulated exactly over micro-batches (`config.accum_steps`);
+    # "" for an `EmbeddingObjective`, whose loss is a function of per-example embeddings.
+    no_accumulation = "its loss is not a function of each example's embeddings alone"
 
     def init_state(self, rng):
         del rng
@@ -56,14 +59,16 @@ class Objective:
     def constrain(self, params):
         return params
 
-    def forward(self, params, model_state, *args, method=None):
-        """`model.apply` in training mode; returns (outputs, updated model_state)."""
+    def forward(self, params, model_state, *args, rng=None, method=None):
+        """`model.apply` in training mode, `rng` drawing its random choices (needed by a ViT
+        with patch dropout); returns (outputs, updated model_state)."""
         out, updates = self.model.apply(
             {"params": params, **model_state},
             *args,
             train=True,
             method=method,
             mutable=list(model_state),
+            rngs={} if rng is None else {"patch_dropout": rng},
         )
         return out, {**model_state, **updates}
 
@@ -79,3 +84,26 @@ class Objective:
     def embed_texts(self, params, model_state, tokens):
         variables = {"params": params, **model_state}
         return self.model.apply(variables, tokens, method=TwoTower.encode_text)["embed"]
+
+
+class EmbeddingObjective(Objective):
+    """An objective whose loss is a function of each example's embeddings (no batch statistics,
+    no state that a part of the batch would change), split in two so that the trainer can
+    accumulate its gradient over micro-batches exactly (`step.accumulated_grads`):
+
+      embed(params, model_state, batch, rng) -> (embeddings: pytree of (b, ...) arrays,
+                                                 model_state)
+      contrast(params, embeddings, state) -> (loss, (metrics, state))
+    """
+
+    no_accumulation = ""
+
+    def loss(self, params, model_state, batch, state, rng):
+        embeddings, model_state = self.embed(params, model_state, batch, rng)
+        loss, (metrics, state) = self.contrast(params, embeddings, state)
+        return loss, (metrics, model_state, state)
+
+    def embed(self, params, model_state, batch, rng):
+        """The image and text embeddings (b, d) of a batch, in training mode."""
+        out, model_state = self.forward(params, model_state, batch["image"], batch["text"], rng=rng)
+        return {"image": out["image"]["embed"], "text": out["text"]["embed"]}, model_state

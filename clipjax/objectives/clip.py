@@ -4,10 +4,10 @@ import jax.numpy as jnp
 
 from clipjax import losses
 from clipjax.models.two_tower import TwoTower
-from clipjax.objectives.base import Objective, clamp_log_scale, log_scale_range
+from clipjax.objectives.base import EmbeddingObjective, clamp_log_scale, log_scale_range
 
 
-class Clip(Objective):
+class Clip(EmbeddingObjective):
     """One image view and one plain caption per example; no extra state. With
     `config.clip.chunked` the texts travel around the device ring (`losses.clip_loss_ring`).
     After each update θ is projected into `config.clip.log_scale_range` (open_clip's
@@ -22,10 +22,8 @@ class Clip(Objective):
     def constrain(self, params):
         return clamp_log_scale(params, self.log_scale_range)
 
-    def loss(self, params, model_state, batch, state, rng):
-        del rng  # deterministic given the batch
-        out, model_state = self.forward(params, model_state, batch["image"], batch["text"])
+    def contrast(self, params, embeddings, state):
         # Clipped here too, for a starting θ outside the range (weights loaded with init_from).
-        logit_scale = jnp.exp(jnp.clip(out["log_scale"], *self.log_scale_range))
-        loss = self._contrastive(out["image"]["embed"], out["text"]["embed"], logit_scale)
-        return loss, ({"train/logit_scale": logit_scale}, model_state, state)
+        logit_scale = jnp.exp(jnp.clip(params["log_scale"], *self.log_scale_range))
+        loss = self._contrastive(embeddings["image"], embeddings["text"], logit_scale)
+        return loss, ({"train/logit_scale": logit_scale}, state)

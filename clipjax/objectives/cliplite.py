@@ -94,6 +94,11 @@ def _forward(model: ClipLiteModel, batch, prior_samples, train: bool):
 
 
 class ClipLite(Objective):
+    no_accumulation = (
+        "its MI blocks' BatchNorm statistics are the whole batch's, and its negatives are drawn "
+        "within it"
+    )
+
     def __init__(self, config, mesh):
         if config.model.projection != "mi_block":
             raise ConfigError(
@@ -150,7 +155,14 @@ class ClipLite(Objective):
             kind: jax.random.uniform(jax.random.fold_in(rng, i), (len(images), widths[kind]))
             for i, kind in enumerate(self.priors)
         }
-        out, model_state = self.forward(params, model_state, batch, prior_samples, method=_forward)
+        out, model_state = self.forward(
+            params,
+            model_state,
+            batch,
+            prior_samples,
+            rng=jax.random.fold_in(rng, 3),
+            method=_forward,
+        )
         logit_scale = jnp.exp(out["log_scale"])
         negatives_rng = jax.random.fold_in(rng, 2)  # 0 and 1 drew the prior samples
         cross, critic = self._cross(

@@ -105,6 +105,10 @@ def _terms(views: dict, queue: dict, logit_scale, *, axis_name, multi_view: bool
 
 
 class DeClip(Objective):
+    no_accumulation = (
+        "its SimSiam BatchNorm statistics and its feature queue are computed over the whole batch"
+    )
+
     def __init__(self, config, mesh):
         cfg = config.declip
         text_keys = (
@@ -159,8 +163,7 @@ class DeClip(Objective):
         return clamp_log_scale(params, self.log_scale_range)
 
     def loss(self, params, model_state, batch, state, rng):
-        del rng
-        out, model_state = self.forward(params, model_state, batch, method=self._forward)
+        out, model_state = self.forward(params, model_state, batch, rng=rng, method=self._forward)
         logit_scale = jnp.minimum(jnp.exp(out["log_scale"]), MAX_LOGIT_SCALE)
         views = {key: out[key] for key in ("images", "texts", "simsiam", "mlm")}
         terms, queue = self._terms(views, state, logit_scale)

@@ -4,10 +4,10 @@ import jax.numpy as jnp
 
 from clipjax import losses
 from clipjax.models.two_tower import TwoTower
-from clipjax.objectives.base import Objective
+from clipjax.objectives.base import EmbeddingObjective
 
 
-class SigLip(Objective):
+class SigLip(EmbeddingObjective):
     """One image view and one plain caption per example; the model adds a logit bias `b`.
 
     With `config.siglip.chunked`, text embeddings travel around the device ring, so no device
@@ -21,17 +21,15 @@ class SigLip(Objective):
         body = losses.sigmoid_loss_ring if config.siglip.chunked else losses.sigmoid_loss
         self._sigmoid = losses.on_batch_shards(body, mesh, num_batched=2)
 
-    def loss(self, params, model_state, batch, state, rng):
-        del rng
-        out, model_state = self.forward(params, model_state, batch["image"], batch["text"])
-        logit_scale = jnp.exp(out["log_scale"])
+    def contrast(self, params, embeddings, state):
+        logit_scale = jnp.exp(params["log_scale"])
         loss, logits = self._sigmoid(
-            out["image"]["embed"], out["text"]["embed"], logit_scale, out["bias"]
+            embeddings["image"], embeddings["text"], logit_scale, params["bias"]
         )
         metrics = {
             "train/logit_scale": logit_scale,
-            "train/bias": out["bias"],
+            "train/bias": params["bias"],
             "train/pos_logit_mean": logits["pos_logit_mean"],
             "train/neg_logit_mean": logits["neg_logit_mean"],
         }
-        return loss, (metrics, model_state, state)
+        return loss, (metrics, state)
