@@ -15,7 +15,7 @@ from clipjax.config import base_config
 from clipjax.models import layers, precision
 from clipjax.models.text import TextTransformer
 from clipjax.models.two_tower import TwoTower
-from clipjax.models.vit import VisionTransformer, vit_size
+from clipjax.models.vit import VisionTransformer, drop_patches, vit_size
 
 
 def model_config(**overrides) -> ml_collections.ConfigDict:
@@ -309,3 +309,45 @@ def test_unknown_attention_implementation_is_one_line():
     model = TwoTower.from_config(config)
     with pytest.raises(ValueError, match="model.attention='flash' is unknown; use one of auto"):
         model.init(jax.random.key(0), *inputs(config))
+
+
+# ---------------------------------------------------------------------------- patch dropout
+
+
+def test_drop_patches_keeps_the_class_token_and_a_random_subset_of_each_examples_patches():
+    tokens = jnp.asarray(np.random.default_rng(0).normal(size=(3, 1 + 16, 4)), jnp.float32)
+    kept = drop_patches(tokens, jax.random.key(1), 0.75)
+    assert kept.shape == (3, 1 + 4, 4)
+    np.testing.assert_array_equal(kept[:, 0], tokens[:, 0])
+    chosen = []
+    for b in range(3):  # each kept token is one of that example's patches, none twice
+        rows = [int(np.flatnonzero((tokens[b, 1:] == token).all(-1))[0]) for token in kept[b, 1:]]
+        assert len(set(rows)) == 4
+        chosen.append(sorted(rows))
+    assert len({tuple(rows) for rows in chosen}) > 1  # drawn per example
+    np.testing.assert_array_equal(drop_patches(tokens, jax.random.key(1), 0.75), kept)
+    assert not np.array_equal(drop_patches(tokens, jax.random.key(2), 0.75), kept)
+    assert drop_patches(tokens, jax.random.key(1), 0.99).shape == (3, 2, 4)  # at least one
+
+
+def test_patch_dropout_drops_tokens_in_training_only():
+    """Ti/8 on 32 px: 16 patches. In training with p = 0.5 the transformer sees the class token
+    and 8 patches, drawn from the `patch_dropout` key; evaluating drops none, giving the
+    output of the same weights without patch dropout."""
+    images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32)
+    plain = VisionTransformer("Ti/8", depth=1)
+    dropping = VisionTransformer("Ti/8", depth=1, patch_dropout=0.5)
+    params = plain.init(jax.random.key(0), images)
+
+    def train(key):
+        out, seen = dropping.apply(
+            params, images, train=True, rngs={"patch_dropout": key}, capture_intermediates=True
+        )
+        return out, seen["intermediates"]["ln_pre"]["__call__"][0].shape
+
+    out, shape = train(jax.random.key(1))
+    assert shape == (2, 1 + 8, vit_size("Ti/8")[0])
+    np.testing.assert_array_equal(train(jax.random.key(1))[0], out)
+    assert not np.allclose(train(jax.random.key(2))[0], out)
+    np.testing.assert_array_equal(dropping.apply(params, images), plain.apply(params, images))
+    assert not np.allclose(out, plain.apply(params, images))

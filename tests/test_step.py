@@ -270,3 +270,44 @@ def test_frozen_mask_matches_whole_names():
         "image_tower": {"a": False, "b": {"c": False}},
         "log_scale": False,
     }
+
+
+# ---------------------------------------------------------------------------- patch dropout
+
+
+def test_patch_dropout_draws_from_the_step_key_and_resumes_exactly(tmp_path):
+    """The dropped patches come from each step's key: two runs give the same losses, which
+    differ from those without dropout, and a run stopped at 3 and resumed gives them too."""
+    settings = {"total_steps": 5, "log_every": 1, "ckpt_every": 3}
+    dropping = _config(**settings, **{"model__image__patch_dropout": 0.5})
+    runs = {}
+    for name, config in (("a", dropping), ("b", dropping), ("plain", _config(**settings))):
+        runs[name] = str(tmp_path / name)
+        train.run(config, runs[name])
+    assert _losses(runs["a"]) == _losses(runs["b"])
+    assert all(_losses(runs["a"])[s] != _losses(runs["plain"])[s] for s in range(1, 6))
+    resumed = str(tmp_path / "resumed")
+    train.run(dropping, resumed, stop_at=3)
+    train.run(dropping, resumed)
+    assert _losses(resumed) == _losses(runs["a"])
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (
+            {"model__image__patch_dropout": 1.0},
+            "config.model.image.patch_dropout=1.0 must be in [0, 1): the fraction of patch "
+            "tokens dropped in training (FLIP used 0.5 and 0.75).",
+        ),
+        (
+            {"model__image__patch_dropout": 0.5, "model__image__variant": "RN50"},
+            "config.model.image.patch_dropout=0.5 needs a ViT image tower; 'RN50' is a ResNet, "
+            "which has no patch tokens.",
+        ),
+    ],
+)
+def test_patch_dropout_errors_are_one_line(tmp_path, fields, message):
+    with pytest.raises(ConfigError) as error:
+        config_lib.validate(_config(**fields), str(tmp_path), 8)
+    assert str(error.value) == message
