@@ -9,6 +9,16 @@ On a laptop CPU, a tiny model on the built-in `shapes` dataset, in a few minutes
   python -m clipjax.main --config=configs/clip_vitb32.py:local --workdir=/tmp/clip_local
 
 Any field can be overridden, e.g. `--config.batch_size=256 --config.optim.lr=3e-4`.
+
+Large batches on few devices, and the recipes open_clip and big_vision users know:
+  --config.accum_steps=8                 contrastive gradient accumulation (GradCache): the
+                                         loss sees every negative of the global batch, each
+                                         device holds one eighth of its activations
+  --config.init_from=DIR --config.model.image.locked=True
+                                         LiT: a pretrained image tower (and its projection)
+                                         locked, the text tower trained against it;
+                                         --config.optim.frozen=REGEX freezes any parameters
+  --config.model.image.patch_dropout=0.5 FLIP: half the patch tokens dropped in training
 """
 
 from clipjax.config import apply_local, base_config

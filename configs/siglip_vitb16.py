@@ -7,6 +7,10 @@ Full size (B/16 at 224 px, text 768 wide with 12 layers, vocab 32k, context 64),
 On a laptop CPU, the same tiny model and schedule as every `:local` config:
 
   python -m clipjax.main --config=configs/siglip_vitb16.py:local --workdir=/tmp/siglip_local
+
+`--config.accum_steps=K` accumulates the gradient over K micro-batches with the sigmoid loss
+still over the whole batch; `--config.model.image.locked=True` (with `init_from`) and
+`--config.model.image.patch_dropout=P` work as in configs/clip_vitb32.py.
 """
 
 from clipjax.config import apply_local, base_config
