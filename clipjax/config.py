@@ -241,8 +241,9 @@ def apply_local(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 # the objective or the input order, and a change is refused.
 RESUME_STEERING = (
     "total_steps", "log_every", "eval_every", "ckpt_every", "ckpt_every_secs", "keep_ckpts",
-    "max_nonfinite_steps", "init_from", "evals", "accum_steps", "data.num_workers", "data.device_prefetch",
-    "data.max_skipped_fraction", "data.allow_changed", "model.attention", "model.remat",
+    "max_nonfinite_steps", "init_from", "evals", "accum_steps", "data.num_workers",
+    "data.device_prefetch", "data.max_skipped_fraction", "data.allow_changed",
+    "model.attention", "model.remat",
 )  # fmt: skip
 RESUME_WARNED = ("optim.lr", "optim.warmup_steps")
 

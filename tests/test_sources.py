@@ -214,6 +214,45 @@ def test_fingerprint_follows_the_records_their_count_and_their_image_files(tmp_p
     assert sources.fingerprint(sources.make_source("shapes:51", "train"))["records"] == 51
 
 
+MIX_EXAMPLE = "'mix:shapes:50000@3,csv:/data/pairs.csv@1'."
+NOT_SPEC_AT_WEIGHT = "is not SPEC@WEIGHT with a positive weight; write " + MIX_EXAMPLE
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("mix:", f"name the sources and their weights, e.g. {MIX_EXAMPLE}"),
+        ("mix:shapes@x", f"'shapes@x' {NOT_SPEC_AT_WEIGHT}"),
+        ("mix:shapes@0,glyphs@1", f"'shapes@0' {NOT_SPEC_AT_WEIGHT}"),
+        (
+            "mix:shapes:10@1,foo:1@1",
+            "unknown data source 'foo:1'; known schemes: arrayrecord, csv, folder, glyphs, mix, "
+            "shapes, tfds (e.g. 'shapes:50000', 'csv:/data/train.csv' or "
+            "'arrayrecord:/data/cc3m').",
+        ),
+        ("mix:mix:shapes@1@1", "a mixture cannot hold another mixture."),
+    ],
+)
+def test_mixture_spec_errors_are_one_line(spec, message):
+    assert error_of(spec) == f"source {spec!r}: {message}"
+
+
+def test_mixture_shares_captions_and_fingerprint():
+    mixture = sources.make_source("mix:shapes:200@3,glyphs:300?seed=2@1", "train")
+    assert mixture.weights == [0.75, 0.25] and len(mixture) == 500
+    assert mixture.specs == ["shapes:200", "glyphs:300?seed=2"]  # options stay with their part
+    captions = list(mixture.captions(8))
+    assert captions[:6] == list(sources.make_source("shapes:200", "train").captions(6))
+    assert captions[6:] == list(sources.make_source("glyphs:300?seed=2", "train").captions(2))
+    print_ = sources.fingerprint(mixture)
+    assert print_["records"] == 500
+    reweighted = sources.make_source("mix:shapes:200@1,glyphs:300?seed=2@1", "train")
+    assert sources.fingerprint(reweighted)["sample"] != print_["sample"]
+    assert error_of("mix:shapes@1", "eval") == (
+        "source 'mix:shapes@1': a mixture is a training source; evaluate on each of its sources."
+    )
+
+
 def test_tsv_default_and_named_columns(tmp_path):
     write_images(tmp_path, ["x.png", "y.png"])
     (tmp_path / "a.tsv").write_text("filepath\ttitle\nx.png\ta title, not split\n")

@@ -344,10 +344,12 @@ def train_dataset(
     data_seed = int(np.random.SeedSequence([seed, 0]).generate_state(1)[0])
     max_fraction = getattr(data_config, "max_skipped_fraction", 0.01)
     source = sources.make_source(data_config.train, "train")
+    if isinstance(source, sources.Mixture):
+        logging.info("Training on a mixture, by share of the examples: %s", repr(source)[8:-1])
     augment = image_ops.Augment(**data_config.augment)
 
     def make(start: int) -> grain.IterDataset:
-        ds = grain.MapDataset.source(source).seed(data_seed).shuffle().repeat()
+        ds = shuffled_records(source, data_seed)
         ds = ds.random_map(
             _MakeViews(image_views, text_views, tokenizer, image_size, context_length, augment)
         )
@@ -364,6 +366,22 @@ def train_dataset(
         return ds
 
     return _Positioned(make, sources.fingerprint(source))
+
+
+def shuffled_records(source, seed: int) -> grain.MapDataset:
+    """The endless global order of `source`'s raw records: shuffled anew each epoch from
+    `seed`. A `sources.Mixture` has each part shuffled and repeated on its own, then
+    interleaved in proportion to the weights (element i is the same whatever came before)."""
+    if not isinstance(source, sources.Mixture):
+        return grain.MapDataset.source(source).seed(seed).shuffle().repeat()
+    parts = [
+        grain.MapDataset.source(part)
+        .seed(int(np.random.SeedSequence([seed, index]).generate_state(1)[0]))
+        .shuffle()
+        .repeat()
+        for index, part in enumerate(source.parts)
+    ]
+    return grain.MapDataset.mix(parts, source.weights)
 
 
 def _init_worker(index: int, count: int) -> None:

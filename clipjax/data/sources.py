@@ -6,6 +6,7 @@
   folder:PATH                       one subfolder of images per class (eval only)
   arrayrecord:GLOB_OR_DIR           shards written by `python -m clipjax.tools.convert`
   tfds:NAME[:SPLIT] [?data_dir=&image=&caption=&label=]   a prepared TFDS dataset (ArrayRecord)
+  mix:SPEC@W,SPEC@W,...             training sources sampled in proportion to their weights
 
 A source is random-access (`len(src)`, `src[i]`) over RAW records, which are cheap to read
 (no image decoding; `records.decode` does that, in the pipeline's workers): dicts with `key`
@@ -479,6 +480,69 @@ def _tfds(spec: str, arg: str, options: dict, split: str, seed: int) -> TfdsSour
     return TfdsSource(spec, data, split, image, caption, label)
 
 
+# ---------------------------------------------------------------------------- mix
+
+
+class Mixture:
+    """Training sources drawn in proportion to `weights` (normalised to sum to 1): the
+    pipeline shuffles and repeats each `part` on its own and interleaves them
+    (`pipeline.train_dataset`), so a small source is upsampled and a large one subsampled.
+    Its length is the parts' total."""
+
+    class_names = None
+    prompt_templates = None
+
+    def __init__(self, spec: str, parts: list, specs: list[str], weights: list[float]):
+        self.spec, self.parts, self.specs = spec, parts, specs
+        self.weights = [w / sum(weights) for w in weights]
+
+    def __len__(self) -> int:
+        return sum(len(part) for part in self.parts)
+
+    def __repr__(self) -> str:
+        shares = ", ".join(f"{s} {w:.1%}" for s, w in zip(self.specs, self.weights, strict=True))
+        return f"Mixture({shares})"
+
+    def captions(self, num: int) -> Iterator[str]:
+        """Each part's first captions, in proportion to the weights (to train a tokenizer)."""
+        for part, weight in zip(self.parts, self.weights, strict=True):
+            yield from part.captions(max(1, round(num * weight)))
+
+
+def _mix(spec: str, arg: str, options: dict, split: str, seed: int) -> Mixture:
+    del options
+    if split != "train":
+        raise ValueError(
+            f"source {spec!r}: a mixture is a training source; evaluate on each of its sources."
+        )
+    parts, specs, weights = [], [], []
+    for item in filter(None, arg.split(",")):
+        part, at, weight = item.rpartition("@")
+        try:
+            value = float(weight) if at else None
+        except ValueError:
+            value = None
+        if not part or value is None or not value > 0 or value == float("inf"):
+            raise ValueError(
+                f"source {spec!r}: {item!r} is not SPEC@WEIGHT with a positive weight; write "
+                "'mix:shapes:50000@3,csv:/data/pairs.csv@1'."
+            )
+        if parse_spec(part)[0] == "mix":
+            raise ValueError(f"source {spec!r}: a mixture cannot hold another mixture.")
+        try:
+            parts.append(make_source(part, "train", seed=seed))
+        except ValueError as e:
+            raise ValueError(f"source {spec!r}: {e}") from None
+        specs.append(part)
+        weights.append(value)
+    if not parts:
+        raise ValueError(
+            f"source {spec!r}: name the sources and their weights, e.g. "
+            "'mix:shapes:50000@3,csv:/data/pairs.csv@1'."
+        )
+    return Mixture(spec, parts, specs, weights)
+
+
 # name -> (builder, its options, an example spec)
 _SCHEMES = {
     "shapes": (_procedural, ("seed",), "shapes:50000"),
@@ -487,6 +551,7 @@ _SCHEMES = {
     "folder": (_folder, (), "folder:/data/imagenet/val"),
     "arrayrecord": (_arrayrecord, (), "arrayrecord:/data/cc3m"),
     "tfds": (_tfds, ("data_dir", "image", "caption", "label"), "tfds:cifar10:test"),
+    "mix": (_mix, (), "mix:shapes:50000@3,csv:/data/pairs.csv@1"),
 }
 
 
@@ -498,6 +563,8 @@ def make_source(spec: str, split: str, *, seed: int = 0):
     if split not in SPLITS:
         raise ValueError(f"source {spec!r}: split {split!r} is not one of {SPLITS}.")
     scheme, arg, options = parse_spec(spec)
+    if scheme == "mix":  # its parts' options are theirs
+        arg, options = spec.partition(":")[2], {}
     if scheme not in _SCHEMES:
         raise ValueError(
             f"unknown data source {spec!r}; known schemes: {', '.join(sorted(_SCHEMES))} (e.g. "
@@ -521,7 +588,12 @@ _FINGERPRINT_SAMPLES = 16
 def fingerprint(source) -> dict:
     """What identifies a source's content, cheaply: `{"records": len(source), "sample": a
     hash of _FINGERPRINT_SAMPLES records evenly spaced over it}`. A record's image file (a
-    path, as `csv:` gives) is hashed by its bytes, so a replaced image changes it too."""
+    path, as `csv:` gives) is hashed by its bytes, so a replaced image changes it too. A
+    mixture's hashes its parts' fingerprints and weights."""
+    if isinstance(source, Mixture):
+        parts = [fingerprint(part) for part in source.parts]
+        text = repr([parts, source.weights]).encode()
+        return {"records": len(source), "sample": hashlib.sha256(text).hexdigest()[:16]}
     size = len(source)
     indices = sorted(set(np.linspace(0, size - 1, min(size, _FINGERPRINT_SAMPLES)).astype(int)))
     digest = hashlib.sha256()
