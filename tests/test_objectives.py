@@ -1,6 +1,5 @@
 """Every objective's `:local` config trains on 8 devices: finite, decreasing loss, its metrics."""
 
-import contextlib
 import functools
 
 import flax.linen as nn
@@ -9,10 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from clipjax import bench, sharding, train
+from clipjax import sharding
 from clipjax.models.heads import MIBlock
 from clipjax.objectives.base import Views
-from tests.tiny import tiny_config
+from tests.tiny import built, tiny_config
 
 METRICS = {
     "clip": {"train/logit_scale"},
@@ -34,16 +33,6 @@ def tiny(config_name: str):
     c.optim.warmup_steps = 0
     c.optim.lr = c.optim.lr / 4  # one batch, many steps: a gentler rate keeps the descent smooth
     return c
-
-
-@contextlib.contextmanager
-def built(config):
-    """Inside the mesh and logical rules: (objective, initial state, jitted step, a batch)."""
-    mesh = sharding.make_mesh(config.mesh)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-        objective, init, _, step_fn = train.build(config, mesh)
-        batch = bench.synthetic_batch(config, mesh, objective.views)
-        yield objective, init(jax.random.PRNGKey(0)), step_fn, batch
 
 
 def _train_a_few_steps(config, steps=8):

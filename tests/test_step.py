@@ -2,7 +2,6 @@
 to the whole batch's gradient, and locked towers (LiT) that neither change nor get a backward
 pass."""
 
-import contextlib
 import functools
 import os
 
@@ -11,12 +10,12 @@ import jax
 import numpy as np
 import pytest
 
-from clipjax import bench, checkpoint, optimizers, sharding, step, train
+from clipjax import checkpoint, optimizers, sharding, step, train
 from clipjax import config as config_lib
 from clipjax.errors import ConfigError
 from clipjax.metrics import read_metrics
 from clipjax.models.two_tower import TwoTower
-from tests.tiny import tiny_config
+from tests.tiny import built, tiny_config
 
 
 def _config(name: str = "clip_vitb32", **fields):
@@ -32,16 +31,6 @@ def _config(name: str = "clip_vitb32", **fields):
     return c
 
 
-@contextlib.contextmanager
-def _built(config):
-    """Inside the mesh: (objective, initial state, the jitted step, a synthetic batch)."""
-    mesh = sharding.make_mesh(config.mesh)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-        objective, init, _, step_fn = step.build(config, mesh)
-        batch = bench.synthetic_batch(config, mesh, objective.views)
-        yield objective, init(jax.random.PRNGKey(0)), step_fn, batch
-
-
 # ---------------------------------------------------------------------------- accumulation
 
 
@@ -50,7 +39,7 @@ def _loss_and_grads(config, steps: int = 1, **mesh):
     batch: the whole batch's (`steps` = 1) or accumulated over `steps` micro-batches."""
     config = config.copy_and_resolve_references()
     config.mesh.update(mesh)
-    with _built(config) as (objective, state, _, batch):
+    with built(config) as (objective, state, _, batch):
         args = (state.params, state.model_state, batch, state.objective_state, state.rng)
         if steps == 1:
             grad_fn = jax.value_and_grad(objective.loss, has_aux=True)
@@ -97,19 +86,18 @@ def _losses(workdir) -> dict[int, float]:
 
 
 def test_accumulated_training_follows_the_whole_batch_and_resumes_exactly(tmp_path):
-    """Five steps at k = 2 and 4 give the losses of five whole-batch steps (within 1e-6); an
+    """Five steps at k = 2 give the losses of five whole-batch steps (within 1e-6); an
     accumulated run stopped at 3 and resumed gives its uninterrupted losses exactly."""
     settings = {"total_steps": 5, "log_every": 1, "ckpt_every": 3}
     runs = {}
-    for steps in (1, 2, 4):
+    for steps in (1, 2):
         config = _config(**settings, accum_steps=steps)
         runs[steps] = str(tmp_path / f"k{steps}")
         train.run(config, runs[steps])
     want = _losses(runs[1])
     assert sorted(want) == [1, 2, 3, 4, 5] and want[5] < want[1]
-    for steps in (2, 4):
-        got = _losses(runs[steps])
-        np.testing.assert_allclose([got[s] for s in want], list(want.values()), rtol=0, atol=1e-6)
+    got = _losses(runs[2])
+    np.testing.assert_allclose([got[s] for s in want], list(want.values()), rtol=0, atol=1e-6)
     resumed = str(tmp_path / "resumed")
     train.run(_config(**settings, accum_steps=2), resumed, stop_at=3)
     train.run(_config(**settings, accum_steps=2), resumed)
@@ -210,7 +198,7 @@ def test_a_locked_tower_has_no_backward_pass():
     backward costs about twice them); the text tower's are kept."""
 
     def flops(config):
-        with _built(config) as (objective, state, step_fn, batch):
+        with built(config) as (objective, state, step_fn, batch):
             step_flops = step_fn.lower(state, batch).compile().cost_analysis()["flops"]
             encode = jax.jit(
                 lambda p, images: objective.model.apply(
@@ -230,7 +218,7 @@ def test_locked_batchnorm_statistics_stay_as_they_were():
     its MI block stay bitwise as they were; the text MI block's statistics move."""
     resnet = {"model__image__variant": "RN50", "model__image__size": 32, "model__image__width": 8}
     config = _config("cliplite_r50", **resnet, **{"model__image__locked": True})
-    with _built(config) as (_, state, step_fn, batch):
+    with built(config) as (_, state, step_fn, batch):
         start = jax.device_get(state.model_state)
         for _ in range(2):
             state, _ = step_fn(state, batch)
@@ -276,15 +264,15 @@ def test_frozen_mask_matches_whole_names():
 
 
 def test_patch_dropout_draws_from_the_step_key_and_resumes_exactly(tmp_path):
-    """The dropped patches come from each step's key: two runs give the same losses, which
-    differ from those without dropout, and a run stopped at 3 and resumed gives them too."""
+    """The dropped patches come from each step's key: a run stopped at 3 and resumed in a
+    fresh `train.run` gives the uninterrupted run's losses
+    exactly, and they differ from those without dropout."""
     settings = {"total_steps": 5, "log_every": 1, "ckpt_every": 3}
     dropping = _config(**settings, **{"model__image__patch_dropout": 0.5})
     runs = {}
-    for name, config in (("a", dropping), ("b", dropping), ("plain", _config(**settings))):
+    for name, config in (("a", dropping), ("plain", _config(**settings))):
         runs[name] = str(tmp_path / name)
         train.run(config, runs[name])
-    assert _losses(runs["a"]) == _losses(runs["b"])
     assert all(_losses(runs["a"])[s] != _losses(runs["plain"])[s] for s in range(1, 6))
     resumed = str(tmp_path / "resumed")
     train.run(dropping, resumed, stop_at=3)

@@ -1,6 +1,12 @@
 """Configs shrunk to test size: every `:local` config, with a model that compiles in seconds."""
 
+import contextlib
 import importlib
+
+import flax.linen as nn
+import jax
+
+from clipjax import bench, sharding, step
 
 
 def tiny_config(config_name: str = "clip_vitb32"):
@@ -22,3 +28,14 @@ def tiny_config(config_name: str = "clip_vitb32"):
     if c.objective == "declip":
         c.declip.nns_weight = 0.2  # every DeCLIP term trains in the tests (`:local` drops NNS)
     return c
+
+
+@contextlib.contextmanager
+def built(config):
+    """Inside the mesh and logical rules: (objective, initial state, jitted step, a synthetic
+    batch of the config's shapes)."""
+    mesh = sharding.make_mesh(config.mesh)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+        objective, init, _, step_fn = step.build(config, mesh)
+        batch = bench.synthetic_batch(config, mesh, objective.views)
+        yield objective, init(jax.random.PRNGKey(0)), step_fn, batch
