@@ -265,8 +265,8 @@ def test_frozen_mask_matches_whole_names():
 
 def test_patch_dropout_draws_from_the_step_key_and_resumes_exactly(tmp_path):
     """The dropped patches come from each step's key: a run stopped at 3 and resumed in a
-    fresh `train.run` gives the uninterrupted run's losses
-    exactly, and they differ from those without dropout."""
+    fresh `train.run` gives the uninterrupted run's losses exactly, and they differ from
+    those without dropout."""
     settings = {"total_steps": 5, "log_every": 1, "ckpt_every": 3}
     dropping = _config(**settings, **{"model__image__patch_dropout": 0.5})
     runs = {}
