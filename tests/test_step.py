@@ -228,6 +228,27 @@ def test_locked_batchnorm_statistics_stay_as_they_were():
     assert not _bitwise_equal(stats["text_projection"], start["batch_stats"]["text_projection"])
 
 
+def test_accumulation_keeps_a_locked_tower_locked():
+    """One step with the image tower locked, whole batch against 2 micro-batches: the tower is
+    bitwise unchanged both ways, and the trained parameters agree."""
+    after = {}
+    for steps in (1, 2):
+        config = _config(accum_steps=steps, **{"model__image__locked": True})
+        config.optim.warmup_steps = 0  # the first step's rate is not 0
+        with built(config) as (
+            _,
+            state,
+            step_fn,
+            batch,
+        ):
+            start = jax.device_get(state.params)
+            after[steps] = jax.device_get(step_fn(state, batch)[0].params)
+        assert _bitwise_equal(_tower(after[steps]), _tower(start))
+        assert not _bitwise_equal(after[steps]["text_tower"], start["text_tower"])
+    for want, got in zip(jax.tree.leaves(after[1]), jax.tree.leaves(after[2]), strict=True):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
 def test_frozen_regex_errors_are_one_line():
     config = _config(**{"optim__frozen": "vision/.*"})
     mesh = sharding.make_mesh(config.mesh)
