@@ -235,12 +235,7 @@ def test_accumulation_keeps_a_locked_tower_locked():
     for steps in (1, 2):
         config = _config(accum_steps=steps, **{"model__image__locked": True})
         config.optim.warmup_steps = 0  # the first step's rate is not 0
-        with built(config) as (
-            _,
-            state,
-            step_fn,
-            batch,
-        ):
+        with built(config) as (_, state, step_fn, batch):
             start = jax.device_get(state.params)
             after[steps] = jax.device_get(step_fn(state, batch)[0].params)
         assert _bitwise_equal(_tower(after[steps]), _tower(start))
