@@ -132,8 +132,9 @@ class Checkpointer:
         for step in steps:
             # Checked before the state is read: ConfigError if the position cannot move or
             # points into other data.
-            self._check_source(step, *source)
-            written_by, batches = self._moved_position(step)
+            positions = self._positions(step)  # the saved input positions, read once
+            self._check_source(step, positions[1], *source)
+            written_by, batches = self._moved_position(step, *positions)
             args = {"state": ocp.args.StandardRestore(abstract_state)}
             if written_by is None:  # the input's position restores as it was saved
                 args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
@@ -192,10 +193,12 @@ class Checkpointer:
                 return written_by, []
         return written_by, states
 
-    def _check_source(self, step: int, source: dict | None, allow_changed: bool) -> None:
+    def _check_source(
+        self, step: int, states: list[dict], source: dict | None, allow_changed: bool
+    ) -> None:
         """ConfigError (a warning when `allow_changed`) if checkpoint `step`'s input position
         was saved over a training source whose fingerprint is not `source`."""
-        saved = next((s["source"] for s in self._positions(step)[1] if "source" in s), None)
+        saved = next((s["source"] for s in states if "source" in s), None)
         if source is None or saved is None or saved == source:
             return
         if saved["records"] != source["records"]:
@@ -219,11 +222,13 @@ class Checkpointer:
             "resume anyway with --config.data.allow_changed=True."
         )
 
-    def _moved_position(self, step: int) -> tuple[int | None, int | None]:
-        """(processes that wrote checkpoint `step`'s input position, the global batch that
-        follows it) when that count is not this run's; (None, None) when it is (or the files
-        are missing: restoring names that). ConfigError if the position cannot move."""
-        written_by, states = self._positions(step)
+    def _moved_position(
+        self, step: int, written_by: int | None, states: list[dict]
+    ) -> tuple[int | None, int | None]:
+        """Given `_positions(step)`: (processes that wrote checkpoint `step`'s input position,
+        the global batch that follows it) when that count is not this run's; (None, None)
+        when it is (or the files are missing: restoring names that). ConfigError if the
+        position cannot move."""
         if written_by in (None, jax.process_count()) or not states:
             return None, None
         how = (
