@@ -1,8 +1,7 @@
-"""tools/soak.py: a DeCLIP run under random SIGKILL and SIGTERM, restarted each time, ends
+"""clipjax.tools.soak: a DeCLIP run under random SIGKILL and SIGTERM, restarted each time, ends
 bitwise equal to the uninterrupted run; and its comparison sees a difference where there is
 one."""
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -10,21 +9,22 @@ import shutil
 import subprocess
 import sys
 
+from clipjax.tools import soak
+
 ROOT = pathlib.Path(__file__).parent.parent
-
-
-def _soak_module():
-    spec = importlib.util.spec_from_file_location("soak", ROOT / "tools" / "soak.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_three_random_faults_end_bitwise_equal_to_the_uninterrupted_run(tmp_path):
     output = tmp_path / "soak"
     env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}  # 1 device
-    command = [sys.executable, "tools/soak.py", "--config=tests/configs/tiny.py:declip_vitb32"]
-    command += ["--faults=3", "--steps=24", "--ckpt_every=3", f"--output={output}"]
+    command = [sys.executable, "-m", "clipjax.tools.soak"]
+    command += [
+        "--config=tests/configs/tiny.py:declip_vitb32",
+        "--faults=3",
+        "--steps=24",
+        "--ckpt_every=3",
+        f"--output={output}",
+    ]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     report = json.loads((output / "report.json").read_text())
@@ -41,7 +41,6 @@ def test_three_random_faults_end_bitwise_equal_to_the_uninterrupted_run(tmp_path
     assert report["rows"] >= 24  # every step, and those logged again after a kill
 
     # The comparison itself: checkpoint 21 presented as 24, and one loss changed, differ.
-    soak = _soak_module()
     copy = tmp_path / "copy"
     shutil.copytree(output / "reference", copy)
     shutil.rmtree(copy / "checkpoints" / "24")

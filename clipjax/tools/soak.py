@@ -2,8 +2,8 @@
 moments, saves and start-up included, and restarted with the same command each time, must end
 bitwise equal to an uninterrupted run of the same command.
 
-  python tools/soak.py --faults=10                       # :local DeCLIP, 40 steps
-  python tools/soak.py --config=tests/configs/tiny.py:declip_vitb32 --faults=3 --steps=8
+  python -m clipjax.tools.soak --faults=10                       # :local DeCLIP, 40 steps
+  python -m clipjax.tools.soak --config=tests/configs/tiny.py:declip_vitb32 --faults=3 --steps=8
 
 Both runs are `python -m clipjax.main` as users start it, with a checkpoint every
 `--ckpt_every` steps and every step logged. At the end it compares, leaf by leaf and bit for
