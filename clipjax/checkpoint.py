@@ -201,10 +201,11 @@ class Checkpointer:
         saved = next((s["source"] for s in states if "source" in s), None)
         if source is None or saved is None or saved == source:
             return
-        if saved["records"] != source["records"]:
-            change = f"holds {source['records']} records, {saved['records']} when it was saved"
+        size, saved_size = _holds(source), _holds(saved)
+        if size != saved_size:
+            change = f"holds {size}, {saved_size} when it was saved"
         else:
-            change = f"holds {source['records']} records as before, but the sampled ones differ"
+            change = f"holds {size} as before, but the sampled ones differ"
         where = f"{self.directory}/{step}"
         if allow_changed:
             logging.warning(
@@ -401,3 +402,10 @@ def _shapes(tree) -> dict[str, tuple]:
         ): tuple(leaf.shape)
         for path, leaf in leaves
     }
+
+
+def _holds(fingerprint: dict) -> str:
+    """What a `sources.fingerprint` counts: "N records", or "N shards" for a stream of them."""
+    if "records" in fingerprint:
+        return f"{fingerprint['records']} records"
+    return f"{fingerprint['shards']} shards"

@@ -1,14 +1,20 @@
-"""The one path layer for workdirs: a local folder or a remote one (`gs://bucket/run`, `s3://`,
-any scheme etils.epath knows) alike.
+"""The one path layer: a local path or a remote one (`gs://bucket/run`, `s3://`, any scheme
+etils.epath knows) alike.
 
 Every file the trainer keeps in a workdir goes through here or through Orbax, which takes the
 same `epath.Path`: checkpoints, `metrics.jsonl`, TensorBoard event files, `config.json`, the
 tokenizer and the lock. Object stores cannot append or rename atomically, so whole-file writes
 are single uploads there, and a growing file is rewritten whole (`GrowingFile`).
+
+Data goes through here too: the sources' globs, files and images (`glob`, `read_bytes`), and
+the converter's input and output. A local path keeps its meaning relative to the working
+directory.
 """
 
+import glob as glob_lib
 import io
 import os
+import re
 import shutil
 import uuid
 
@@ -25,6 +31,81 @@ def path(location) -> epath.Path:
     if is_remote(location):
         return epath.Path(location)
     return epath.Path(os.path.abspath(os.path.expanduser(location)))
+
+
+def local(location) -> str:
+    """A local `location` with `~` expanded (relative stays relative); a remote one as given."""
+    location = os.fspath(location)
+    return location if is_remote(location) else os.path.expanduser(location)
+
+
+def join(folder, name: str) -> str:
+    """`name` inside `folder`; an absolute local or remote `name` stays as it is."""
+    if is_remote(name) or os.path.isabs(name):
+        return name
+    folder = os.fspath(folder)
+    return f"{folder.rstrip('/')}/{name}" if is_remote(folder) else os.path.join(folder, name)
+
+
+def is_file(location) -> bool:
+    return path(location).is_file()
+
+
+def is_dir(location) -> bool:
+    return path(location).is_dir()
+
+
+def read_bytes(location) -> bytes:
+    """The bytes of a local or remote file (OSError when it cannot be read)."""
+    if is_remote(location):
+        return epath.Path(location).read_bytes()
+    with open(os.path.expanduser(location), "rb") as f:
+        return f.read()
+
+
+def open_text(location):
+    """A text file for the csv module (newlines untranslated; a UTF-8 BOM dropped): a local
+    one streamed, a remote one read whole."""
+    if is_remote(location):
+        return io.StringIO(read_bytes(location).decode("utf-8-sig"), newline="")
+    return open(os.path.expanduser(location), newline="", encoding="utf-8-sig")
+
+
+_RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
+
+
+def _expand_ranges(pattern: str) -> list[str]:
+    """webdataset's brace ranges: `shard-{000..002}.tar` -> shard-000.tar, shard-001.tar,
+    shard-002.tar (zero-padded to the first bound's width)."""
+    found = _RANGE.search(pattern)
+    if not found:
+        return [pattern]
+    first, last = found.groups()
+    head, tail = pattern[: found.start()], pattern[found.end() :]
+    return [
+        expanded
+        for number in range(int(first), int(last) + 1)
+        for expanded in _expand_ranges(f"{head}{number:0{len(first)}d}{tail}")
+    ]
+
+
+def glob(pattern) -> list[str]:
+    """The files and folders that `pattern` (wildcards `*?[]`, and ranges `{000..099}`)
+    matches, sorted: local ones as `glob.glob` gives them, remote ones through epath."""
+    found = set()
+    for expanded in _expand_ranges(local(pattern)):
+        if not is_remote(expanded):
+            found.update(glob_lib.glob(expanded))
+            continue
+        parts = expanded.split("/")
+        magic = next((i for i, part in enumerate(parts) if glob_lib.has_magic(part)), None)
+        if magic is None:
+            if epath.Path(expanded).exists():
+                found.add(expanded)
+            continue
+        base = epath.Path("/".join(parts[:magic]))
+        found.update(os.fspath(match) for match in base.glob("/".join(parts[magic:])))
+    return sorted(found)
 
 
 def free_bytes(location) -> int | None:

@@ -57,7 +57,7 @@ def test_parse_spec_options_follow_the_last_question_mark():
 def test_spec_errors_are_one_line_and_name_the_spec(tmp_path):
     assert error_of("parquet:/data/x") == (
         "unknown data source 'parquet:/data/x'; known schemes: arrayrecord, csv, folder, "
-        "glyphs, mix, shapes, tfds (e.g. 'shapes:50000', 'csv:/data/train.csv' or "
+        "glyphs, mix, shapes, tfds, webdataset (e.g. 'shapes:50000', 'csv:/data/train.csv' or "
         "'arrayrecord:/data/cc3m')."
     )
     assert error_of("shapes?size=3") == (
@@ -227,7 +227,7 @@ NOT_SPEC_AT_WEIGHT = "is not SPEC@WEIGHT with a positive weight; write " + MIX_E
         (
             "mix:shapes:10@1,foo:1@1",
             "unknown data source 'foo:1'; known schemes: arrayrecord, csv, folder, glyphs, mix, "
-            "shapes, tfds (e.g. 'shapes:50000', 'csv:/data/train.csv' or "
+            "shapes, tfds, webdataset (e.g. 'shapes:50000', 'csv:/data/train.csv' or "
             "'arrayrecord:/data/cc3m').",
         ),
         ("mix:mix:shapes@1@1", "a mixture cannot hold another mixture."),

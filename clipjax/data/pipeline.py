@@ -1,12 +1,13 @@
 """Grain input pipelines: the endless, resumable training stream and eager evaluation arrays.
 
 Training order: source → shuffle (a new order every epoch) → repeat → decode + views (augmented
-images, tokenized captions; seeded by the element's place in that one global order) → this
-process's rows of each global batch → drop and count bad records → batch → worker processes.
-So global batch k holds the same examples, with the same augmentations, whatever the number of
-processes reading it. Everything handed to Grain is a module-level class, so it
-pickles into spawned workers; jax is imported only inside `train_dataset`, so workers do not pay
-for importing it.
+images, tokenized captions; seeded by the element's place in that one global order) → this process's
+rows of each global batch → drop and count bad records → batch → worker processes. So global batch k
+holds the same examples, with the same augmentations, whatever the number of processes reading it.
+`webdataset:` shards are streamed instead: each process and worker reads its own shards
+(`webdataset.ShardStream`), and its batches are its own. Everything handed to Grain is a
+module-level class, so it pickles into spawned workers; jax is imported only inside
+`train_dataset`, so workers do not pay for importing it.
 """
 
 import concurrent.futures
@@ -20,7 +21,7 @@ import grain
 import numpy as np
 from absl import logging
 
-from clipjax.data import image_ops, records, sources, text_ops
+from clipjax.data import image_ops, records, sources, text_ops, webdataset
 from clipjax.data.tokenizer import Tokenizer
 from clipjax.data.views import Views
 
@@ -250,21 +251,22 @@ class _Positioned(grain.IterDataset):
     the bad records this process skipped, around the inner stream's own state, so that
     `checkpoint.Checkpointer` can map a position saved by another number of processes
     (`start_at`); and the source's fingerprint (`sources.fingerprint`), so that it can refuse
-    a position into other data."""
+    a position into other data. `make(k)` is None for k > 0 when the stream cannot start at
+    global batch k (a stream of shards)."""
 
-    def __init__(self, make, source: dict):
+    def __init__(self, make, source: dict, spec: str):
         super().__init__()
         self._make = make  # start batch -> the inner IterDataset from there
-        self._source = source
+        self._source, self._spec = source, spec
 
     def __iter__(self) -> "_PositionedIterator":
-        return _PositionedIterator(self._make, self._source)
+        return _PositionedIterator(self._make, self._source, self._spec)
 
 
 class _PositionedIterator(grain.DatasetIterator):
-    def __init__(self, make, source: dict):
+    def __init__(self, make, source: dict, spec: str):
         super().__init__()
-        self._make, self._source = make, source
+        self._make, self._source, self._spec = make, source, spec
         self._inner = iter(make(0))
         self._batches, self._skipped = 0, 0
 
@@ -290,7 +292,17 @@ class _PositionedIterator(grain.DatasetIterator):
 
     def start_at(self, batches: int) -> None:
         """Continue from global batch `batches`, as a fresh stream: right for a position saved
-        by any number of processes when no record had been skipped before it."""
+        by any number of processes when no record had been skipped before it. ConfigError
+        where the stream cannot start there."""
+        if self._make(batches) is None:
+            from clipjax.errors import ConfigError
+
+            raise ConfigError(
+                f"config.data.train={self._spec!r} is streamed by each process from its own "
+                "shards, so its position cannot move to another number of processes; resume "
+                "with the number that saved it, or start a new --workdir "
+                "(--config.init_from=WORKDIR starts from its weights)."
+            )
         self.close()
         self._inner, self._batches, self._skipped = iter(self._make(batches)), batches, 0
 
@@ -347,25 +359,34 @@ def train_dataset(
     if isinstance(source, sources.Mixture):
         logging.info("Training on a mixture, by share of the examples: %s", repr(source)[8:-1])
     augment = image_ops.Augment(**data_config.augment)
+    make_views = _MakeViews(image_views, text_views, tokenizer, image_size, context_length, augment)
 
-    def make(start: int) -> grain.IterDataset:
-        ds = shuffled_records(source, data_seed)
-        ds = ds.random_map(
-            _MakeViews(image_views, text_views, tokenizer, image_size, context_length, augment)
-        )
-        ds = _ProcessRows(ds, global_batch_size, rows, start)
-        ds = ds.batch(batch_size, drop_remainder=True, batch_fn=_chunk)
-        # Elements are whole chunks here: a small buffer bounds host memory. Two threads
-        # overlap the decoding and PIL work, which releases the GIL; more only contend for it.
-        ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
+    def make(start: int) -> grain.IterDataset | None:
+        if isinstance(source, webdataset.WebDatasetSource):
+            if start:
+                return None
+            import jax  # here: Grain workers import this module, not jax
+
+            ds = webdataset.ShardStream(source, data_seed, jax.process_index(), jax.process_count())
+            ds = ds.random_map(make_views, seed=data_seed)
+            ds = ds.batch(batch_size, drop_remainder=True, batch_fn=_chunk)
+            size = _MIN_ATTEMPTED  # not known before the shards are read
+        else:
+            ds = shuffled_records(source, data_seed).random_map(make_views)
+            ds = _ProcessRows(ds, global_batch_size, rows, start)
+            ds = ds.batch(batch_size, drop_remainder=True, batch_fn=_chunk)
+            # Elements are whole chunks here: a small buffer bounds host memory. Two threads
+            # overlap the decoding and PIL work, which releases the GIL; more only contend.
+            ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
+            size = len(source)
         # Bad records drop out of the chunks, which are regrouped into full batches.
-        ds = _DropSkipped(ds, batch_size, data_config.train, len(source), max_fraction)
+        ds = _DropSkipped(ds, batch_size, data_config.train, size, max_fraction)
         if data_config.num_workers > 0:
             options = grain.MultiprocessingOptions(num_workers=data_config.num_workers)
             ds = ds.mp_prefetch(options, worker_init_fn=_init_worker)
         return ds
 
-    return _Positioned(make, sources.fingerprint(source))
+    return _Positioned(make, sources.fingerprint(source), data_config.train)
 
 
 def shuffled_records(source, seed: int) -> grain.MapDataset:

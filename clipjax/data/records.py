@@ -12,6 +12,8 @@ import msgpack
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from clipjax import paths
+
 
 class BadRecord(Exception):
     """A record that cannot be used: `key` names it, `reason` says why (one short phrase)."""
@@ -54,8 +56,7 @@ def _image(value, key: str) -> np.ndarray:
             raise BadRecord(key, f"image array of shape {value.shape}") from None
     if isinstance(value, str):
         try:
-            with open(value, "rb") as f:
-                value = f.read()
+            value = paths.read_bytes(value)
         except OSError as e:
             raise BadRecord(key, e.strerror or str(e)) from None
     if isinstance(value, bytes | bytearray | memoryview):

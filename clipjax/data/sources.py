@@ -5,20 +5,21 @@
   csv:PATH [?image=&caption=&label=] a .csv (comma) or .tsv (tab) of image paths and captions
   folder:PATH                       one subfolder of images per class (eval only)
   arrayrecord:GLOB_OR_DIR           shards written by `python -m clipjax.tools.convert`
+  webdataset:GLOB [?buffer=N]       tar shards streamed as they are (train only; `webdataset`)
   tfds:NAME[:SPLIT] [?data_dir=&image=&caption=&label=]   a prepared TFDS dataset (ArrayRecord)
   mix:SPEC@W,SPEC@W,...             training sources sampled in proportion to their weights
 
-A source is random-access (`len(src)`, `src[i]`) over RAW records, which are cheap to read
-(no image decoding; `records.decode` does that, in the pipeline's workers): dicts with `key`
-(str, for logs), `image` (encoded bytes, a file path, or a decoded uint8 array), `caption`
-(str) or `captions` (list[str]), and `label` (int) in labelled "eval" sources. Attributes:
-`class_names` and `prompt_templates` (lists, or None), and `captions(num)`, the first `num`
-usable training captions (to train a tokenizer). Sources pickle cheaply (Grain spawns workers):
-files are read lazily in each process.
+Paths may be local or remote (`gs://bucket/...`; `paths`). A source is random-access (`len(src)`,
+`src[i]`) over RAW records, which are cheap to read (no image decoding; `records.decode` does that,
+in the pipeline's workers): dicts with `key` (str, for logs), `image` (encoded bytes, a file path,
+or a decoded uint8 array), `caption` (str) or `captions` (list[str]), and `label` (int) in labelled
+"eval" sources. Attributes: `class_names` and `prompt_templates` (lists, or None), and
+`captions(num)`, the first `num` usable training captions (to train a tokenizer). `webdataset:` is
+the exception: a stream of shards, read by `webdataset.ShardStream`. Sources pickle cheaply (Grain
+spawns workers): files are read lazily in each process.
 """
 
 import csv
-import glob
 import hashlib
 import os
 from collections.abc import Iterator
@@ -26,7 +27,8 @@ from collections.abc import Iterator
 import grain
 import numpy as np
 
-from clipjax.data import glyphs, records, shapes
+from clipjax import paths
+from clipjax.data import glyphs, records, shapes, webdataset
 
 _PROCEDURAL_EVAL_SIZE = 2048
 SPLITS = ("train", "eval")
@@ -136,8 +138,13 @@ class CsvSource:
     def __init__(self, spec: str, path: str, split: str, options: dict):
         self.spec, self.path, self.split = spec, path, split
         self._delimiter = "\t" if path.lower().endswith(".tsv") else ","
-        self._root = os.path.dirname(os.path.abspath(path))
-        if not os.path.isfile(path):
+        # Image paths are relative to the file's folder.
+        self._root = (
+            path.rpartition("/")[0]
+            if paths.is_remote(path)
+            else os.path.dirname(os.path.abspath(path))
+        )
+        if not paths.is_file(path):
             raise ValueError(
                 f"source {spec!r}: no such file {path!r}; give the path of a .csv or .tsv file "
                 "(relative to the working directory, or absolute)."
@@ -171,7 +178,7 @@ class CsvSource:
         self._size = len(self._examples)
 
     def _rows(self, reader=csv.DictReader) -> Iterator:
-        with open(self.path, newline="", encoding="utf-8-sig") as f:
+        with paths.open_text(self.path) as f:
             yield from reader(f, delimiter=self._delimiter)
 
     def _read(self) -> tuple[list, list[str] | None]:
@@ -220,8 +227,8 @@ class CsvSource:
 
     def __getitem__(self, index: int) -> dict:
         path, *rest = self._example(int(index))
-        # Relative to the CSV's folder; an absolute path stays as it is.
-        record = {"key": str(path), "image": os.path.join(self._root, path) if path else None}
+        # Relative to the CSV's folder; an absolute or remote path stays as it is.
+        record = {"key": str(path), "image": paths.join(self._root, path) if path else None}
         if self.split == "train":
             record["caption"] = rest[0]
             return record
@@ -239,7 +246,7 @@ def _csv(spec: str, arg: str, options: dict, split: str, seed: int) -> CsvSource
     del seed
     if not arg:
         raise ValueError(f"source {spec!r}: give the file, e.g. 'csv:/data/train.csv'.")
-    return CsvSource(spec, os.path.expanduser(arg), split, options)
+    return CsvSource(spec, paths.local(arg), split, options)
 
 
 # ---------------------------------------------------------------------------- folder
@@ -252,22 +259,21 @@ class FolderSource:
 
     def __init__(self, spec: str, root: str):
         self.spec = spec
-        if not os.path.isdir(root):
+        if not paths.is_dir(root):
             raise ValueError(
                 f"source {spec!r}: {root!r} is not a directory; give a folder with one "
                 "subfolder of images per class."
             )
-        folders = sorted(
-            e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")
-        )
+        top = paths.path(root)
+        folders = sorted(e.name for e in top.iterdir() if e.is_dir() and e.name[0] != ".")
         self._files, labels = [], []
         for label, folder in enumerate(folders):
             names = sorted(
-                name
-                for name in os.listdir(os.path.join(root, folder))
-                if name.lower().endswith(IMAGE_EXTENSIONS)
+                entry.name
+                for entry in (top / folder).iterdir()
+                if entry.name.lower().endswith(IMAGE_EXTENSIONS)
             )
-            self._files += [os.path.join(folder, name) for name in names]
+            self._files += [f"{folder}/{name}" for name in names]
             labels += [label] * len(names)
         if not self._files:
             raise ValueError(
@@ -287,7 +293,7 @@ class FolderSource:
     def __getitem__(self, index: int) -> dict:
         index = int(index)
         path = self._files[index]
-        image = os.path.join(self._root, path)
+        image = paths.join(self._root, path)
         return {"key": path, "image": image, "label": int(self._labels[index])}
 
 
@@ -301,7 +307,7 @@ def _folder(spec: str, arg: str, options: dict, split: str, seed: int) -> Folder
         )
     if not arg:
         raise ValueError(f"source {spec!r}: give the folder, e.g. 'folder:/data/imagenet/val'.")
-    return FolderSource(spec, os.path.expanduser(arg))
+    return FolderSource(spec, paths.local(arg))
 
 
 # ---------------------------------------------------------------------------- arrayrecord
@@ -342,28 +348,72 @@ def _arrayrecord(spec: str, arg: str, options: dict, split: str, seed: int) -> A
         raise ValueError(
             f"source {spec!r}: give a directory or glob, e.g. 'arrayrecord:/data/cc3m'."
         )
-    arg = os.path.expanduser(arg)
-    pattern = os.path.join(arg, "*.arrayrecord") if os.path.isdir(arg) else arg
-    matches = sorted(glob.glob(pattern))
+    arg = paths.local(arg)
+    scheme = arg.partition("://")[0] if paths.is_remote(arg) else ""
+    if scheme and scheme not in _ARRAY_RECORD_SCHEMES:
+        raise ValueError(
+            f"source {spec!r}: array_record reads local and gs:// files, not {scheme}://; copy "
+            "the shards to a local disk or a gs:// bucket, or stream tar shards with "
+            "'webdataset:'."
+        )
+    pattern = paths.join(arg, "*.arrayrecord") if paths.is_dir(arg) else arg
+    matches = paths.glob(pattern)
     # A glob over the converter's folder also matches index.json and unfinished .tmp shards.
-    paths = [p for p in matches if _is_shard(p)]
-    if not paths:
-        seen = f" (only {', '.join(os.path.basename(p) for p in matches[:3])})" if matches else ""
+    shards = [p for p in matches if _is_shard(p)]
+    if not shards:
+        seen = f" (only {', '.join(p.rpartition('/')[2] for p in matches[:3])})" if matches else ""
         raise ValueError(
             f"source {spec!r}: no ArrayRecord shards match {pattern!r}{seen}; write them with "
             "`python -m clipjax.tools.convert --input=... --output=DIR`."
         )
-    return ArrayRecordSource(spec, paths)
+    return ArrayRecordSource(spec, shards)
+
+
+# The remote schemes array_record's reader opens itself (riegeli's GCS reader).
+_ARRAY_RECORD_SCHEMES = ("gs",)
 
 
 def _is_shard(path: str) -> bool:
     """An ArrayRecord file: clipjax's `*.arrayrecord`, or TFDS's `*.array_record-NNNNN-of-M`."""
-    name = os.path.basename(path)
+    name = path.rpartition("/")[2]
     return (
-        os.path.isfile(path)
-        and not name.endswith(".tmp")
+        not name.endswith(".tmp")
         and (name.endswith(".arrayrecord") or ".array_record" in name)
+        and paths.is_file(path)
     )
+
+
+# ---------------------------------------------------------------------------- webdataset
+
+
+def _webdataset(spec: str, arg: str, options: dict, split: str, seed: int):
+    del seed
+    if split != "train":
+        raise ValueError(
+            f"source {spec!r}: webdataset shards are streamed, for training; evaluate on "
+            "random-access data (convert the shards with `python -m clipjax.tools.convert "
+            "--input=GLOB --output=DIR` and name 'arrayrecord:DIR')."
+        )
+    if not arg:
+        raise ValueError(
+            f"source {spec!r}: give the shards, e.g. "
+            "'webdataset:gs://bucket/cc3m/{00000..00331}.tar' or 'webdataset:/data/cc3m/*.tar'."
+        )
+    buffer = options.get("buffer", str(webdataset.DEFAULT_BUFFER))
+    if not (buffer.isdigit() and int(buffer) > 0):
+        raise ValueError(
+            f"source {spec!r}: buffer must be a positive number of records, e.g. '?buffer=5000'."
+        )
+    pattern = paths.local(arg)
+    if paths.is_dir(pattern):
+        pattern = paths.join(pattern, "*.tar")
+    shards = [p for p in paths.glob(pattern) if p.endswith((".tar", ".tar.gz", ".tgz"))]
+    if not shards:
+        raise ValueError(
+            f"source {spec!r}: no .tar shards match {pattern!r}; give a glob, a range "
+            "('shard-{00000..00099}.tar') or a folder of webdataset tar files."
+        )
+    return webdataset.WebDatasetSource(spec, shards, int(buffer))
 
 
 # ---------------------------------------------------------------------------- tfds
@@ -529,6 +579,12 @@ def _mix(spec: str, arg: str, options: dict, split: str, seed: int) -> Mixture:
             )
         if parse_spec(part)[0] == "mix":
             raise ValueError(f"source {spec!r}: a mixture cannot hold another mixture.")
+        if parse_spec(part)[0] == "webdataset":
+            raise ValueError(
+                f"source {spec!r}: a mixture draws from random-access sources, and webdataset "
+                "shards are streamed; convert them to 'arrayrecord:' with "
+                "`python -m clipjax.tools.convert`."
+            )
         try:
             parts.append(make_source(part, "train", seed=seed))
         except ValueError as e:
@@ -550,6 +606,7 @@ _SCHEMES = {
     "csv": (_csv, ("image", "caption", "label"), "csv:/data/train.csv?caption=title"),
     "folder": (_folder, (), "folder:/data/imagenet/val"),
     "arrayrecord": (_arrayrecord, (), "arrayrecord:/data/cc3m"),
+    "webdataset": (_webdataset, ("buffer",), "webdataset:/data/cc3m/*.tar?buffer=5000"),
     "tfds": (_tfds, ("data_dir", "image", "caption", "label"), "tfds:cifar10:test"),
     "mix": (_mix, (), "mix:shapes:50000@3,csv:/data/pairs.csv@1"),
 }
@@ -589,7 +646,10 @@ def fingerprint(source) -> dict:
     """What identifies a source's content, cheaply: `{"records": len(source), "sample": a
     hash of _FINGERPRINT_SAMPLES records evenly spaced over it}`. A record's image file (a
     path, as `csv:` gives) is hashed by its bytes, so a replaced image changes it too. A
-    mixture's hashes its parts' fingerprints and weights."""
+    mixture's hashes its parts' fingerprints and weights; webdataset shards give `{"shards":
+    their number, "sample": ...}` (`WebDatasetSource.fingerprint`)."""
+    if isinstance(source, webdataset.WebDatasetSource):
+        return source.fingerprint()
     if isinstance(source, Mixture):
         parts = [fingerprint(part) for part in source.parts]
         text = repr([parts, source.weights]).encode()
@@ -601,18 +661,20 @@ def fingerprint(source) -> dict:
         record = source[int(index)]
         for key in sorted(record):
             digest.update(key.encode())
-            digest.update(_value_bytes(record[key]))
+            digest.update(_value_bytes(key, record[key]))
     return {"records": size, "sample": digest.hexdigest()[:16]}
 
 
-def _value_bytes(value) -> bytes:
+def _value_bytes(key: str, value) -> bytes:
     if isinstance(value, np.ndarray):
         return f"{value.dtype}{value.shape}".encode() + value.tobytes()
     if isinstance(value, bytes):
         return value
-    if isinstance(value, str) and os.path.isfile(value):  # an image file named by a record
-        with open(value, "rb") as f:
-            return value.encode() + f.read()
+    if key == "image" and isinstance(value, str):  # an image file named by a record
+        try:
+            return value.encode() + paths.read_bytes(value)
+        except OSError:  # missing: the record is skipped when read
+            pass
     return repr(value).encode()
 
 

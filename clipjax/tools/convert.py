@@ -16,24 +16,23 @@ and the first few named in the log. Each shard is written to a temporary name an
 rewritten after each shard, so an interrupted run resumes where it stopped: rerun the command.
 """
 
-import glob
 import io
 import json
 import multiprocessing
 import os
+import shutil
 import sys
-import tarfile
+import tempfile
 import time
-from collections.abc import Iterator
 
 from absl import app, flags, logging
 from array_record.python import array_record_module
 from PIL import Image
 
-from clipjax.data import records, sources
+from clipjax import paths
+from clipjax.data import records, sources, webdataset
 
 INDEX = "index.json"
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 # Random access needs one record per chunk; JPEG/PNG/WebP bytes do not compress further.
 WRITER_OPTIONS = "group_size:1,uncompressed"
 _NAMED_BAD = 10  # bad records named in the log, over the whole run
@@ -61,8 +60,7 @@ def prepare(raw: dict, max_side: int = 0) -> bytes:
     data = raw.get("image")
     if isinstance(data, str):
         try:
-            with open(data, "rb") as f:
-                data = f.read()
+            data = paths.read_bytes(data)
         except OSError as e:
             raise records.BadRecord(key, e.strerror or str(e)) from None
     if data is None:
@@ -73,53 +71,23 @@ def prepare(raw: dict, max_side: int = 0) -> bytes:
     return records.pack({"key": key, "image": data, "caption": caption})
 
 
-def tar_records(path: str) -> Iterator[dict]:
-    """Raw records of a webdataset tar: consecutive members sharing a key (the member name up
-    to the first '.' of its base name) form one record; the caption is the `.txt` member, else
-    the "caption" of the `.json` one."""
-
-    def record(key: str, members: dict) -> dict:
-        image = next((members[e] for e in IMAGE_EXTENSIONS if e in members), None)
-        caption = members.get("txt")
-        if caption is None and "json" in members:
-            try:
-                caption = json.loads(members["json"]).get("caption")
-            except (ValueError, AttributeError):
-                caption = None
-        return {"key": key, "image": image, "caption": caption}
-
-    key, members = None, {}
-    with tarfile.open(path, "r:*") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            folder, base = os.path.split(member.name)
-            stem, _, extension = base.partition(".")
-            extension = extension.lower()
-            if extension not in (*IMAGE_EXTENSIONS, "txt", "json"):
-                continue
-            member_key = os.path.join(folder, stem)
-            if member_key != key and members:
-                yield record(key, members)
-                members = {}
-            key = member_key
-            members[extension] = tar.extractfile(member).read()
-    if members:
-        yield record(key, members)
-
-
 def _convert_shard(task: tuple) -> dict:
     """Writes one output shard; returns its index entry plus `bad`: the first (key, reason)s.
 
     `task` = (output dir, file name, source description, max_side, raw records or a tar
-    path)."""
+    path). A remote shard is written to a local temporary file, then uploaded whole."""
     output, name, source, max_side, raws = task
     if isinstance(raws, str):
-        raws = tar_records(raws)
-    path = os.path.join(output, name)
-    count, bad = 0, []
-    skipped = 0
-    writer = array_record_module.ArrayRecordWriter(path + ".tmp", WRITER_OPTIONS)
+        raws = webdataset.tar_records(raws)
+    target = paths.join(output, name)
+    remote = paths.is_remote(target)
+    if remote:
+        handle, local = tempfile.mkstemp(suffix=".arrayrecord.tmp")
+        os.close(handle)
+    else:
+        local = target + ".tmp"
+    count, bad, skipped, damaged = 0, [], 0, None
+    writer = array_record_module.ArrayRecordWriter(local, WRITER_OPTIONS)
     try:
         for raw in raws:
             try:
@@ -129,10 +97,22 @@ def _convert_shard(task: tuple) -> dict:
                 skipped += 1
                 if len(bad) < _NAMED_BAD:
                     bad.append((e.key, e.reason))
+    except webdataset.DamagedShard as e:  # its records up to the damage are kept
+        damaged = e.reason
     finally:
         writer.close()
-    os.replace(path + ".tmp", path)
-    return {"file": name, "source": source, "records": count, "skipped": skipped, "bad": bad}
+    if remote:
+        try:
+            with open(local, "rb") as f, paths.path(target).open("wb") as out:
+                shutil.copyfileobj(f, out, length=1 << 24)
+        finally:
+            os.remove(local)
+    else:
+        os.replace(local, target)
+    entry = {"file": name, "source": source, "records": count, "skipped": skipped, "bad": bad}
+    if damaged is not None:
+        entry["damaged"] = damaged
+    return entry
 
 
 def _write_index(output: str, entries: dict) -> dict:
@@ -142,22 +122,23 @@ def _write_index(output: str, entries: dict) -> dict:
         "records": sum(s["records"] for s in shards),
         "skipped": sum(s["skipped"] for s in shards),
     }
-    with open(os.path.join(output, INDEX + ".tmp"), "w") as f:
-        json.dump(index, f, indent=1)
-    os.replace(os.path.join(output, INDEX + ".tmp"), os.path.join(output, INDEX))
+    paths.write_atomic(paths.path(output) / INDEX, json.dumps(index, indent=1).encode())
     return index
 
 
 def _read_index(output: str) -> dict:
-    path = os.path.join(output, INDEX)
-    if not os.path.exists(path):
+    index = paths.path(output) / INDEX
+    if not index.exists():
         return {}
-    with open(path) as f:
-        return {entry["file"]: entry for entry in json.load(f)["shards"]}
+    return {entry["file"]: entry for entry in json.loads(index.read_text())["shards"]}
+
+
+def _absolute(path: str) -> str:
+    return path if paths.is_remote(path) else os.path.abspath(path)
 
 
 def _stem(path: str) -> str:
-    base = os.path.basename(path)
+    base = path.rpartition("/")[2]
     for suffix in (".tar.gz", ".tgz", ".tar"):
         if base.endswith(suffix):
             return base[: -len(suffix)]
@@ -179,27 +160,25 @@ def plan(
             stop = min(start + records_per_shard, len(source))
             name = f"{stem}-{start // records_per_shard:05d}.arrayrecord"
             raws = [source[i] for i in range(start, stop)]
-            shards.append((name, f"{os.path.abspath(input_)}[{start}:{stop}]", raws))
+            shards.append((name, f"{_absolute(input_)}[{start}:{stop}]", raws))
         return shards
-    pattern = os.path.expanduser(input_)
-    if os.path.isdir(pattern):
-        pattern = os.path.join(pattern, "*.tar")
-    paths = sorted(glob.glob(pattern))
-    if not paths:
+    pattern = paths.local(input_)
+    if paths.is_dir(pattern):
+        pattern = paths.join(pattern, "*.tar")
+    tars = paths.glob(pattern)
+    if not tars:
         raise ValueError(
             f"--input={input_}: no files match {pattern!r}; pass a glob of webdataset .tar "
             "shards (quoted, e.g. '/data/cc3m/*.tar'), a directory of them, or a .csv/.tsv file."
         )
-    names = [f"{_stem(p)}.arrayrecord" for p in paths]
+    names = [f"{_stem(p)}.arrayrecord" for p in tars]
     if len(set(names)) != len(names):
         twice = sorted({n for n in names if names.count(n) > 1})[0]
         raise ValueError(
             f"--input={input_}: two inputs would both write {twice}; convert them into "
             "different --output directories."
         )
-    return [
-        (name, os.path.abspath(p), os.path.abspath(p)) for name, p in zip(names, paths, strict=True)
-    ]
+    return [(name, _absolute(p), _absolute(p)) for name, p in zip(names, tars, strict=True)]
 
 
 def _progress(done: int, total: int, count: int, start: float, done_at_start: int) -> None:
@@ -241,17 +220,18 @@ def convert(
         image_column=image_column,
         caption_column=caption_column,
     )
-    os.makedirs(output, exist_ok=True)
+    output = paths.local(output)
+    paths.path(output).mkdir(parents=True, exist_ok=True)
     entries = _read_index(output)
     todo = []
     for name, source, raws in shards:
         entry = entries.get(name)
         if entry is not None and entry["source"] != source:
             raise ValueError(
-                f"{os.path.join(output, name)} was converted from {entry['source']}, not "
+                f"{paths.join(output, name)} was converted from {entry['source']}, not "
                 f"{source}; convert into another --output directory."
             )
-        if entry is None or not os.path.exists(os.path.join(output, name)):
+        if entry is None or not paths.is_file(paths.join(output, name)):
             todo.append((output, name, source, max_side, raws))
     done_at_start = len(shards) - len(todo)
     if done_at_start:
@@ -268,6 +248,13 @@ def convert(
             for key, reason in entry.pop("bad")[: max(0, _NAMED_BAD - named)]:
                 logging.warning("Skipped %s in %s: %s.", key, entry["source"], reason)
                 named += 1
+            if "damaged" in entry:
+                logging.warning(
+                    "%s is damaged after %d records (%s); kept those records.",
+                    entry["source"],
+                    entry["records"] + entry["skipped"],
+                    entry["damaged"],
+                )
             entries[entry["file"]] = entry
             _write_index(output, entries)
             count += entry["records"]
