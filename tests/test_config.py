@@ -74,8 +74,8 @@ def test_unknown_data_source(tmp_path):
         _validate(c, tmp_path)
     assert str(e.value) == (
         "config.data.train: unknown data source 'parquet:/data/x'; known schemes: arrayrecord, "
-        "csv, folder, glyphs, mix, shapes, tfds, webdataset (e.g. 'shapes:50000', 'csv:/data/train.csv' or "
-        "'arrayrecord:/data/cc3m')."
+        "csv, folder, glyphs, mix, shapes, tfds, webdataset (e.g. 'shapes:50000', "
+        "'csv:/data/train.csv' or 'arrayrecord:/data/cc3m')."
     )
 
 

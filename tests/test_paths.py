@@ -7,10 +7,8 @@ itself; that part needs a bucket."""
 import json
 import os
 
-import fsspec
 import pytest
 from etils import epath
-from fsspec.implementations.memory import MemoryFileSystem
 from tensorboardX.proto import event_pb2
 
 from clipjax import config as config_lib
@@ -21,25 +19,14 @@ from clipjax.errors import ConfigError
 from clipjax.lock import workdir_lock
 from clipjax.metrics import MetricsWriter, read_metrics
 from tests import tiny
-
-
-class FakeGCS(MemoryFileSystem):
-    """fsspec's memory filesystem under the name epath asks for `gs://` paths."""
-
-    protocol = ("gs", "gcs")
-    store, pseudo_dirs = {}, [""]
-
-    @classmethod
-    def _strip_protocol(cls, path):
-        return MemoryFileSystem._strip_protocol(path.removeprefix("gs://"))
+from tests.fake_gcs import FakeGCS, install
 
 
 @pytest.fixture
 def bucket(tmp_path, monkeypatch):
     """`gs://bucket/run`, in memory; the test runs in an empty local folder, which must stay
     empty (the old code wrote a remote workdir under `./gs:/`)."""
-    fsspec.register_implementation("gcs", FakeGCS, clobber=True)
-    FakeGCS.store.clear()
+    install()
     monkeypatch.chdir(tmp_path)
     yield "gs://bucket/run"
     assert os.listdir(tmp_path) == []

@@ -54,7 +54,8 @@ def _record(key: str, members: dict) -> dict:
 def tar_records(path: str, skip: int = 0) -> Iterator[dict]:
     """The raw records (`key`, `image` bytes or None, `caption` or None) of the tar at `path`
     (local or remote; gzip or not), in their order in it, after the first `skip`. Raises
-    `DamagedShard` where the tar stops parsing, after yielding the records before."""
+    `DamagedShard` where the tar stops parsing or ends early, after yielding the records
+    before it (the one being read there, perhaps incomplete, is dropped)."""
     key, members, count = None, {}, 0
     try:
         with paths.path(path).open("rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
@@ -74,6 +75,10 @@ def tar_records(path: str, skip: int = 0) -> Iterator[dict]:
                     members = {}
                 key = member_key
                 members[extension] = tar.extractfile(member).read()
+            # tarfile ends quietly at a cut header; a whole tar ends with zero blocks, of
+            # which the last header read took one whole (`fileobj.pos`: bytes it read).
+            if tar.fileobj.pos < tar.offset + tarfile.BLOCKSIZE:
+                raise tarfile.ReadError("it ends without the end-of-archive blocks")
     except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
         raise DamagedShard(path, count, str(e) or type(e).__name__) from None
     if members and count >= skip:
@@ -200,6 +205,7 @@ class _ShardStreamIterator(grain.DatasetIterator):
                 position, self._reading = (position[0] + 1, 0, 0), None
                 if block:
                     break
+                self._start = position  # a block that found its epoch read begins the next
                 continue
             raw, position = item
             block.append(raw)

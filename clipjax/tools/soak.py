@@ -44,6 +44,9 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=40, help="the run's total_steps")
     parser.add_argument("--ckpt_every", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0, help="seeds the faults' moments and kinds")
+    parser.add_argument(
+        "--signals", default="KILL,TERM", help="the faults' signals to draw from (KILL, TERM)"
+    )
     parser.add_argument("--output", default="/tmp/clipjax_soak", help="a new or empty folder")
     parser.add_argument(
         "--override",
@@ -55,6 +58,9 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.override is None:
         args.override = ["--config.declip.nns_weight=0.2"]
+    args.signals = args.signals.upper().split(",")
+    if not set(args.signals) <= {"KILL", "TERM"} or not args.signals:
+        parser.error(f"--signals={','.join(args.signals)}: give KILL, TERM or KILL,TERM.")
     if args.faults < 0 or args.steps < 2 or args.ckpt_every < 1:
         parser.error("--faults must be at least 0, --steps at least 2, --ckpt_every at least 1.")
     if os.path.isdir(args.output) and os.listdir(args.output):
@@ -159,7 +165,9 @@ def fault(args, workdir: str, rng: random.Random, timing: tuple[float, float], l
         moment = "training"
         run.wait_for_step(rng.choice(window))
         time.sleep(rng.uniform(0, step_seconds))
-    kind = rng.choice([signal.SIGKILL, signal.SIGTERM])
+    kind = rng.choice([signal.SIGKILL, signal.SIGTERM])  # drawn always, so seeds keep moments
+    if kind.name[3:] not in args.signals:
+        kind = signal.Signals[f"SIG{args.signals[0]}"]
     steps, saving = run.steps_logged(), run.saving()
     landed = run.process.poll() is None
     if landed:
