@@ -201,12 +201,20 @@ class Checkpointer:
         saved = next((s["source"] for s in states if "source" in s), None)
         if source is None or saved is None or saved == source:
             return
+        where = f"{self.directory}/{step}"
+        if saved.get("readers") != source.get("readers"):  # webdataset shards' readers
+            raise ConfigError(
+                f"checkpoint {where} was saved while {saved.get('readers')} readers (processes "
+                f"× config.data.num_workers) streamed the webdataset shards, and this run has "
+                f"{source.get('readers')}, which would read other shards; resume with the same "
+                "processes and config.data.num_workers, or train in a new --workdir "
+                "(--config.init_from=WORKDIR starts from its weights)."
+            )
         size, saved_size = _holds(source), _holds(saved)
         if size != saved_size:
             change = f"holds {size}, {saved_size} when it was saved"
         else:
             change = f"holds {size} as before, but the sampled ones differ"
-        where = f"{self.directory}/{step}"
         if allow_changed:
             logging.warning(
                 "The training data changed since checkpoint %s (it %s); resuming anyway "

@@ -206,7 +206,7 @@ def test_damaged_shard_is_named_once_and_the_stream_goes_on(tmp_path, monkeypatc
         ("mix:webdataset:{folder}@1,shapes@1", "a mixture draws from random-access sources"),
     ],
 )
-def test_spec_errors_are_one_line(tmp_path, spec, message):
+def test_spec_errors_are_one_line(tmp_path, tok, spec, message):
     shapes_shards(str(tmp_path), 1, 2)
     spec = spec.format(folder=tmp_path)
     with pytest.raises(ValueError) as raised:
@@ -214,8 +214,13 @@ def test_spec_errors_are_one_line(tmp_path, spec, message):
     assert message in str(raised.value) and "\n" not in str(raised.value)
     with pytest.raises(ValueError, match="webdataset shards are streamed, for training"):
         sources.make_source(f"webdataset:{tmp_path}", "eval")
-    with pytest.raises(ValueError, match=r"1 shards cannot be split over 2 readers"):
-        stream(str(tmp_path), 0, 2)
+    with pytest.raises(ValueError) as raised:
+        make_train(tok, train=f"webdataset:{tmp_path}", num_workers=2)
+    assert str(raised.value) == (
+        f"source 'webdataset:{tmp_path}': 1 shards cannot be split over 2 readers (1 processes "
+        "× 2 workers, config.data.num_workers); lower config.data.num_workers or write more "
+        "shards."
+    )
 
 
 def test_kill_9_and_resume_train_on_the_uninterrupted_runs_batches(tmp_path):
@@ -236,3 +241,16 @@ def test_kill_9_and_resume_train_on_the_uninterrupted_runs_batches(tmp_path):
     assert report["landed"] == 2 and report["equal"]
     assert {fault["signal"] for fault in report["faults"]} == {"SIGKILL"}
     assert not report["arrays_differ"] and not report["rows_differ"] and report["rows"] >= 12
+    # Another number of workers would read other shards: refused in one line, before training.
+    command = [sys.executable, "-m", "clipjax.main", "--config=tests/configs/tiny.py:clip_vitb32"]
+    command += [f"--workdir={output / 'soaked'}", "--config.total_steps=15", "--config.evals={}"]
+    command += [f"--config.data.train=webdataset:{tmp_path}/shards?buffer=40"]
+    command += ["--config.data.num_workers=2"]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"clipjax: checkpoint {output}/soaked/checkpoints/12 was saved while 1 readers (processes "
+        "× config.data.num_workers) streamed the webdataset shards, and this run has 2, which "
+        "would read other shards; resume with the same processes and config.data.num_workers, "
+        "or train in a new --workdir (--config.init_from=WORKDIR starts from its weights)."
+    )

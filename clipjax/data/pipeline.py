@@ -360,14 +360,26 @@ def train_dataset(
         logging.info("Training on a mixture, by share of the examples: %s", repr(source)[8:-1])
     augment = image_ops.Augment(**data_config.augment)
     make_views = _MakeViews(image_views, text_views, tokenizer, image_size, context_length, augment)
+    fingerprint = sources.fingerprint(source)
+    if streamed := isinstance(source, webdataset.WebDatasetSource):
+        import jax  # here: Grain workers import this module, not jax
+
+        process, processes = jax.process_index(), jax.process_count()
+        workers = max(1, data_config.num_workers)
+        # Each process's workers read their own shards (`webdataset.ShardStream`).
+        fingerprint["readers"] = readers = processes * workers
+        if len(source.shards) < readers:
+            raise ValueError(
+                f"source {data_config.train!r}: {len(source.shards)} shards cannot be split "
+                f"over {readers} readers ({processes} processes × {workers} workers, "
+                "config.data.num_workers); lower config.data.num_workers or write more shards."
+            )
 
     def make(start: int) -> grain.IterDataset | None:
-        if isinstance(source, webdataset.WebDatasetSource):
+        if streamed:
             if start:
                 return None
-            import jax  # here: Grain workers import this module, not jax
-
-            ds = webdataset.ShardStream(source, data_seed, jax.process_index(), jax.process_count())
+            ds = webdataset.ShardStream(source, data_seed, process, processes)
             ds = ds.random_map(make_views, seed=data_seed)
             ds = ds.batch(batch_size, drop_remainder=True, batch_fn=_chunk)
             size = _MIN_ATTEMPTED  # not known before the shards are read
@@ -386,7 +398,7 @@ def train_dataset(
             ds = ds.mp_prefetch(options, worker_init_fn=_init_worker)
         return ds
 
-    return _Positioned(make, sources.fingerprint(source), data_config.train)
+    return _Positioned(make, fingerprint, data_config.train)
 
 
 def shuffled_records(source, seed: int) -> grain.MapDataset:

@@ -126,7 +126,8 @@ class WebDatasetSource:
 class ShardStream(grain.IterDataset):
     """The raw records of process `reader` of `readers`, endless (see the module docstring).
     Grain's worker processes slice it in place (`set_slice`): worker w of W is reader
-    `reader * W + w` of `readers * W`."""
+    `reader * W + w` of `readers * W`. A reader needs a shard (`pipeline.train_dataset`
+    checks)."""
 
     def __init__(self, source: WebDatasetSource, seed: int, reader: int, readers: int):
         super().__init__()
@@ -140,15 +141,7 @@ class ShardStream(grain.IterDataset):
 
     def __iter__(self) -> "_ShardStreamIterator":
         reader = self._reader * self._workers + self._worker
-        readers = self._readers * self._workers
-        if len(self._source.shards) < readers:
-            raise ValueError(
-                f"source {self._source.spec!r}: {len(self._source.shards)} shards cannot be "
-                f"split over {readers} readers ({self._readers} processes, each with "
-                f"{self._workers} of config.data.num_workers); lower config.data.num_workers "
-                "or write more shards."
-            )
-        return _ShardStreamIterator(self._source, self._seed, reader, readers)
+        return _ShardStreamIterator(self._source, self._seed, reader, self._readers * self._workers)
 
     def __str__(self) -> str:
         return f"ShardStream({self._source.spec!r}, reader={self._reader}/{self._readers})"

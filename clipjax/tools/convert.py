@@ -5,15 +5,19 @@ r"""Convert image-caption data to clipjax's ArrayRecord shards (the `arrayrecord
       --caption_column=title --max_side=512
 
 Inputs: webdataset tar shards as img2dataset writes them (members `<key>.jpg|png|webp` with
-`<key>.txt`, or `<key>.json` holding a "caption"; members grouped by key), one output shard per
-tar; or a CSV/TSV read as the `csv:` source reads it, `--records_per_shard` rows per output
-shard. Records are `records.pack({"key", "image": encoded bytes, "caption"})`; images keep their
+`<key>.txt`, or `<key>.json` holding a "caption"; members grouped by key;
+`webdataset.tar_records`), one output shard per tar; or a CSV/TSV read as the `csv:` source
+reads it, `--records_per_shard` rows per output shard. Input and output may be in a bucket
+(`gs://...`; `clipjax.paths`): a remote shard is written locally, then uploaded whole.
+Records are `records.pack({"key", "image": encoded bytes, "caption"})`; images keep their
 bytes unless `--max_side` shrinks them (JPEG quality 95; PNG stays PNG).
 
 Bad records (an image that does not decode, a missing or empty caption) are skipped, counted
-and the first few named in the log. Each shard is written to a temporary name and renamed, and
-`index.json` ({"shards": [{"file", "source", "records", "skipped"}], "records", "skipped"}) is
-rewritten after each shard, so an interrupted run resumes where it stopped: rerun the command.
+and the first few named in the log; a damaged tar keeps the records before the damage, and
+its index entry says why it ended ("damaged"). Each shard is written to a temporary name and
+renamed, and `index.json` ({"shards": [{"file", "source", "records", "skipped"}], "records",
+"skipped"}) is rewritten after each shard, so an interrupted run resumes where it stopped: rerun
+the command.
 """
 
 import io
