@@ -210,11 +210,12 @@ class Checkpointer:
                 "processes and config.data.num_workers, or train in a new --workdir "
                 "(--config.init_from=WORKDIR starts from its weights)."
             )
-        size, saved_size = _holds(source), _holds(saved)
-        if size != saved_size:
-            change = f"holds {size}, {saved_size} when it was saved"
+        (count, unit), (saved_count, saved_unit) = _holds(source), _holds(saved)
+        if (count, unit) == (saved_count, saved_unit):
+            change = f"holds {count} {unit} as before, but the sampled ones differ"
         else:
-            change = f"holds {size} as before, but the sampled ones differ"
+            then = saved_count if saved_unit == unit else f"{saved_count} {saved_unit}"
+            change = f"holds {count} {unit}, {then} when it was saved"
         if allow_changed:
             logging.warning(
                 "The training data changed since checkpoint %s (it %s); resuming anyway "
@@ -412,8 +413,8 @@ def _shapes(tree) -> dict[str, tuple]:
     }
 
 
-def _holds(fingerprint: dict) -> str:
-    """What a `sources.fingerprint` counts: "N records", or "N shards" for a stream of them."""
+def _holds(fingerprint: dict) -> tuple[int, str]:
+    """What a `sources.fingerprint` counts: (N, "records"), or (N, "shards") for a stream."""
     if "records" in fingerprint:
-        return f"{fingerprint['records']} records"
-    return f"{fingerprint['shards']} shards"
+        return fingerprint["records"], "records"
+    return fingerprint["shards"], "shards"

@@ -7,6 +7,7 @@ an example or raises `BadRecord`, which the pipelines count and skip.
 """
 
 import io
+from collections.abc import Iterable, Iterator
 
 import msgpack
 import numpy as np
@@ -79,6 +80,19 @@ def clean_caption(value, key: str) -> str:
     if not value:
         raise BadRecord(key, "empty caption")
     return value
+
+
+def first_usable(captions: Iterable, num: int) -> Iterator[str]:
+    """The first `num` captions that `decode` would accept, stripped (to train a tokenizer)."""
+    count = 0
+    for caption in captions:
+        if count >= num:
+            return
+        try:
+            yield clean_caption(caption, "")
+        except BadRecord:
+            continue
+        count += 1
 
 
 def decode(record: dict) -> dict:

@@ -56,19 +56,6 @@ def parse_spec(spec: str) -> tuple[str, str, dict[str, str]]:
     return scheme, arg, options
 
 
-def _first_usable(captions: Iterator, num: int) -> Iterator[str]:
-    """The first `num` captions that `records.decode` would accept, stripped."""
-    count = 0
-    for caption in captions:
-        if count >= num:
-            return
-        try:
-            yield records.clean_caption(caption, "")
-        except records.BadRecord:
-            continue
-        count += 1
-
-
 # ---------------------------------------------------------------------------- shapes, glyphs
 
 
@@ -239,7 +226,7 @@ class CsvSource:
         return record
 
     def captions(self, num: int) -> Iterator[str]:
-        return _first_usable((row[self._caption] for row in self._rows()), num)
+        return records.first_usable((row[self._caption] for row in self._rows()), num)
 
 
 def _csv(spec: str, arg: str, options: dict, split: str, seed: int) -> CsvSource:
@@ -339,7 +326,7 @@ class ArrayRecordSource:
 
     def captions(self, num: int) -> Iterator[str]:
         records_ = (records.unpack(self._data[i]).get("caption") for i in range(len(self)))
-        return _first_usable(records_, num)
+        return records.first_usable(records_, num)
 
 
 def _arrayrecord(spec: str, arg: str, options: dict, split: str, seed: int) -> ArrayRecordSource:
@@ -480,7 +467,7 @@ class TfdsSource:
                 record = self._captions(self._data[index])
                 yield from record.get("captions", [record.get("caption")])
 
-        return _first_usable(all_captions(), num)
+        return records.first_usable(all_captions(), num)
 
 
 def _tfds(spec: str, arg: str, options: dict, split: str, seed: int) -> TfdsSource:

@@ -26,6 +26,7 @@ import numpy as np
 from absl import logging
 
 from clipjax import paths
+from clipjax.data import records
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 DEFAULT_BUFFER = 5000  # records per shuffled block, per reader
@@ -108,9 +109,7 @@ class WebDatasetSource:
                 logging.warning("Skipped the rest of a webdataset shard: %s.", e)
 
     def captions(self, num: int) -> Iterator[str]:
-        from clipjax.data.sources import _first_usable  # sources imports this module
-
-        return _first_usable((record["caption"] for record in self.records()), num)
+        return records.first_usable((record["caption"] for record in self.records()), num)
 
     def fingerprint(self) -> dict:
         """`{"shards": their number, "sample": a hash of every shard's name and the sizes of
