@@ -3,20 +3,20 @@ bitwise equal to the uninterrupted run; and its comparison sees a difference whe
 one."""
 
 import json
-import os
 import pathlib
 import shutil
 import subprocess
 import sys
 
 from clipjax.tools import soak
+from tests import tiny
 
 ROOT = pathlib.Path(__file__).parent.parent
 
 
 def test_three_random_faults_end_bitwise_equal_to_the_uninterrupted_run(tmp_path):
     output = tmp_path / "soak"
-    env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}  # 1 device
+    env = tiny.one_device_env()
     command = [sys.executable, "-m", "clipjax.tools.soak"]
     command += [
         "--config=tests/configs/tiny.py:declip_vitb32",

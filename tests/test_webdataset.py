@@ -15,6 +15,7 @@ from PIL import Image
 
 from clipjax import paths
 from clipjax.data import shapes, sources, tokenizer, webdataset
+from tests import tiny
 from tests.test_data import assert_same_batches, make_train, take
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -229,7 +230,7 @@ def test_kill_9_and_resume_train_on_the_uninterrupted_runs_batches(tmp_path):
     uninterrupted run's (`clipjax.tools.soak`)."""
     shapes_shards(str(tmp_path / "shards"), 4, 48)
     output = tmp_path / "soak"
-    env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}  # 1 device
+    env = tiny.one_device_env()
     command = [sys.executable, "-m", "clipjax.tools.soak"]
     command += ["--config=tests/configs/tiny.py:clip_vitb32", "--signals=KILL"]
     command += ["--faults=2", "--steps=12", "--ckpt_every=3", f"--output={output}"]

@@ -2,6 +2,7 @@
 
 import contextlib
 import importlib
+import os
 
 import flax.linen as nn
 import jax
@@ -39,3 +40,11 @@ def built(config):
         objective, init, _, step_fn = step.build(config, mesh)
         batch = bench.synthetic_batch(config, mesh, objective.views)
         yield objective, init(jax.random.PRNGKey(0)), step_fn, batch
+
+
+def one_device_env() -> dict:
+    """The environment for a subprocess on one CPU device: the session's XLA_FLAGS (see
+    `conftest.py`) without its 8 fake devices."""
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    kept = [flag for flag in flags if not flag.startswith("--xla_force_host_platform_device")]
+    return {**os.environ, "XLA_FLAGS": " ".join(kept)}
