@@ -101,6 +101,19 @@ def test_webdataset_tars_round_trip_with_counts_and_resume(tmp_path, monkeypatch
     assert converted == ["00001.arrayrecord"] and read_back(output) == expected
 
 
+def test_a_cut_tar_keeps_its_records_before_the_cut_and_says_so(tmp_path):
+    expected = webdataset_shard(tmp_path / "00000.tar", 0)
+    data = (tmp_path / "00000.tar").read_bytes()
+    # Cut inside the last record's members: its first three good records stay.
+    (tmp_path / "00000.tar").write_bytes(data[: data.rfind(expected["000000004"][0][:64])])
+    index = convert.convert(str(tmp_path / "00000.tar"), str(tmp_path / "out"))
+    (entry,) = index["shards"]
+    assert entry["damaged"] == "unexpected end of data"
+    assert (entry["records"], entry["skipped"]) == (2, 2)
+    kept = read_back(tmp_path / "out")
+    assert kept == {key: expected[key] for key in ("000000000", "000000001")}
+
+
 def test_parallel_workers_write_the_same_shards(tmp_path):
     for shard in range(3):
         webdataset_shard(tmp_path / f"{shard:05d}.tar", shard)
