@@ -1,12 +1,12 @@
 """Grain input pipelines: the endless, resumable training stream and eager evaluation arrays.
 
 Training order: source → shuffle (a new order every epoch) → repeat → decode + views (augmented
-images, tokenized captions; seeded by the element's place in that one global order) → this process's
-rows of each global batch → drop and count bad records → batch → worker processes. So global batch k
-holds the same examples, with the same augmentations, whatever the number of processes reading it.
-`webdataset:` shards are streamed instead: each process and worker reads its own shards
-(`webdataset.ShardStream`), and its batches are its own. Everything handed to Grain is a
-module-level class, so it pickles into spawned workers; jax is imported only inside
+images, tokenized captions; seeded by the element's place in that one global order) → this
+process's rows of each global batch → drop and count bad records → batch → worker processes.
+So global batch k holds the same examples, with the same augmentations, whatever the number of
+processes reading it. `webdataset:` shards are streamed instead: each process and worker reads
+its own shards (`webdataset.ShardStream`), and its batches are its own. Everything handed to
+Grain is a module-level class, so it pickles into spawned workers; jax is imported only inside
 `train_dataset`, so workers do not pay for importing it.
 """
 
@@ -294,7 +294,8 @@ class _PositionedIterator(grain.DatasetIterator):
         """Continue from global batch `batches`, as a fresh stream: right for a position saved
         by any number of processes when no record had been skipped before it. ConfigError
         where the stream cannot start there."""
-        if self._make(batches) is None:
+        inner = self._make(batches)
+        if inner is None:
             from clipjax.errors import ConfigError
 
             raise ConfigError(
@@ -304,7 +305,7 @@ class _PositionedIterator(grain.DatasetIterator):
                 "(--config.init_from=WORKDIR starts from its weights)."
             )
         self.close()
-        self._inner, self._batches, self._skipped = iter(self._make(batches)), batches, 0
+        self._inner, self._batches, self._skipped = iter(inner), batches, 0
 
     def close(self) -> None:
         if hasattr(self._inner, "close"):

@@ -9,14 +9,14 @@
   tfds:NAME[:SPLIT] [?data_dir=&image=&caption=&label=]   a prepared TFDS dataset (ArrayRecord)
   mix:SPEC@W,SPEC@W,...             training sources sampled in proportion to their weights
 
-Paths may be local or remote (`gs://bucket/...`; `paths`). A source is random-access (`len(src)`,
-`src[i]`) over RAW records, which are cheap to read (no image decoding; `records.decode` does that,
-in the pipeline's workers): dicts with `key` (str, for logs), `image` (encoded bytes, a file path,
-or a decoded uint8 array), `caption` (str) or `captions` (list[str]), and `label` (int) in labelled
-"eval" sources. Attributes: `class_names` and `prompt_templates` (lists, or None), and
-`captions(num)`, the first `num` usable training captions (to train a tokenizer). `webdataset:` is
-the exception: a stream of shards, read by `webdataset.ShardStream`. Sources pickle cheaply (Grain
-spawns workers): files are read lazily in each process.
+A source is random-access (`len(src)`, `src[i]`) over RAW records, which are cheap to read
+(no image decoding; `records.decode` does that, in the pipeline's workers): dicts with `key`
+(str, for logs), `image` (encoded bytes, a file path, or a decoded uint8 array), `caption`
+(str) or `captions` (list[str]), and `label` (int) in labelled "eval" sources. Attributes:
+`class_names` and `prompt_templates` (lists, or None), and `captions(num)`, the first `num`
+usable training captions (to train a tokenizer). Sources pickle cheaply (Grain spawns workers):
+files are read lazily in each process. `webdataset:` is the exception: a stream of shards, read
+by `webdataset.ShardStream`. Every path may be local or remote (`gs://bucket/...`; `paths`).
 """
 
 import csv
