@@ -14,6 +14,7 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 from absl import flags  # noqa: E402
 
 # Grain reads absl flags in its workers; no absl app runs under pytest.
@@ -30,3 +31,11 @@ jax.config.update("jax_compilation_cache_dir", os.environ["CLIPJAX_TEST_XLA_CACH
 jax.config.update("jax_compilation_cache_max_size", 16 << 30)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """A sentencepiece tokenizer trained on `shapes` captions (256 pieces)."""
+    from clipjax.data import shapes, tokenizer
+
+    return tokenizer.train(shapes.ShapesSource("train").captions(3000), vocab_size=256)

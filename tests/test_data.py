@@ -23,11 +23,6 @@ from clipjax.objectives.base import Views
 CONTEXT_LENGTH = 16
 
 
-@pytest.fixture(scope="module")
-def tok() -> tokenizer.Tokenizer:
-    return tokenizer.train(shapes.ShapesSource("train").captions(3000), vocab_size=256)
-
-
 def tokenizer_config(path: str = "") -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({"path": path, "vocab_size": 256})
 

@@ -15,7 +15,7 @@ from clipjax.data import records, sources
 from clipjax.tools import convert
 from tests import fake_gcs
 from tests.test_data import make_train, take
-from tests.test_webdataset import keys, shapes_shards, stream, tok  # noqa: F401 - fixture
+from tests.test_webdataset import keys, shapes_shards, stream
 
 
 @pytest.fixture
@@ -114,7 +114,7 @@ def test_converter_reads_and_writes_a_bucket_and_arrayrecord_reads_it(bucket, tm
     assert convert.convert(f"{bucket}/tars/*.tar", f"{bucket}/converted") == index
 
 
-def test_webdataset_streams_from_a_bucket_as_from_a_disk(bucket, tmp_path, tok):  # noqa: F811
+def test_webdataset_streams_from_a_bucket_as_from_a_disk(bucket, tmp_path, tok):
     shapes_shards(f"{bucket}/shards", 3, 6)
     shapes_shards(str(tmp_path / "shards"), 3, 6)
     remote = take(stream(f"{bucket}/shards"), 40)

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from clipjax import paths
-from clipjax.data import shapes, sources, tokenizer, webdataset
+from clipjax.data import shapes, sources, webdataset
 from tests import tiny
 from tests.test_data import assert_same_batches, make_train, take
 
@@ -49,11 +49,6 @@ def shapes_shards(folder: str, shards: int, per_shard: int, bad: tuple = ()) -> 
             captions[key] = example["caption"]
         paths.path(paths.join(folder, f"shard-{shard:03d}.tar")).write_bytes(tar_bytes(members))
     return captions
-
-
-@pytest.fixture(scope="module")
-def tok() -> tokenizer.Tokenizer:
-    return tokenizer.train(shapes.ShapesSource("train").captions(3000), vocab_size=256)
 
 
 def keys(records) -> list[str]:

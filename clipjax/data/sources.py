@@ -126,11 +126,7 @@ class CsvSource:
         self.spec, self.path, self.split = spec, path, split
         self._delimiter = "\t" if path.lower().endswith(".tsv") else ","
         # Image paths are relative to the file's folder.
-        self._root = (
-            path.rpartition("/")[0]
-            if paths.is_remote(path)
-            else os.path.dirname(os.path.abspath(path))
-        )
+        self._root = os.fspath(paths.path(path).parent)
         if not paths.is_file(path):
             raise ValueError(
                 f"source {spec!r}: no such file {path!r}; give the path of a .csv or .tsv file "

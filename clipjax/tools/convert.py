@@ -137,10 +137,6 @@ def _read_index(output: str) -> dict:
     return {entry["file"]: entry for entry in json.loads(index.read_text())["shards"]}
 
 
-def _absolute(path: str) -> str:
-    return path if paths.is_remote(path) else os.path.abspath(path)
-
-
 def _stem(path: str) -> str:
     base = path.rpartition("/")[2]
     for suffix in (".tar.gz", ".tgz", ".tar"):
@@ -164,7 +160,7 @@ def plan(
             stop = min(start + records_per_shard, len(source))
             name = f"{stem}-{start // records_per_shard:05d}.arrayrecord"
             raws = [source[i] for i in range(start, stop)]
-            shards.append((name, f"{_absolute(input_)}[{start}:{stop}]", raws))
+            shards.append((name, f"{os.fspath(paths.path(input_))}[{start}:{stop}]", raws))
         return shards
     pattern = paths.local(input_)
     if paths.is_dir(pattern):
@@ -182,7 +178,8 @@ def plan(
             f"--input={input_}: two inputs would both write {twice}; convert them into "
             "different --output directories."
         )
-    return [(name, _absolute(p), _absolute(p)) for name, p in zip(names, tars, strict=True)]
+    tars = [os.fspath(paths.path(p)) for p in tars]  # absolute, as the index records them
+    return [(name, p, p) for name, p in zip(names, tars, strict=True)]
 
 
 def _progress(done: int, total: int, count: int, start: float, done_at_start: int) -> None:
