@@ -16,6 +16,8 @@ import optax
 
 from clipjax import objectives, optimizers, sharding
 from clipjax.errors import ConfigError
+from clipjax.models import layers
+from clipjax.models.vit import vit_size
 
 
 @flax.struct.dataclass
@@ -142,8 +144,27 @@ def train_step(
     return new_state.replace(step=state.step + 1), metrics
 
 
+def attention_for_mesh(config, mesh):
+    """`config` with `model.attention="auto"` resolved to the kernel the mesh's devices take
+    (`layers.choose_attention`): a step compiled for GPUs from a CPU host gets cuDNN's."""
+    model = config.model
+    if model.attention != "auto":
+        return config
+    head_dims = [model.text.width // model.text.heads]
+    if not model.image.variant.startswith("RN"):  # a ResNet's attention pool is not `attend`
+        width, _, _, heads, _ = vit_size(model.image.variant)
+        head_dims.append(width // heads)
+    platform = mesh.devices.flat[0].platform
+    chosen = layers.choose_attention("auto", model.dtype, platform, tuple(head_dims))
+    resolved = config.copy_and_resolve_references()
+    resolved.model.attention = chosen
+    return resolved
+
+
 def build(config, mesh):
-    """Model, objective, optimizer, the state's init function, abstract state and shardings."""
+    """Model, objective, optimizer, the state's init function, abstract state and shardings,
+    for the devices of `mesh` (which may be abstract: nothing here runs on them)."""
+    config = attention_for_mesh(config, mesh)
     objective = objectives.get(config.objective)(config, mesh)
     schedule = optimizers.make_schedule(config.optim, config.total_steps)
     frozen = optimizers.frozen_pattern(config)
@@ -171,7 +192,10 @@ def build(config, mesh):
             rng=state_rng,
         )
 
-    abstract_boxed = _unbox_masked(jax.eval_shape(init_boxed, jax.random.PRNGKey(0)))
+    # An abstract key: a concrete one would run on the mesh's devices, which a compile for
+    # another platform (clipjax.plan) does not have.
+    key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+    abstract_boxed = _unbox_masked(jax.eval_shape(init_boxed, key))
     abstract_values = sharding.unboxed(abstract_boxed)
     logical_specs = nn.get_partition_spec(abstract_boxed)
     sharding.check_divisible(abstract_values, logical_specs, mesh)
@@ -206,6 +230,25 @@ def build(config, mesh):
         donate_argnums=0,
     )
     return objective, init, abstract_state, step_fn
+
+
+def abstract_batch(config, mesh, views) -> dict:
+    """The global batch the trainer feeds the step, as sharded shapes: the keys and dtypes
+    `data.views.Views` names (images, texts, MLM labels) plus the host's `control` rows."""
+    n, size = config.batch_size, config.model.image.size
+    image = jax.ShapeDtypeStruct((n, size, size, 3), jnp.float32)
+    text = jax.ShapeDtypeStruct((n, config.model.text.context_length), jnp.int32)
+    shapes = {key: image for key in ["image", "image_2"][: views.image_views]}
+    for kind in views.text_views:
+        shapes["text" if kind == "plain" else f"text_{kind}"] = text
+        if kind == "mlm":
+            shapes["mlm_labels"] = text
+    shapes["control"] = jax.ShapeDtypeStruct((n, 2), jnp.int32)
+    batch_sharding = sharding.batch_sharding(mesh)
+    return {
+        key: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding)
+        for key, x in shapes.items()
+    }
 
 
 def _unbox_masked(tree):

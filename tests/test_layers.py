@@ -24,7 +24,7 @@ FLOORS = [
         "evaluate.checkpoint_eval",
         "evaluate.saved_config",
     ],
-    ["main", "bench", "study", "report", "export", "predict", "evaluate.__main__", "tools"],
+    ["main", "bench", "plan", "study", "report", "export", "predict", "evaluate.__main__", "tools"],
 ]
 
 

@@ -70,32 +70,81 @@ class Linear(nn.Module):
 
 
 # model.attention -> the `implementation` of `jax.nn.dot_product_attention`: "auto" is cuDNN's
-# fused kernel where it applies (a GPU, 16-bit operands), else JAX's default (XLA's composition).
+# fused kernel where it applies (a GPU, 16-bit operands), else XLA's composition.
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+# cuDNN's fused kernel refuses odd sequence lengths in training (77 text tokens, 197 for B/16):
+# `attend` pads to a multiple of this and masks the padding with the sequence-length arguments.
+CUDNN_LENGTH_MULTIPLE = 8
+# Head dims cuDNN's fused kernel takes on every GPU it supports (Hopper also takes up to 256).
+CUDNN_MAX_HEAD_DIM = 128
 
 
-def attend(query, key, value, *, causal: bool, implementation: str = "auto"):
-    """Scaled dot-product attention, (B, L, heads, head_dim) each -> (B, L, heads, head_dim),
-    through `jax.nn.dot_product_attention` (fused on GPUs; `implementation` picks, see
-    ATTENTION_IMPLEMENTATIONS). The softmax and its statistics are float32 on every path, the
-    products take the operands' dtype; `causal` lets position t see positions <= t only."""
+def choose_attention(
+    implementation: str, dtype, platform: str, head_dims: tuple[int, ...] = ()
+) -> str:
+    """The kernel `implementation` ("auto", "xla" or "cudnn") comes to for a program compiled
+    for devices of `platform` ("gpu"/"cuda", "tpu", "cpu"): "auto" is "cudnn" on a GPU with
+    16-bit operands and head dims cuDNN takes (`head_dims`), else "xla"."""
     if implementation not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(
             f"model.attention={implementation!r} is unknown; use one of "
             f"{', '.join(ATTENTION_IMPLEMENTATIONS)}."
         )
-    impl = None if implementation == "auto" else implementation
-    sixteen_bit = query.dtype in (jnp.bfloat16, jnp.float16)  # what cuDNN's fused kernel takes
-    if impl is None and sixteen_bit and jax.default_backend() == "gpu":
-        impl = "cudnn"
-    try:
+    if implementation != "auto":
+        return implementation
+    sixteen_bit = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+    head_dims_ok = all(d % 8 == 0 and d <= CUDNN_MAX_HEAD_DIM for d in head_dims)
+    return "cudnn" if platform in ("gpu", "cuda") and sixteen_bit and head_dims_ok else "xla"
+
+
+def padded_attention(query, key, value, *, causal: bool, implementation: str, multiple: int):
+    """`jax.nn.dot_product_attention` with the sequence padded to a multiple of `multiple`: the
+    padded keys are masked by `key_value_seq_lengths` (and the padded queries by
+    `query_seq_lengths`), and the padded rows are dropped from the output, so the result and
+    its gradients are those of the unpadded call. (B, L, heads, head_dim) each."""
+    batch, length = query.shape[:2]
+    padded = -(-length // multiple) * multiple
+    if padded == length:
         return jax.nn.dot_product_attention(
-            query, key, value, is_causal=causal, implementation=impl
+            query, key, value, is_causal=causal, implementation=implementation
         )
-    except (NotImplementedError, ValueError, RuntimeError):  # a shape or GPU cuDNN refuses
-        if implementation != "auto" or impl is None:
-            raise
-        return jax.nn.dot_product_attention(query, key, value, is_causal=causal)
+    widths = ((0, 0), (0, padded - length), (0, 0), (0, 0))
+    lengths = jnp.full((batch,), length, jnp.int32)
+    out = jax.nn.dot_product_attention(
+        *(jnp.pad(x, widths) for x in (query, key, value)),
+        is_causal=causal,
+        query_seq_lengths=lengths,
+        key_value_seq_lengths=lengths,
+        implementation=implementation,
+    )
+    return out[:, :length]
+
+
+def attend(query, key, value, *, causal: bool, implementation: str = "auto"):
+    """Scaled dot-product attention, (B, L, heads, head_dim) each -> (B, L, heads, head_dim),
+    through `jax.nn.dot_product_attention`. "cudnn" is cuDNN's fused flash attention, on
+    operands padded to a length it takes (`padded_attention`); "xla" is XLA's composition.
+    "auto" is resolved by `step.build` from the platform of the mesh it compiles for
+    (`choose_attention`); left to this function (a program with no mesh, such as
+    `clipjax.load`'s encoders), it picks by the default backend and falls back to XLA where
+    cuDNN refuses. The softmax and its statistics are float32 on every path, the products take
+    the operands' dtype; `causal` lets position t see positions <= t only."""
+    head_dim = query.shape[-1]
+    impl = choose_attention(implementation, query.dtype, jax.default_backend(), (head_dim,))
+    if impl == "cudnn":
+        try:
+            return padded_attention(
+                query,
+                key,
+                value,
+                causal=causal,
+                implementation="cudnn",
+                multiple=CUDNN_LENGTH_MULTIPLE,
+            )
+        except (NotImplementedError, ValueError, RuntimeError):  # no cuDNN, or a GPU it refuses
+            if implementation != "auto":
+                raise
+    return jax.nn.dot_product_attention(query, key, value, is_causal=causal, implementation="xla")
 
 
 class Attention(nn.Module):
