@@ -13,6 +13,11 @@ os.environ["XLA_FLAGS"] = (
     + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
 ).strip()
 
+# JAX's accelerator plugins (requirements-compile.txt, for clipjax.plan) stay unused: the tests
+# run on the CPU, and compile for TPUs and GPUs only through abstract devices.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TPU_ACCELERATOR_TYPE", "none")
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 from absl import flags  # noqa: E402

@@ -304,6 +304,46 @@ def test_fused_attention_equals_the_explicit_formula(monkeypatch, dtype, scan, r
         np.testing.assert_allclose(got, want, rtol=rtol, atol=atol * scale, err_msg=str(path))
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("length", [5, 17, 77])
+def test_padded_attention_equals_the_formula_with_every_gradient(causal, length):
+    """The path cuDNN takes (`padded_attention`: padded to a multiple of 8, the padding masked
+    by the sequence-length arguments, then dropped), run by XLA's implementation on the CPU:
+    its output and its gradients with respect to q, k and v equal the unpadded formula's, in
+    float32 to 1e-6."""
+    q, k, v = (
+        jnp.asarray(np.random.default_rng(i).normal(size=(2, length, 3, 8)), jnp.float32)
+        for i in range(3)
+    )
+    cotangent = jnp.asarray(np.random.default_rng(3).normal(size=q.shape), jnp.float32)
+
+    def padded(q, k, v):
+        return layers.padded_attention(q, k, v, causal=causal, implementation="xla", multiple=8)
+
+    def formula(q, k, v):
+        return _softmax_attention(q, k, v, causal=causal)
+
+    for fn in (padded, formula):
+        assert fn(q, k, v).shape == q.shape
+    np.testing.assert_allclose(padded(q, k, v), formula(q, k, v), atol=1e-6)
+    grads = [
+        jax.grad(lambda *x, fn=fn: jnp.sum(fn(*x) * cotangent), argnums=(0, 1, 2))(q, k, v)
+        for fn in (padded, formula)
+    ]
+    for got, want in zip(*grads, strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_choose_attention_takes_cudnn_only_where_it_applies():
+    choose = layers.choose_attention
+    assert choose("auto", jnp.bfloat16, "gpu", (64,)) == "cudnn"
+    assert choose("auto", jnp.float16, "cuda", (64, 128)) == "cudnn"
+    assert choose("auto", jnp.float32, "gpu", (64,)) == "xla"  # cuDNN takes 16-bit operands
+    assert choose("auto", jnp.bfloat16, "gpu", (64, 12)) == "xla"  # a head dim it refuses
+    assert choose("auto", jnp.bfloat16, "tpu", (64,)) == "xla"
+    assert choose("cudnn", jnp.bfloat16, "cpu") == "cudnn"  # asked for by name: as asked
+
+
 def test_unknown_attention_implementation_is_one_line():
     config = model_config(**TINY, attention="flash")
     model = TwoTower.from_config(config)

@@ -21,6 +21,11 @@ from clipjax.errors import ConfigError
 from clipjax.plan import hlo
 from clipjax.plan.targets import Target
 
+# The collectives that sum gradients over the data-parallel devices.
+GRADIENT_REDUCES = ("all-reduce", "reduce-scatter")
+# No GPU is here to autotune Triton's GEMMs: cuBLAS calls, as XLA's untuned fallback.
+GPU_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
+
 # What helps each term of the peak when a config does not fit.
 REMEDIES = {
     "arguments": "shard the parameters and optimizer state: config.mesh.fsdp (with "
@@ -69,7 +74,7 @@ def compile_step(config, target: Target) -> Compiled:
         batch = step.abstract_batch(config, mesh, objective.views)
         start = time.perf_counter()
         lowered = step_fn.lower(abstract_state, batch)
-        executable = lowered.compile()
+        executable = lowered.compile(GPU_COMPILER_OPTIONS if target.platform == "cuda" else None)
         seconds = time.perf_counter() - start
     return Compiled(
         executable=executable,

@@ -61,7 +61,9 @@ def resolve(name: str) -> Target:
 def _tpu(name: str, generation: str) -> Target:
     if importlib.util.find_spec("libtpu") is None:
         raise ConfigError(f"--target={name} needs libtpu: {_INSTALL.format('TPU')}.")
-    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "none")  # no TPU here: do not look for one
+    # Nothing runs on a TPU: libtpu need not look for one, nor lock it against other processes.
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "none")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     # v4 runs as one device per chip (megacore), as it is used in practice.
     extra = {"chip_config_name": "megacore"} if generation == "v4" else {}
     try:
