@@ -131,7 +131,7 @@ HLO = """
   %fusion.9.remat2 = f32[8]{0} fusion(%y), kind=kLoop
   %cc.1 = (bf16[2,8,4,64]{3,2,1,0}, f32[2,4,8]{2,1,0}) custom-call(%q), custom_call_target="__cudnn$fmhaSoftmax", metadata={op_name="jit(train_step)/image_tower/transformer/block_00/attn/dot_product_attention"}
   %cc.2 = (bf16[2,8,4,64]{3,2,1,0}) custom-call(%q), custom_call_target="__cudnn$fmhaSoftmaxBackward", metadata={op_name="jit(train_step)/transpose(jvp(text_tower))/block_00/attn"}
-"""
+"""  # noqa: E501 - compiled HLO's lines, as XLA writes them
 
 
 def test_the_compiled_program_is_read_for_collectives_remat_and_fused_calls():
