@@ -1,5 +1,7 @@
-r"""On a GPU: `layers.attend` through cuDNN's fused kernel against XLA's composition, at the
-shapes of ViT-B/32 (50 tokens, full attention) and of its text tower (77 tokens, causal).
+r"""On a GPU: `layers.attend` through cuDNN's fused kernel against XLA's (`lean_attention`), at
+the shapes of ViT-B/32 (50 tokens, full attention), its text tower (77 tokens, causal), ViT-B/16
+(197) and ViT-L/14 (257). cuDNN refuses the odd lengths in training: `attend` pads them to a
+multiple of 8 and masks the padding (`layers.padded_attention`).
 
 For each shape, in bfloat16: the largest difference of the output and of the three input
 gradients between the two implementations, each against a float32 reference (the explicit
@@ -32,7 +34,12 @@ flags.DEFINE_list("impls", ["xla", "cudnn", "auto"], "model.attention values to 
 FLAGS = flags.FLAGS
 
 # name -> (length, heads, head_dim, causal)
-SHAPES = {"vit_b32": (50, 12, 64, False), "text_b32": (77, 8, 64, True)}
+SHAPES = {
+    "vit_b32": (50, 12, 64, False),
+    "text_b32": (77, 8, 64, True),
+    "vit_b16": (197, 12, 64, False),
+    "vit_l14": (257, 16, 64, False),
+}
 
 
 def reference(q, k, v, causal):

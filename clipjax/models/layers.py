@@ -5,6 +5,7 @@ maps them onto the mesh.
 """
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -69,8 +70,8 @@ class Linear(nn.Module):
         return y + bias.reshape([sizes.get(index, 1) for index in out])
 
 
-# model.attention -> the `implementation` of `jax.nn.dot_product_attention`: "auto" is cuDNN's
-# fused kernel where it applies (a GPU, 16-bit operands), else XLA's composition.
+# model.attention: "cudnn" is cuDNN's fused kernel, "xla" XLA's composition (`lean_attention`),
+# "auto" the first where it applies (a GPU, 16-bit operands) and the second elsewhere.
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 # cuDNN's fused kernel refuses odd sequence lengths in training (77 text tokens, 197 for B/16):
 # `attend` pads to a multiple of this and masks the padding with the sequence-length arguments.
@@ -120,11 +121,64 @@ def padded_attention(query, key, value, *, causal: bool, implementation: str, mu
     return out[:, :length]
 
 
+def _attention_logits(query, key, causal: bool):
+    """Scaled logits (B, heads, T, S) in float32, products in the operands' dtype; a causal
+    mask sets the future to float32's lowest value."""
+    logits = jnp.einsum("BTNH,BSNH->BNTS", query, key, preferred_element_type=jnp.float32)
+    logits *= query.shape[-1] ** -0.5
+    if causal:
+        length = query.shape[1]
+        logits = jnp.where(jnp.tril(jnp.ones((length, length), bool)), logits, FLOAT32_MIN)
+    return logits
+
+
+FLOAT32_MIN = float(jnp.finfo(jnp.float32).min)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def lean_attention(query, key, value, causal: bool):
+    """XLA's attention that keeps no (B, heads, T, S) array from the forward pass to the
+    backward one: only q, k, v and the softmax's log-sum-exp, as flash attention does; the
+    backward pass computes the logits again (one more T × S product per layer). A plain
+    composition would keep the float32 probabilities for the softmax's backward, and with
+    16-bit operands a 16-bit copy as well, which for ViT-B/16's 197 tokens is most of a
+    step's activation memory. (B, T, heads, head_dim) each -> (B, T, heads, head_dim)."""
+    return _lean_forward(query, key, value, causal)[0]
+
+
+def _lean_forward(query, key, value, causal):
+    logits = _attention_logits(query, key, causal)
+    log_norm = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+    probs = jnp.exp(logits - log_norm).astype(value.dtype)
+    out = jnp.einsum("BNTS,BSNH->BTNH", probs, value, preferred_element_type=jnp.float32)
+    return out.astype(query.dtype), (query, key, value, log_norm)
+
+
+def _lean_backward(causal, residuals, d_out):
+    query, key, value, log_norm = residuals
+    dtype = query.dtype
+    probs = jnp.exp(_attention_logits(query, key, causal) - log_norm)  # float32
+    d_out = d_out.astype(dtype)
+    d_value = jnp.einsum(
+        "BNTS,BTNH->BSNH", probs.astype(dtype), d_out, preferred_element_type=jnp.float32
+    )
+    d_probs = jnp.einsum("BTNH,BSNH->BNTS", d_out, value, preferred_element_type=jnp.float32)
+    # The softmax's backward, then the logits' scale.
+    d_logits = probs * (d_probs - jnp.sum(d_probs * probs, axis=-1, keepdims=True))
+    d_logits = (d_logits * query.shape[-1] ** -0.5).astype(dtype)
+    d_query = jnp.einsum("BNTS,BSNH->BTNH", d_logits, key, preferred_element_type=jnp.float32)
+    d_key = jnp.einsum("BNTS,BTNH->BSNH", d_logits, query, preferred_element_type=jnp.float32)
+    return d_query.astype(dtype), d_key.astype(dtype), d_value.astype(value.dtype)
+
+
+lean_attention.defvjp(_lean_forward, _lean_backward)
+
+
 def attend(query, key, value, *, causal: bool, implementation: str = "auto"):
-    """Scaled dot-product attention, (B, L, heads, head_dim) each -> (B, L, heads, head_dim),
-    through `jax.nn.dot_product_attention`. "cudnn" is cuDNN's fused flash attention, on
-    operands padded to a length it takes (`padded_attention`); "xla" is XLA's composition.
-    "auto" is resolved by `step.build` from the platform of the mesh it compiles for
+    """Scaled dot-product attention, (B, L, heads, head_dim) each -> (B, L, heads, head_dim).
+    "cudnn" is cuDNN's fused flash attention (`jax.nn.dot_product_attention`), on operands
+    padded to a length it takes (`padded_attention`); "xla" is `lean_attention`, compiled by
+    XLA. "auto" is resolved by `step.build` from the platform of the mesh it compiles for
     (`choose_attention`); left to this function (a program with no mesh, such as
     `clipjax.load`'s encoders), it picks by the default backend and falls back to XLA where
     cuDNN refuses. The softmax and its statistics are float32 on every path, the products take
@@ -144,7 +198,7 @@ def attend(query, key, value, *, causal: bool, implementation: str = "auto"):
         except (NotImplementedError, ValueError, RuntimeError):  # no cuDNN, or a GPU it refuses
             if implementation != "auto":
                 raise
-    return jax.nn.dot_product_attention(query, key, value, is_causal=causal, implementation="xla")
+    return lean_attention(query, key, value, causal)
 
 
 class Attention(nn.Module):
