@@ -73,3 +73,21 @@ def test_backward_products_take_narrow_operands():
 def test_an_index_summed_within_one_operand_is_refused():
     with pytest.raises(ValueError, match="summed within it"):
         precision.einsum("ij,jk->k", *_operands([(2, 3), (3, 4)]), jnp.bfloat16)
+
+
+def test_elementwise_computes_in_float32_and_differentiates_at_the_narrow_input():
+    """GELU under bfloat16: the value is float32's exactly; the gradient is GELU's derivative
+    (float64 numpy, erf through the normal CDF) at the input rounded to bfloat16."""
+    from math import erf, exp, pi, sqrt
+
+    from clipjax.models.layers import gelu
+
+    x = jnp.asarray(np.random.default_rng(0).normal(size=257) * 3, jnp.float32)
+    np.testing.assert_array_equal(precision.elementwise(gelu, x, jnp.bfloat16), gelu(x))
+    grad = jax.grad(lambda x: jnp.sum(precision.elementwise(gelu, x, jnp.bfloat16)))(x)
+    rounded = np.asarray(x.astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+    want = [0.5 * (1 + erf(r / sqrt(2))) + r * exp(-r * r / 2) / sqrt(2 * pi) for r in rounded]
+    np.testing.assert_allclose(grad, want, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(rounded, np.asarray(x, np.float64))  # the rounding is real
+    plain = jax.grad(lambda x: jnp.sum(precision.elementwise(gelu, x, jnp.float32)))(x)
+    np.testing.assert_array_equal(plain, jax.grad(lambda x: jnp.sum(gelu(x)))(x))

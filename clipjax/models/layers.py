@@ -277,7 +277,7 @@ class Mlp(nn.Module):
         x = Linear(
             "BLW,WM->BLM", (width, self.mlp_dim), ("embed", "mlp"), dtype=self.dtype, name="fc_in"
         )(x)
-        x = quick_gelu(x) if self.quick_gelu else gelu(x)
+        x = precision.elementwise(quick_gelu if self.quick_gelu else gelu, x, self.dtype)
         return Linear(
             "BLM,MW->BLW", (self.mlp_dim, width), ("mlp", "embed"), dtype=self.dtype, name="fc_out"
         )(x)

@@ -75,3 +75,29 @@ def einsum(spec: str, lhs: jax.Array, rhs: jax.Array, dtype) -> jax.Array:
         return jnp.einsum(spec, lhs, rhs)
     _transposed_specs(spec)  # checked at trace time
     return _mixed_einsum(spec, dtype, lhs.astype(FLOAT32), rhs.astype(FLOAT32))
+
+
+def elementwise(fn, x: jax.Array, dtype) -> jax.Array:
+    """`fn(x)` for an elementwise `fn` (a module-level function, such as GELU) under the policy:
+    computed in float32. With a narrower `dtype`, the backward pass keeps x in that dtype, not
+    float32, and takes the derivative at the rounded x: for the MLP's GELU, whose input is a
+    block's widest activation, that halves what the block keeps of it."""
+    if jnp.dtype(dtype) == FLOAT32:
+        return fn(x)
+    return _narrow_residual(fn, jnp.dtype(dtype), x)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _narrow_residual(fn, dtype, x):
+    return fn(x)
+
+
+def _narrow_forward(fn, dtype, x):
+    return fn(x), x.astype(dtype)
+
+
+def _narrow_backward(fn, dtype, narrow, cotangent):
+    return jax.vjp(fn, narrow.astype(FLOAT32))[1](cotangent)
+
+
+_narrow_residual.defvjp(_narrow_forward, _narrow_backward)
