@@ -144,5 +144,6 @@ def test_local_launcher_needs_a_process_count():
     )
     assert out.returncode == 2
     assert out.stderr == (
-        "usage: launch/local.sh N ARGS...  (N processes of python -m clipjax.main ARGS)\n"
+        "usage: launch/local.sh [--max_restarts=K] N ARGS...  (N processes of python -m "
+        "clipjax.main ARGS)\n"
     )

@@ -186,9 +186,18 @@ def fault(args, workdir: str, rng: random.Random, timing: tuple[float, float], l
 
 
 def restore_state(workdir: str, step: int) -> dict:
+    """Checkpoint `step`'s training state, on this process's first device, whatever the
+    processes and devices that saved it."""
+    import jax  # here: only the comparison needs it
+
     path = os.path.abspath(os.path.join(workdir, "checkpoints", str(step), "state"))
+    one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     with ocp.StandardCheckpointer() as checkpointer:
-        return checkpointer.restore(path)
+        saved = checkpointer.metadata(path).item_metadata
+        target = jax.tree.map(
+            lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=one_device), saved
+        )
+        return checkpointer.restore(path, target)
 
 
 def compare(reference_dir: str, soaked_dir: str, step: int) -> dict:
