@@ -38,7 +38,7 @@ NOT_RETRIED = {1: "the run cannot go on", 2: "a bad config or command"}
 NATIVE_CRASH = re.compile(r"^(F\d{4} |terminate called|\*\*\* Check failure|Fatal Python error)")
 # How long processes that exited on their own (a stop signal, a bad config) are given to
 # follow before the rest are killed: they save a checkpoint together, or the runtime ends them.
-FOLLOW_SECONDS = 120
+FOLLOW_SECONDS = 60
 
 
 def parse_args(argv=None):
@@ -186,7 +186,6 @@ class Supervisor:
             if lost is None and failed:
                 # Where several ended at once, the one killed is lost, not one the runtime aborted.
                 lost = min(failed, key=lambda m: (m.returncode == -signal.SIGABRT, m.index))
-                self.shown.clear()
                 self._stop_others(lost)
             time.sleep(POLL)
         for member in self.members:
@@ -205,6 +204,7 @@ class Supervisor:
             deadline = time.monotonic() + FOLLOW_SECONDS
             while time.monotonic() < deadline and any(m.returncode is None for m in self.members):
                 time.sleep(POLL)
+        self.shown.clear()  # what the others print as they die stays in their logs
         for member in self.members:
             member.kill(signal.SIGKILL)
 
@@ -217,17 +217,20 @@ class Supervisor:
 
     def _say(self, lost: Member, restart: int | None) -> None:
         """One line: who failed and how, where the run stands, and what happens next."""
-        code = lost.returncode
+        code, count = lost.returncode, len(self.members)
+        # Every process stopping alike (a stop signal reaches all through the step) is the
+        # group's doing, not one process's.
+        alike = count > 1 and code >= 0 and all(m.returncode == code for m in self.members)
+        who = f"all {count} processes" if alike else lost.name
         if code < 0:
             what = f"was lost (killed by {signal.Signals(-code).name})"
         elif code in NOT_RETRIED:
             what = f"failed (exit status {code}: {NOT_RETRIED[code]})"
         else:
             what = f"stopped (exit status {code})"
-        line = f"launch: {lost.name} {what}{self._progress()}"
-        others = len(self.members) - 1
-        if others:
-            line += f"; stopped the other {others} process{'es' if others > 1 else ''}"
+        line = f"launch: {who} {what}{self._progress()}"
+        if count > 1 and not alike:
+            line += f"; stopped the other {count - 1} process{'es' if count > 2 else ''}"
         if restart is not None:
             line += f"; restart {restart} of {self.args.max_restarts}"
         elif code not in NOT_RETRIED:
