@@ -83,10 +83,10 @@ def commands(args) -> list[tuple[str, list[str]]]:
 
 class Member:
     """One process of the group. Its output goes to its log; process 0's also to this
-    terminal while `shown` is set, and never from the first line of a native crash on."""
+    terminal, line by line, where `show(line)` says so."""
 
-    def __init__(self, index: int, name: str, command: list[str], log, shown: threading.Event):
-        self.index, self.name, self.shown = index, name, shown
+    def __init__(self, index: int, name: str, command: list[str], log, show):
+        self.index, self.name, self.show = index, name, show
         self.log = open(log, "ab", buffering=0)  # noqa: SIM115 - closed in `close`
         pipe = subprocess.PIPE if index == 0 else self.log
         # Its own process group, so that a kill reaches its Grain workers too.
@@ -103,9 +103,7 @@ class Member:
     def _relay(self, stream, terminal) -> None:
         for line in iter(stream.readline, b""):
             self.log.write(line)
-            if NATIVE_CRASH.match(line.decode(errors="replace")):
-                self.shown.clear()
-            if self.shown.is_set():
+            if self.show(line.decode(errors="replace")):
                 terminal.buffer.write(line)
                 terminal.flush()
 
@@ -167,6 +165,14 @@ class Supervisor:
         for member in self.members:
             member.kill(signal.SIGTERM)
 
+    def _show(self, line: str) -> bool:
+        """Whether a line of process 0 goes to the terminal: not once a process was killed (a
+        survivor's error or dump, raised by the loss, follows that death and stays in its
+        log), nor from the first line of a native crash on."""
+        if NATIVE_CRASH.match(line) or any((m.returncode or 0) < 0 for m in self.members):
+            self.shown.clear()
+        return self.shown.is_set()
+
     def _status(self) -> int:
         return next((status_of(m.returncode) for m in self.members if m.returncode), 0)
 
@@ -179,7 +185,7 @@ class Supervisor:
             log = self.args.logdir / f"process_{index}.log"
             with open(log, "ab") as f:
                 f.write(f"==== launch/supervise.py: start {start + 1} ====\n".encode())
-            self.members.append(Member(index, name, command, log, self.shown))
+            self.members.append(Member(index, name, command, log, self._show))
         lost = None
         while any(m.returncode is None for m in self.members):
             failed = [m for m in self.members if m.returncode]

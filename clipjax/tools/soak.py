@@ -235,7 +235,14 @@ def fault(args, run: Run, rng: random.Random, timing: tuple[float, float], left:
     if landed:
         with contextlib.suppress(psutil.NoSuchProcess):
             run.processes[victim].send_signal(kind)
+    signalled = time.monotonic()
     run.wait_start()
+    seconds = {"stopped_s": round(time.monotonic() - signalled, 2)}  # every process ended
+    if landed and left == 1 and not run.alone and run.next_start(args.processes):
+        # The last fault: how long until the launcher's new start trains again.
+        while not run.steps_logged() and run.running():
+            time.sleep(POLL)
+        seconds["training_again_s"] = round(time.monotonic() - signalled, 2)
     where = "starting" if not steps else f"after step {steps[-1]} was logged"
     return {
         "signal": kind.name,
@@ -246,6 +253,7 @@ def fault(args, run: Run, rng: random.Random, timing: tuple[float, float], left:
         "resumed_from": resumed_from,
         "exit": run.process.returncode if args.processes == 1 else None,
         "checkpoint_after": latest_checkpoint(run.workdir),
+        **seconds,
     }
 
 
@@ -340,7 +348,13 @@ def main(argv=None) -> int:
         print(
             f"soak: fault {len(faults)}: {f['signal']} to process {f['process']}, {f['moment']} "
             f"({f['where']}; resumed from {f['resumed_from']}) -> exit {f['exit']}, "
-            f"checkpoint {f['checkpoint_after']}"
+            f"checkpoint {f['checkpoint_after']}; every process ended {f['stopped_s']} s after "
+            "the signal"
+            + (
+                f", training again after {f['training_again_s']} s"
+                if "training_again_s" in f
+                else ""
+            )
             + ("" if f["landed"] else " [the run had ended: not counted]"),
             flush=True,
         )
