@@ -14,6 +14,7 @@ import time
 import psutil
 
 from clipjax.tools import soak
+from tests import tiny
 from tests.test_multiprocess import ROOT, _env
 
 # A run long enough to be killed in twice: a checkpoint every 2 steps, every step logged.
@@ -62,7 +63,8 @@ def test_a_killed_process_stops_the_group_in_one_line_and_it_restarts(tmp_path):
     launcher = subprocess.Popen(
         [*command, f"--workdir={workdir}", *FLAGS],
         cwd=ROOT,
-        env={**_env(), "LOGDIR": str(logs)},
+        # Unoptimised code, as the rest of the suite (`conftest.py`): it compiles sooner.
+        env={**_env(), "LOGDIR": str(logs), "XLA_FLAGS": tiny.one_device_env()["XLA_FLAGS"]},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
