@@ -4,7 +4,9 @@ r"""Training entry point.
 
 Overrides: `--config.batch_size=256 --config.optim.lr=3e-4`. Multi-host (TPU pods, SLURM): add
 `--distributed` on every host; the cluster is detected, or named with `--coordinator=HOST:PORT
---num_processes=N --process_id=I`.
+--num_processes=N --process_id=I`. A process lost is counted so after `--heartbeat_timeout`
+seconds, and JAX's coordination service then ends the others (exit 134); a launcher
+(`launch/supervise.py`) stops them at once and says which one was lost.
 """
 
 import sys
