@@ -4,7 +4,9 @@ r"""Training entry point.
 
 Overrides: `--config.batch_size=256 --config.optim.lr=3e-4`. Multi-host (TPU pods, SLURM): add
 `--distributed` on every host; the cluster is detected, or named with `--coordinator=HOST:PORT
---num_processes=N --process_id=I`.
+--num_processes=N --process_id=I`. A process lost is counted so after `--heartbeat_timeout`
+seconds, and JAX's coordination service then ends the others (exit 134); a launcher
+(`launch/supervise.py`) stops them at once and says which one was lost.
 """
 
 import sys
@@ -25,6 +27,21 @@ flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (mult
 flags.DEFINE_string("coordinator", None, "--distributed: process 0's HOST:PORT; default: detect.")
 flags.DEFINE_integer("num_processes", None, "--distributed: the number of processes.")
 flags.DEFINE_integer("process_id", None, "--distributed: this process's index, from 0.")
+flags.DEFINE_string(
+    "coordinator_bind",
+    None,
+    "--distributed: the HOST:PORT process 0's coordination service listens on (default: every "
+    "interface, at the coordinator's port).",
+)
+flags.DEFINE_integer(
+    "heartbeat_timeout",
+    30,
+    "--distributed: seconds without a heartbeat after which a process counts as lost, and the "
+    "coordination service ends the others.",
+)
+flags.DEFINE_integer(
+    "shutdown_timeout", 60, "--distributed: seconds the processes wait for each other at exit."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -56,31 +73,50 @@ def parse_flags(argv: list[str]) -> list[str]:
         fail(str(e).splitlines()[0])
 
 
-def distributed_arguments(coordinator, num_processes, process_id) -> dict:
-    """`jax.distributed.initialize`'s arguments from the three flags: all three, or none (the
-    cluster is detected: Cloud TPU, SLURM, ...). ConfigError names what is missing or wrong."""
+def distributed_arguments(
+    coordinator, num_processes, process_id, bind=None, heartbeat_timeout=30, shutdown_timeout=60
+) -> dict:
+    """`jax.distributed.initialize`'s arguments from the flags: the coordinator, process count
+    and index all three, or none (the cluster is detected: Cloud TPU, SLURM, ...); where process
+    0 listens; the heartbeat and shutdown bounds. ConfigError names what is missing or wrong."""
+    bounds = {"heartbeat_timeout": heartbeat_timeout, "shutdown_timeout": shutdown_timeout}
+    for flag, seconds in bounds.items():
+        if seconds < 1:
+            raise ConfigError(f"--{flag}={seconds} must be at least 1 (seconds).")
+    arguments = {
+        "heartbeat_timeout_seconds": heartbeat_timeout,
+        "shutdown_timeout_seconds": shutdown_timeout,
+    }
+    if bind is not None:
+        arguments["coordinator_bind_address"] = _address("--coordinator_bind", bind)
     given = {"--coordinator": coordinator, "--num_processes": num_processes}
     given["--process_id"] = process_id
     if all(value is None for value in given.values()):
-        return {}
+        return arguments
     missing = [flag for flag, value in given.items() if value is None]
     if missing:
         raise ConfigError(
             f"--distributed with --coordinator, --num_processes or --process_id needs all "
             f"three; {' and '.join(missing)} missing (or give none to detect the cluster)."
         )
-    host, _, port = coordinator.rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError(f"--coordinator={coordinator!r} must be HOST:PORT, e.g. localhost:8476.")
+    _address("--coordinator", coordinator)
     if num_processes < 1 or not 0 <= process_id < num_processes:
         raise ConfigError(
             f"--process_id={process_id} must be in [0, --num_processes={num_processes})."
         )
     return {
+        **arguments,
         "coordinator_address": coordinator,
         "num_processes": num_processes,
         "process_id": process_id,
     }
+
+
+def _address(flag: str, address: str) -> str:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"{flag}={address!r} must be HOST:PORT, e.g. localhost:8476.")
+    return address
 
 
 def widen_gloo_sockets() -> None:
@@ -113,7 +149,12 @@ def main(argv) -> None:
     if FLAGS.distributed:
         try:
             arguments = distributed_arguments(
-                FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id
+                FLAGS.coordinator,
+                FLAGS.num_processes,
+                FLAGS.process_id,
+                FLAGS.coordinator_bind,
+                FLAGS.heartbeat_timeout,
+                FLAGS.shutdown_timeout,
             )
         except ConfigError as e:
             fail(str(e))

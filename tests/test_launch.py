@@ -47,8 +47,9 @@ def _run_with_fake(tmp_path, fake: str, argv: list[str]) -> list[str]:
     record = tmp_path / "args"
     (bin_dir / fake).write_text(f'#!/usr/bin/env bash\nprintf "%s\\0" "$@" > {record}\n')
     (bin_dir / fake).chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
-    subprocess.run(["bash", *argv], cwd=ROOT, env=env, check=True)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_SUBMIT_DIR": str(ROOT)}
+    # Elsewhere than the repository, as sbatch runs a copy of its script.
+    subprocess.run(["bash", str(ROOT / argv[0]), *argv[1:]], cwd=tmp_path, env=env, check=True)
     return record.read_text().split("\0")[:-1]
 
 
@@ -124,8 +125,8 @@ def test_slurm_launcher_runs_clipjax_on_every_node(tmp_path):
             "--config.optim.lr=1e-4",
         ],
     )
-    assert args[:4] == ["python", "-m", "clipjax.main", "--distributed"]
-    assert _parsed(args[3:]) == {
+    assert args[:5] == ["--kill-on-bad-exit=1", "python", "-m", "clipjax.main", "--distributed"]
+    assert _parsed(args[4:]) == {
         "distributed": True,
         "workdir": "/shared/runs/clip",
         "batch_size": importlib.import_module("configs.clip_vitb32").get_config().batch_size,
@@ -133,6 +134,39 @@ def test_slurm_launcher_runs_clipjax_on_every_node(tmp_path):
         "num_workers": 16,
         "objective": "clip",
     }
+
+
+def test_slurm_launcher_restarts_a_lost_step_and_ends_with_its_status(tmp_path):
+    """A job step whose task is killed is run again, with one line each time, until
+    --max_restarts is spent; the status is then the step's (128 + 9); one that succeeds ends
+    the job with 0. (srun faked: killed by SIGKILL on its first two starts.)"""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(
+        f"#!/usr/bin/env bash\necho start >> {tmp_path}/starts\n"
+        f"(( $(wc -l < {tmp_path}/starts) > 2 )) || kill -KILL $$\n"
+    )
+    (bin_dir / "srun").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "7"}
+    env["SLURM_SUBMIT_DIR"] = str(ROOT)
+    workdir = tmp_path / "run"
+
+    def sbatch(restarts: int) -> subprocess.CompletedProcess:
+        command = ["bash", str(ROOT / "launch/slurm_gpu.sbatch"), f"--max_restarts={restarts}"]
+        command += ["configs/clip_vitb32.py", str(workdir)]
+        return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+
+    lost = (
+        "launch: srun was lost (killed by SIGKILL) before its first logged step; no checkpoint yet"
+    )
+    done = sbatch(1)
+    assert done.returncode == 128 + 9
+    assert done.stderr == (
+        f"{lost}; restart 1 of 1.\n{lost}, 1 restarts spent; the same command resumes.\n"
+    )
+    assert sbatch(2).returncode == 0  # its third start: srun succeeds
+    assert (tmp_path / "starts").read_text().count("start") == 3
+    assert (tmp_path / "clipjax-7-logs" / "process_0.log").read_text().count("==== ") == 3
 
 
 def test_local_launcher_needs_a_process_count():
@@ -144,5 +178,6 @@ def test_local_launcher_needs_a_process_count():
     )
     assert out.returncode == 2
     assert out.stderr == (
-        "usage: launch/local.sh N ARGS...  (N processes of python -m clipjax.main ARGS)\n"
+        "usage: launch/local.sh [--max_restarts=K] N ARGS...  (N processes of python -m "
+        "clipjax.main ARGS)\n"
     )

@@ -46,11 +46,12 @@ def _config(arg: str):
 def _env() -> dict:
     """The launcher's environment: none of this session's XLA flags (local.sh adds its
     devices); the session's compilation cache, so that a rerun reuses what the first run
-    compiled."""
+    compiled; this interpreter first on the PATH, as an activated virtualenv puts it."""
     env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
     env["JAX_COMPILATION_CACHE_DIR"] = jax.config.jax_compilation_cache_dir
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
     env["PYTHONPATH"] = str(ROOT)
+    env["PATH"] = f"{pathlib.Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # `python`
     return env
 
 
@@ -70,9 +71,11 @@ def _start(arg: str, workdir, tmp_path, *overrides: str) -> subprocess.Popen:
 
 
 def _finish(process: subprocess.Popen, tmp_path) -> tuple[int, str]:
-    """The launcher's status and every process's output."""
+    """The launcher's status and every process's output (process 0's is on the terminal)."""
     output, _ = process.communicate(timeout=600)
-    logs = sorted((tmp_path / "logs").glob("process_*.log"))
+    logs = sorted(
+        set((tmp_path / "logs").glob("process_*.log")) - {tmp_path / "logs/process_0.log"}
+    )
     return process.returncode, output + "".join(log.read_text() for log in logs)
 
 
