@@ -25,6 +25,9 @@ METRICS = {
         "train/mlm_accuracy",
         "train/nn_queue_fill",
     },
+    "slip": {"train/loss_clip", "train/loss_ssl", "train/logit_scale"},
+    "filip": {"train/loss_filip", "train/token_logit_scale"},
+    "defilip": {"train/loss_mvs", "train/loss_nns", "train/loss_filip", "train/token_logit_scale"},
 }
 
 
@@ -52,6 +55,9 @@ def _train_a_few_steps(config, steps=8):
         "siglip_vitb16",
         "cliplite_r50",
         "declip_vitb32",
+        "slip_vitb32",
+        "filip_vitb32",
+        "defilip_vitb32",
         # DeCLIP's heads and ResNet BatchNorm, each trained above; together they compile for
         # 40 s here, so only the full suite runs them (`pytest -m slow`).
         pytest.param("declip_r50", marks=pytest.mark.slow),
@@ -255,7 +261,8 @@ def test_declip_terms_are_the_same_with_the_infonce_rings():
 def test_views_validation():
     assert Views(text_views=["mlm", "eda"]).text_views == ("mlm", "eda")
     for bad in (
-        {"image_views": 3},
+        {"image_views": 4},
+        {"image_views": 2, "image_augments": ({},)},
         {"text_views": ()},
         {"text_views": ("plain", "plain")},
         {"text_views": ("bert",)},

@@ -69,7 +69,7 @@ def _slip() -> ml_collections.ConfigDict:
     s.sync_bn = False  # the head's BatchNorm statistics per device (the reference) or synced
     # The two self-supervised views (image_2, image_3); the base view uses config.data.augment.
     s.ssl_augment = ml_collections.ConfigDict(
-        {"kind": "mocov2", "crop_scale": (0.2, 1.0), "flip": True}
+        {"recipe": "mocov2", "crop_scale": (0.2, 1.0), "flip": True}
     )
     return s
 
