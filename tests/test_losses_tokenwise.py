@@ -232,3 +232,20 @@ def test_nt_xent_positive_is_the_other_view_and_negatives_all_the_rest():
     assert float(losses.nt_xent_loss(h1, swapped)) > base + 0.1
     order = np.random.default_rng(7).permutation(16)
     np.testing.assert_allclose(losses.nt_xent_loss(h1[order], h2[order]), base, rtol=1e-6)
+
+
+def test_bench_reports_the_token_wise_loss_memory_of_both_forms():
+    """`clipjax.bench --loss_only` for FILIP: at a global batch of 256 on 8 devices the ring
+    form's scratch memory is under a quarter of the all-gather form's, which exceeds its
+    (b, B, tokens, k) similarities."""
+    from clipjax import bench
+    from tests.tiny import tiny_config
+
+    config = tiny_config("filip_vitb32")  # 16-px images of 8-px patches: 4 patches; 16 tokens
+    config.filip.top_k = 4
+    mesh = sharding.make_mesh(config.mesh)
+    result = bench.token_loss_memory(config, mesh, [256])
+    assert result["filip_tokens"] == {"patches": 4, "text": 16, "dim": 16, "top_k": 4}
+    (ring,), (gathered,) = result["filip_ring"], result["filip_allgather"]
+    assert gathered >= result["floor_filip_allgather_bytes"][0]
+    assert ring < gathered / 4
