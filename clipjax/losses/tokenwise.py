@@ -90,8 +90,8 @@ def filip_loss(
     Args:
       image_tokens: (b, P, D) this device's patch tokens, L2-normalised per token.
       text_tokens: (b, L, D) the paired captions' tokens, L2-normalised per token.
-      text_mask: (b, L) bool, the caption tokens that count (padding and the start token
-        masked; all True follows the reference, which masks nothing).
+      text_mask: (b, L) bool or 0/1, the caption tokens that count (padding and the start
+        token masked; all True follows the reference, which masks nothing).
       logit_scale: scalar σ multiplying the token-wise similarities.
       axis_name: mesh axis (or tuple of axes) the batch is split over; None on one device.
       top_k: tokens of each side selected per pair (`select_tokens`) and gathered.
@@ -104,6 +104,7 @@ def filip_loss(
       s^T_ij = σ · mean_{valid tokens r of text i} max_{p ∈ Sel(I_j)} ⟨w_r, a_p⟩;
       the same scalar on every device.
     """
+    text_mask = text_mask.astype(bool)  # a float 0/1 mask too (gradient accumulation's)
     image_selected, text_selected, text_selected_mask = select_tokens(
         image_tokens, text_tokens, text_mask, top_k
     )
