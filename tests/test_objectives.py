@@ -492,3 +492,25 @@ def test_filip_export_carries_the_global_towers_and_says_so(tmp_path, caplog):
         embeds = model.encode_image(images)
         assert embeds.shape == (2, config.model.embed_dim)
         np.testing.assert_allclose(np.linalg.norm(embeds, axis=-1), 1.0, rtol=1e-5)
+
+
+def test_slips_three_views_each_take_their_own_augmentation(tok):
+    """The pipeline makes SLIP's base view with `config.data.augment` and its two SSL views with
+    their own recipe, drawing them in order from the element's rng: the base view is the one a
+    one-view objective gets."""
+    from clipjax.data import image_ops, pipeline, shapes
+
+    base, ssl = image_ops.Augment(), image_ops.Augment("mocov2", (0.2, 1.0))
+    record = {"key": "k", "image": shapes.ShapesSource("train")[0]["image"], "caption": "a"}
+    three = pipeline._MakeViews(3, ("plain",), tok, 24, 48, base, (None, ssl, ssl))
+    got = three.random_map(record, np.random.default_rng(0))
+    rng = np.random.default_rng(0)
+    image = np.asarray(record["image"])
+    want = [image_ops.normalize(a(image, rng, 24)) for a in (base, ssl, ssl)]
+    for key, view in zip(("image", "image_2", "image_3"), want, strict=True):
+        np.testing.assert_array_equal(got[key], view)
+    one = pipeline._MakeViews(1, ("plain",), tok, 24, 48, base)
+    np.testing.assert_array_equal(
+        one.random_map(record, np.random.default_rng(0))["image"], want[0]
+    )
+    assert not np.array_equal(got["image_2"], got["image_3"])
