@@ -7,6 +7,11 @@ global term at weight 0, as the reference), padding masked (`filip.mask_padding=
 reference's unmasked form). The token-wise similarities travel around the device ring
 (`filip.chunked`). Zero-shot classification is token-wise.
 
+Where the reference's YFCC15M config differs (read in Sense-GVT/DeCLIP, not followed here):
+its text tower reads the MLM-masked caption (`text_mask_type: MLM`), and both logit scales'
+θ are clamped into [3, 6] after each step; clipjax reads the plain caption and clamps θ as
+CLIP does, in [0, ln 100] (`filip.log_scale_range`), as METHODS.md specifies.
+
   python -m clipjax.main --config=configs/filip_vitb32.py --workdir=/tmp/filip_vitb32 \
       --config.data.train=<your data>
 
