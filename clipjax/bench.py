@@ -13,13 +13,16 @@ and prints the median over `--steps` steps. The last line is one JSON object:
                                accumulation), `matmul_peak_dtype`
   compile_s                    XLA compile time of the train step
   temp_bytes_per_device        scratch memory of the compiled step (memory analysis)
-For DeCLIP it adds CLIP's step on the same backbone and batch (`step_ratio_vs_clip`) and the
-time of the two nearest-neighbour queue lookups alone (`nn_lookup_s`, `nn_lookup_share`).
+For every objective but CLIP it adds CLIP's step on the same backbone and batch
+(`step_ratio_vs_clip`); for DeCLIP and DeFILIP the time of the two nearest-neighbour queue
+lookups alone (`nn_lookup_s`, `nn_lookup_share`).
 
 With `--loss_only`, only the contrastive losses are compiled (value and gradient with respect
 to the embeddings, `config.model.embed_dim` wide) at each of `--batch_sizes`, and the JSON maps
 each loss to its `temp_bytes_per_device` per global batch, next to the logits floors
-(B/k)·B·4 bytes (all-gather) and (B/k)²·4 bytes (ring). For 8 devices on one CPU:
+(B/k)·B·4 bytes (all-gather) and (B/k)²·4 bytes (ring); for FILIP and DeFILIP also the
+token-wise loss (`filip_allgather`, `filip_ring`, see `token_loss_memory`). For 8 devices on
+one CPU:
 
   python -m clipjax.bench --config=configs/siglip_vitb16.py --loss_only --fake_devices=8
 
@@ -58,6 +61,7 @@ does, or `config.data.tokenizer.path`): after `--warmup_batches`, `--steps` batc
   python -m clipjax.bench --config=configs/clip_vitb32.py:local --data_only --steps=50
 """
 
+import functools
 import json
 import os
 import statistics
@@ -79,6 +83,7 @@ from clipjax import losses, metrics, nn_queue, objectives, sharding, train
 from clipjax.data import sources
 from clipjax.data import tokenizer as tokenizer_lib
 from clipjax.models import precision
+from clipjax.models.vit import vit_size
 from clipjax.objectives.base import Views
 from clipjax.step import build
 from clipjax.tools import step_profile
@@ -134,8 +139,9 @@ def synthetic_batch(config, mesh, views: Views) -> dict:
     def tokens():
         return rng.integers(4, vocab, size=(n, length)).astype(np.int32)
 
-    keys = ["image", "image_2"][: views.image_views]
-    batch = {key: rng.normal(size=(n, size, size, 3)).astype(np.float32) for key in keys}
+    batch = {
+        key: rng.normal(size=(n, size, size, 3)).astype(np.float32) for key in views.image_keys
+    }
     for kind in views.text_views:
         batch["text" if kind == "plain" else f"text_{kind}"] = tokens()
         if kind == "mlm":
@@ -327,15 +333,16 @@ def benchmark(config, steps: int) -> dict:
         "compile_s": compile_s,
         "temp_bytes_per_device": compiled.memory_analysis().temp_size_in_bytes,
     }
-    if config.objective == "declip":
+    if config.objective != "clip":
         # CLIP's step on the same backbone and batch, timed in the same run.
         clip = config.copy_and_resolve_references()
         clip.objective = "clip"
         clip_step_s, clip_compile_s, _ = _time_step(clip, steps)
-        lookup_s = nn_lookup_seconds(config)
         result["clip_step_s"] = clip_step_s
         result["clip_compile_s"] = clip_compile_s
         result["step_ratio_vs_clip"] = step_s / clip_step_s
+    if config.objective in ("declip", "defilip"):
+        lookup_s = nn_lookup_seconds(config)
         result["nn_lookup_s"] = lookup_s
         result["nn_lookup_share"] = lookup_s / step_s
     return result
@@ -347,7 +354,43 @@ LOSSES = {
     "clip_ring": (losses.clip_loss_ring, (10.0,)),
     "sigmoid_allgather": (losses.sigmoid_loss, (10.0, -10.0)),
     "sigmoid_ring": (losses.sigmoid_loss_ring, (10.0, -10.0)),
+    "nt_xent_allgather": (losses.nt_xent_loss, (0.1,)),
+    "nt_xent_ring": (losses.nt_xent_loss_ring, (0.1,)),
 }
+TOKEN_LOSSES = {"filip_allgather": losses.filip_loss, "filip_ring": losses.filip_loss_ring}
+
+
+def token_loss_memory(config, mesh, batch_sizes: list[int]) -> dict:
+    """FILIP's token-wise loss: temp_bytes_per_device of its value and token gradients, per
+    global batch, at the config's patch and text token counts and `filip.dim`/`filip.top_k`,
+    next to its similarity floors (B/k)·B·T·top_k·4 (all-gather) and (B/k)²·T·top_k·4 (ring),
+    T the larger token count."""
+    k = sharding.data_parallel_size(mesh)
+    patches = (config.model.image.size // vit_size(config.model.image.variant)[4]) ** 2
+    length, dim, top_k = config.model.text.context_length, config.filip.dim, config.filip.top_k
+    tokens = max(patches, length) * min(top_k, patches, length)
+    result = {
+        "filip_tokens": {"patches": patches, "text": length, "dim": dim, "top_k": top_k},
+        "floor_filip_allgather_bytes": [b // k * b * tokens * 4 for b in batch_sizes],
+        "floor_filip_ring_bytes": [(b // k) ** 2 * tokens * 4 for b in batch_sizes],
+    }
+    batched = sharding.batch_sharding(mesh)
+    for name, body in TOKEN_LOSSES.items():
+        loss = losses.on_batch_shards(functools.partial(body, top_k=top_k), mesh, num_batched=3)
+
+        def value_and_grads(a, w, m, loss=loss):
+            return jax.value_and_grad(lambda a, w: loss(a, w, m, 10.0), argnums=(0, 1))(a, w)
+
+        result[name] = []
+        for b in batch_sizes:
+            shapes = [
+                jax.ShapeDtypeStruct((b, patches, dim), jnp.float32, sharding=batched),
+                jax.ShapeDtypeStruct((b, length, dim), jnp.float32, sharding=batched),
+                jax.ShapeDtypeStruct((b, length), jnp.bool_, sharding=batched),
+            ]
+            compiled = jax.jit(value_and_grads).lower(*shapes).compile()
+            result[name].append(compiled.memory_analysis().temp_size_in_bytes)
+    return result
 
 
 def loss_memory(config, batch_sizes: list[int]) -> dict:
@@ -375,6 +418,8 @@ def loss_memory(config, batch_sizes: list[int]) -> dict:
             )
             compiled = jax.jit(value_and_grads).lower(embeds, embeds).compile()
             result[name].append(compiled.memory_analysis().temp_size_in_bytes)
+    if config.objective in ("filip", "defilip"):
+        result.update(token_loss_memory(config, mesh, batch_sizes))
     return result
 
 

@@ -16,7 +16,9 @@ The folder holds:
 
 Objective heads (DeCLIP's SimSiam and masked-LM heads, CLIP-Lite's prior discriminators) are
 not exported. CLIP-Lite's MI-block projections have no open_clip form, so a CLIP-Lite run is
-refused; `clipjax.load(WORKDIR)` uses it in clipjax. The folder is written whole or not at all.
+refused; `clipjax.load(WORKDIR)` uses it in clipjax. FILIP's token-wise head has no open_clip
+form either: its export carries the global towers and projections, and says so in one line (in
+the log and the model card). The folder is written whole or not at all.
 """
 
 import json
@@ -30,6 +32,14 @@ from absl import app, flags, logging
 from clipjax import inference, metrics, weights
 from clipjax.data import bpe
 from clipjax.errors import ConfigError
+
+# One line for exports whose method scores with a head open_clip has no form for.
+NOT_EXPORTED = {
+    "filip": "FILIP's token-wise head (token mappings and scale) has no open_clip form: this "
+    "export carries the global towers and projections, which FILIP's loss does not train "
+    "unless config.filip.clip_weight > 0; `clipjax.load(WORKDIR)` keeps the token-wise "
+    "zero-shot.",
+}
 
 
 def model_card(model, workdir: str) -> str:
@@ -48,6 +58,8 @@ def model_card(model, workdir: str) -> str:
         "Load it with open_clip: `open_clip.create_model_and_transforms('local-dir:THIS_DIR')`,"
         " tokenising with this folder's tokenizer; or with clipjax: `clipjax.load('THIS_DIR')`.",
     ]
+    if config.objective in NOT_EXPORTED:
+        lines += ["", NOT_EXPORTED[config.objective]]
     try:
         rows, _ = metrics.read_metrics(os.path.join(workdir, "metrics.jsonl"))
     except metrics.MetricsFileError:
@@ -71,6 +83,8 @@ def export(workdir: str, output: str, step: int | None = None) -> str:
     if os.path.isdir(output) and os.listdir(output):
         raise ConfigError(f"--output={output} is not empty; name a new folder.")
     model = inference.load(workdir, step=step)
+    if model.config.objective in NOT_EXPORTED:
+        logging.warning("%s", NOT_EXPORTED[model.config.objective])
     state_dict = weights.to_state_dict(model.variables, model.module)
     tokenizer = model.tokenizer
     content = weights.open_clip_config(model.config, tokenizer.eos_id, tokenizer.pad_id)

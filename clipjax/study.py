@@ -46,6 +46,9 @@ METHODS = {
     "declip": ("configs/declip_vitb32.py:local", ()),
     "cliplite": ("configs/cliplite_r50.py:local", ()),
     "siglip": ("configs/siglip_vitb16.py:local", ()),
+    "slip": ("configs/slip_vitb32.py:local", ()),
+    "filip": ("configs/filip_vitb32.py:local", ()),
+    "defilip": ("configs/defilip_vitb32.py:local", ()),
 }
 # Metric (eval/<name>/<metric>) -> column title, in the order of the table.
 METRICS = {

@@ -249,8 +249,8 @@ def test_saved_evaluations_get_every_field_of_their_kind(tmp_path):
         (
             "objective",
             "clap",
-            "config.objective='clap' is unknown; use one of clip, cliplite, declip, siglip. "
-            "Did you mean 'clip'?",
+            "config.objective='clap' is unknown; use one of clip, cliplite, declip, defilip, "
+            "filip, siglip, slip. Did you mean 'clip'?",
         ),
         (
             "optim.name",

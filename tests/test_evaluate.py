@@ -15,7 +15,7 @@ from clipjax import sharding, train
 from clipjax.data import image_ops, pipeline, shapes
 from clipjax.data import tokenizer as tokenizer_lib
 from clipjax.evaluate import evaluator as evaluator_lib
-from clipjax.evaluate import linear_probe, prompts, retrieval
+from clipjax.evaluate import linear_probe, prompts, retrieval, zeroshot
 from clipjax.evaluate.retrieval import recall_at_k
 from clipjax.evaluate.zeroshot import chance as class_chance
 from clipjax.evaluate.zeroshot import class_embeddings, topk_accuracy
@@ -469,3 +469,62 @@ def test_a_diverged_model_scores_nan_never_perfect(tiny_setup):
     assert all(math.isnan(v) for v in topk_accuracy(scores, np.arange(4) % 3).values())
     recall = recall_at_k(np.full((4, 2), np.nan), np.ones((4, 2)), np.arange(4))
     assert len(recall) == 6 and all(math.isnan(v) for v in recall.values())
+
+
+# ------------------------------------------------------------- token-wise zero-shot (FILIP)
+
+
+def test_token_wise_zeroshot_matches_its_definition():
+    """`class_tokens` + `token_scores` against loops over the definition: per class and
+    position the mean over the templates where the position counts, the class's tokens divided
+    by their joint norm; an image's score the mean over patches of the max over those tokens."""
+    rng = np.random.default_rng(0)
+    classes, templates, length, patches, dim, n = 3, 4, 5, 6, 4, 7
+    tokens = rng.normal(size=(classes * templates, length, dim))
+    tokens /= np.linalg.norm(tokens, axis=-1, keepdims=True)
+    counts = rng.integers(1, length, size=classes * templates)  # each prompt's tokens
+    tokens[np.arange(length)[None, :] >= counts[:, None]] = 0.0
+    images = rng.normal(size=(n, patches, dim))
+    images /= np.linalg.norm(images, axis=-1, keepdims=True)
+    want = np.zeros((n, classes))
+    for c in range(classes):
+        rows = tokens[c * templates : (c + 1) * templates]
+        kept = []
+        for position in range(length):
+            valid = [t for t in rows[:, position] if np.linalg.norm(t) > 0]
+            if valid:
+                kept.append(np.mean(valid, axis=0))
+        kept = np.array(kept) / np.sqrt((np.array(kept) ** 2).sum())
+        for i in range(n):
+            want[i, c] = np.mean([max(patch @ t for t in kept) for patch in images[i]])
+    got = zeroshot.token_scores(images, *zeroshot.class_tokens(tokens, classes), chunk=3)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+def test_filip_zeroshot_is_token_wise_and_retrieval_and_probe_run(tiny_setup):
+    """A FILIP objective's zero-shot evaluation scores tokens (its top-1 is the token-wise
+    scores' accuracy), while retrieval and the probe use the global towers."""
+    config, _, _, tokenizer, mesh = tiny_setup
+    config = config.copy_and_resolve_references()
+    config.objective, config.filip.dim, config.filip.top_k = "filip", 16, 4
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+        objective, init, _, _ = train.build(config, mesh)
+        state = init(jax.random.PRNGKey(0))
+        evaluators = evaluator_lib.make_evaluators(
+            config, objective=objective, tokenizer=tokenizer, mesh=mesh
+        )
+        results = evaluator_lib.run_all(evaluators, state.params, state.model_state)
+        evaluation = evaluators[0]
+        args = (state.params, state.model_state)
+        images = jax.jit(objective.embed_image_tokens)(
+            *args, image_ops.normalize(evaluation.images[evaluation.valid])
+        )
+        prompts = jax.jit(objective.embed_text_tokens)(*args, evaluation.prepared["prompts"])
+    num_classes = evaluation.prepared["num_classes"]
+    scores = zeroshot.token_scores(
+        np.asarray(images, np.float64),
+        *zeroshot.class_tokens(np.asarray(prompts, np.float64), num_classes),
+    )
+    want = zeroshot.topk_accuracy(scores, evaluation.prepared["labels"])[1]
+    assert results["eval/shapes/zeroshot_top1"] == pytest.approx(want)
+    assert {"eval/shapes_retrieval/i2t_r1", "eval/shapes_probe/probe_top1"} < set(results)

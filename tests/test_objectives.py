@@ -25,6 +25,9 @@ METRICS = {
         "train/mlm_accuracy",
         "train/nn_queue_fill",
     },
+    "slip": {"train/loss_clip", "train/loss_ssl", "train/logit_scale"},
+    "filip": {"train/loss_filip", "train/token_logit_scale"},
+    "defilip": {"train/loss_mvs", "train/loss_nns", "train/loss_filip", "train/token_logit_scale"},
 }
 
 
@@ -52,6 +55,11 @@ def _train_a_few_steps(config, steps=8):
         "siglip_vitb16",
         "cliplite_r50",
         "declip_vitb32",
+        "slip_vitb32",
+        "filip_vitb32",
+        # DeCLIP's terms plus FILIP's: its weights and terms are checked in CI below
+        # (`test_defilip_is_declips_terms_plus_filips_with_the_reference_weights`).
+        pytest.param("defilip_vitb32", marks=pytest.mark.slow),
         # DeCLIP's heads and ResNet BatchNorm, each trained above; together they compile for
         # 40 s here, so only the full suite runs them (`pytest -m slow`).
         pytest.param("declip_r50", marks=pytest.mark.slow),
@@ -255,7 +263,8 @@ def test_declip_terms_are_the_same_with_the_infonce_rings():
 def test_views_validation():
     assert Views(text_views=["mlm", "eda"]).text_views == ("mlm", "eda")
     for bad in (
-        {"image_views": 3},
+        {"image_views": 4},
+        {"image_views": 2, "image_augments": ({},)},
         {"text_views": ()},
         {"text_views": ("plain", "plain")},
         {"text_views": ("bert",)},
@@ -320,3 +329,188 @@ def test_cliplite_rejects_unknown_prior_mode_and_negative():
         match = f"config.cliplite.{field}='{value}' is unknown"
         with pytest.raises(ConfigError, match=match), built(config):
             pass
+
+
+# ------------------------------------------------------------------ SLIP, FILIP and DeFILIP
+
+
+def _steps_on(config, devices, steps=5):
+    """Losses of `steps` updates on the synthetic batch, on a mesh over `devices`."""
+    from clipjax import bench, step
+
+    mesh = sharding.make_mesh(config.mesh, devices)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+        objective, init, _, step_fn = step.build(config, mesh)
+        state = init(jax.random.PRNGKey(0))
+        batch = bench.synthetic_batch(config, mesh, objective.views)
+        losses = []
+        for _ in range(steps):
+            state, metrics = step_fn(state, batch)
+            losses.append(float(metrics["train/loss"]))
+        return np.asarray(losses)
+
+
+@pytest.mark.parametrize(
+    "config_name",
+    ["slip_vitb32", "filip_vitb32", pytest.param("defilip_vitb32", marks=pytest.mark.slow)],
+)
+def test_eight_devices_train_as_one(config_name):
+    """Five steps on 8 fake devices give one device's losses within 1e-6, in the ring forms
+    (BatchNorm heads synced: per-device statistics differ by design). Parameters are not
+    compared: Adam turns gradients that are zero up to rounding into steps of ±lr."""
+    config = tiny(config_name)
+    config.filip.chunked = config.clip.chunked = True
+    config.slip.sync_bn = config.declip.sync_bn = True
+    config.mesh.data = -1
+    eight, one = _steps_on(config, jax.devices()), _steps_on(config, jax.devices()[:1])
+    assert eight[-1] < eight[0]
+    np.testing.assert_allclose(eight, one, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "config_name", ["slip_vitb32", pytest.param("filip_vitb32", marks=pytest.mark.slow)]
+)
+def test_a_stopped_run_resumes_exactly(config_name, tmp_path):
+    """Stopped at step 3 and resumed, a run gives the uninterrupted run's losses bit for bit
+    (SLIP: the SimCLR head's BatchNorm statistics are in the checkpoint)."""
+    from clipjax import train
+    from clipjax.metrics import read_metrics
+
+    config = tiny(config_name)
+    config.total_steps, config.log_every, config.ckpt_every = 5, 1, 3
+    config.evals = {}
+
+    def losses(workdir):
+        rows = read_metrics(str(workdir / "metrics.jsonl"))[0]
+        return {row["step"]: row["train/loss"] for row in rows if "train/loss" in row}
+
+    train.run(config, str(tmp_path / "straight"))
+    train.run(config, str(tmp_path / "resumed"), stop_at=3)
+    train.run(config, str(tmp_path / "resumed"))
+    want = losses(tmp_path / "straight")
+    assert sorted(want) == [1, 2, 3, 4, 5]
+    assert losses(tmp_path / "resumed") == want
+
+
+def test_slip_refuses_gradient_accumulation_in_one_line():
+    from clipjax import step
+    from clipjax.errors import ConfigError
+
+    config = tiny("slip_vitb32")
+    config.batch_size, config.accum_steps = 32, 2
+    mesh = sharding.make_mesh(config.mesh)
+    with (
+        jax.set_mesh(mesh),
+        nn.logical_axis_rules(sharding.LOGICAL_RULES),
+        pytest.raises(ConfigError) as error,
+    ):
+        step.build(config, mesh)
+    assert str(error.value) == (
+        "config.accum_steps=2: slip cannot accumulate its gradient exactly, as its SimCLR "
+        "head's BatchNorm statistics are computed over the whole batch; use "
+        "config.accum_steps=1."
+    )
+
+
+def test_filip_accumulates_its_gradient_exactly():
+    """FILIP's loss is a function of each example's tokens: two micro-batches give the whole
+    batch's loss within 1e-6 and its gradients within float32 rounding."""
+    from clipjax import step
+
+    config = tiny("filip_vitb32")
+    config.batch_size = 32
+    results = []
+    with built(config) as (objective, state, _, batch):
+        args = (state.params, state.model_state, batch, state.objective_state, state.rng)
+        whole = jax.value_and_grad(objective.loss, has_aux=True)
+        accumulated = functools.partial(step.accumulated_grads, objective, steps=2)
+        for grad_fn in (whole, accumulated):
+            (loss, _), grads = jax.device_get(jax.jit(grad_fn)(*args))
+            results.append((loss, grads))
+    (want_loss, want_grads), (loss, grads) = results
+    np.testing.assert_allclose(loss, want_loss, rtol=0, atol=1e-6)
+    scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(want_grads))
+    assert scale > 1e-3
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * scale)
+
+
+def test_slip_views_are_a_base_view_and_two_mocov2_views():
+    from clipjax.objectives.slip import Slip
+
+    config = tiny("slip_vitb32")
+    objective = Slip(config, sharding.make_mesh(config.mesh))
+    assert objective.views.image_keys == ("image", "image_2", "image_3")
+    base, *ssl = objective.views.image_augments
+    assert base is None  # config.data.augment
+    assert ssl == [{"recipe": "mocov2", "crop_scale": (0.2, 1.0), "flip": True}] * 2
+
+
+def test_defilip_is_declips_terms_plus_filips_with_the_reference_weights():
+    """L = 0.4·MVS + 0.2·ISS + 0.2·TSS + 0.2·NNS + 0.2·FILIP, FILIP's term taken on image view
+    1 and the masked caption (its tokens and mask recomputed here from the forward pass)."""
+    from clipjax import losses
+    from clipjax.models.text import caption_mask
+
+    config = tiny("defilip_vitb32")
+    with built(config) as (objective, state, _, batch):
+        assert objective.weights == {"mvs": 0.4, "iss": 0.2, "tss": 0.2, "nns": 0.2, "filip": 0.2}
+        args = (state.params, state.model_state, batch, state.objective_state, None)
+        loss, (metrics, _, _) = jax.jit(objective.loss)(*args)
+        forward = jax.jit(lambda p, m, b: objective.forward(p, m, b, method=objective._forward))
+        out, _ = forward(state.params, state.model_state, batch)
+    weighted = sum(w * metrics[f"train/loss_{k}"] for k, w in objective.weights.items())
+    np.testing.assert_allclose(loss, weighted, rtol=1e-6)
+    scale = np.exp(float(state.params["token_heads"]["log_scale"]))
+    mask = np.asarray(caption_mask(batch["text_mlm"]))
+    want = losses.filip_loss(
+        np.asarray(out["image_tokens"]), np.asarray(out["text_tokens"]), mask, scale, top_k=4
+    )
+    np.testing.assert_allclose(metrics["train/loss_filip"], want, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_filip_export_carries_the_global_towers_and_says_so(tmp_path, caplog):
+    """A FILIP run exports (the global towers, for open_clip) with the one line saying its
+    token-wise head is not there, and `clipjax.load` of the run and of the export both embed."""
+    import clipjax
+    from clipjax import export, train
+
+    config = tiny("filip_vitb32")
+    config.total_steps, config.ckpt_every = 2, 2
+    config.evals = {}
+    workdir = str(tmp_path / "run")
+    train.run(config, workdir)
+    with caplog.at_level("WARNING"):
+        output = export.export(workdir, str(tmp_path / "export"))
+    assert export.NOT_EXPORTED["filip"] in caplog.text
+    with open(f"{output}/README.md") as f:
+        assert export.NOT_EXPORTED["filip"] in f.read()
+    images = np.zeros((2, config.model.image.size, config.model.image.size, 3), np.uint8)
+    for path in (workdir, output):
+        model = clipjax.load(path)
+        embeds = model.encode_image(images)
+        assert embeds.shape == (2, config.model.embed_dim)
+        np.testing.assert_allclose(np.linalg.norm(embeds, axis=-1), 1.0, rtol=1e-5)
+
+
+def test_slips_three_views_each_take_their_own_augmentation(tok):
+    """The pipeline makes SLIP's base view with `config.data.augment` and its two SSL views with
+    their own recipe, drawing them in order from the element's rng: the base view is the one a
+    one-view objective gets."""
+    from clipjax.data import image_ops, pipeline, shapes
+
+    base, ssl = image_ops.Augment(), image_ops.Augment("mocov2", (0.2, 1.0))
+    record = {"key": "k", "image": shapes.ShapesSource("train")[0]["image"], "caption": "a"}
+    three = pipeline._MakeViews(3, ("plain",), tok, 24, 48, base, (None, ssl, ssl))
+    got = three.random_map(record, np.random.default_rng(0))
+    rng = np.random.default_rng(0)
+    image = np.asarray(record["image"])
+    want = [image_ops.normalize(a(image, rng, 24)) for a in (base, ssl, ssl)]
+    for key, view in zip(("image", "image_2", "image_3"), want, strict=True):
+        np.testing.assert_array_equal(got[key], view)
+    one = pipeline._MakeViews(1, ("plain",), tok, 24, 48, base)
+    np.testing.assert_array_equal(
+        one.random_map(record, np.random.default_rng(0))["image"], want[0]
+    )
+    assert not np.array_equal(got["image_2"], got["image_3"])

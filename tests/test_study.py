@@ -47,7 +47,8 @@ def test_flag_errors():
     with pytest.raises(study.StudyError) as e:
         study.parse_methods(["clip", "moco"], [])
     assert str(e.value) == (
-        "--methods: unknown 'moco'; use clip, declip, cliplite, siglip or define it with --variant."
+        "--methods: unknown 'moco'; use clip, declip, cliplite, siglip, slip, filip, defilip or "
+        "define it with --variant."
     )
     with pytest.raises(study.StudyError, match="is not NAME=BASE:field=value"):
         study.parse_methods(["x"], ["x=simclr:lr=1"])

@@ -26,7 +26,11 @@ def tiny_config(config_name: str = "clip_vitb32"):
         settings.batch_size = 16
     c.evals.shapes_probe.train_source = "shapes:64?seed=1"
     c.evals.shapes_probe.steps = 50
-    if c.objective == "declip":
+    if c.objective in ("slip",):
+        c.slip.head_width, c.slip.head_dim = 32, 16
+    if c.objective in ("filip", "defilip"):
+        c.filip.dim, c.filip.top_k = 16, 4
+    if c.objective in ("declip", "defilip"):
         c.declip.nns_weight = 0.2  # every DeCLIP term trains in the tests (`:local` drops NNS)
     return c
 

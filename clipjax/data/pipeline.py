@@ -73,9 +73,11 @@ class _MakeViews(grain.transforms.RandomMap):
     image_size: int
     context_length: int
     augment: image_ops.Augment
+    view_augments: tuple[image_ops.Augment | None, ...] = ()  # per view; None: `augment`
 
-    def _augment(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        return image_ops.normalize(self.augment(image, rng, self.image_size))
+    def _augment(self, image: np.ndarray, rng: np.random.Generator, view: int = 0) -> np.ndarray:
+        own = self.view_augments[view] if self.view_augments else None
+        return image_ops.normalize((own or self.augment)(image, rng, self.image_size))
 
     def _encode(self, caption: str) -> np.ndarray:
         return self.tokenizer.encode([caption], self.context_length)[0]
@@ -85,9 +87,8 @@ class _MakeViews(grain.transforms.RandomMap):
             example = records.decode(record)
         except records.BadRecord as e:
             return _Skipped(e.key, e.reason)
-        out = {"image": self._augment(example["image"], rng)}
-        if self.image_views == 2:
-            out["image_2"] = self._augment(example["image"], rng)
+        keys = ("image", "image_2", "image_3")[: self.image_views]
+        out = {key: self._augment(example["image"], rng, view) for view, key in enumerate(keys)}
         if "caption" in example:
             caption = example["caption"]
         else:  # a multi-caption source: one of them, new each epoch
@@ -360,7 +361,10 @@ def train_dataset(
     if isinstance(source, sources.Mixture):
         logging.info("Training on a mixture, by share of the examples: %s", repr(source)[8:-1])
     augment = image_ops.Augment(**data_config.augment)
-    make_views = _MakeViews(image_views, text_views, tokenizer, image_size, context_length, augment)
+    view_augments = tuple(a and image_ops.Augment(**a) for a in views.image_augments)
+    make_views = _MakeViews(
+        image_views, text_views, tokenizer, image_size, context_length, augment, view_augments
+    )
     fingerprint = sources.fingerprint(source)
     if streamed := isinstance(source, webdataset.WebDatasetSource):
         import jax  # here: Grain workers import this module, not jax

@@ -1,4 +1,9 @@
-"""Zero-shot classification from class-name prompts, and top-k accuracy of any scores."""
+"""Zero-shot classification from class-name prompts, and top-k accuracy of any scores.
+
+Images are scored against each class's prompt-ensemble embedding, or, for an objective with
+`token_zeroshot` (FILIP), token-wise: each image by the mean over its patches of the max over
+the class's tokens (`class_tokens`, `token_scores`), as DeCLIP's codebase evaluates FILIP.
+"""
 
 import numpy as np
 
@@ -22,6 +27,38 @@ def class_embeddings(prompt_embeds: np.ndarray, num_classes: int) -> np.ndarray:
     """
     per_class = prompt_embeds.reshape(num_classes, -1, prompt_embeds.shape[-1]).mean(axis=1)
     return per_class / np.linalg.norm(per_class, axis=-1, keepdims=True)
+
+
+def class_tokens(prompt_tokens: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Average each class's prompt tokens position by position (FILIP's prompt ensembling).
+
+    Args:
+      prompt_tokens: (num_classes * num_templates, L, d) unit tokens, class-major order; the
+        zero vector at the positions that do not count (padding, the start token).
+    Returns:
+      (tokens (num_classes, L, d), mask (num_classes, L) bool): at each position the mean over
+      the templates where it counts, each class's tokens then divided by their joint norm, as
+      the reference does; `mask` marks the positions that count in some template.
+    """
+    tokens = prompt_tokens.reshape(num_classes, -1, *prompt_tokens.shape[1:])
+    counts = (np.linalg.norm(tokens, axis=-1) > 0).sum(axis=1)  # (C, L)
+    mean = tokens.sum(axis=1) / np.maximum(counts, 1)[..., None]
+    mean /= np.linalg.norm(mean.reshape(num_classes, -1), axis=1)[:, None, None]
+    return mean, counts > 0
+
+
+def token_scores(
+    image_tokens: np.ndarray, tokens: np.ndarray, mask: np.ndarray, chunk: int = 256
+) -> np.ndarray:
+    """(n, P, d) image patch tokens against `class_tokens`' (C, L, d) tokens and (C, L) mask ->
+    (n, C): the mean over each image's patches of the max over the class's tokens that count;
+    `chunk` images at a time (chunk × C × P × L similarities)."""
+    scores = []
+    for start in range(0, len(image_tokens), chunk):
+        sim = np.einsum("npd,cld->ncpl", image_tokens[start : start + chunk], tokens)
+        sim = np.where(mask[None, :, None, :], sim, -np.inf)
+        scores.append(sim.max(axis=-1).mean(axis=-1))
+    return np.concatenate(scores)
 
 
 def topk_accuracy(scores: np.ndarray, labels: np.ndarray, ks=(1, 5)) -> dict[int, float]:
@@ -83,10 +120,16 @@ def chance_levels(evaluation, prepared: dict) -> dict[str, float]:
 
 def score(evaluation, prepared: dict, embed) -> dict[str, float]:
     """`zeroshot_top{1,5}`; `embed(embed_fn, inputs[, valid])` gives float64 embeddings."""
-    objective = evaluation.objective
-    images = embed(objective.embed_images, evaluation.images, evaluation.valid)
-    classifier = class_embeddings(
-        embed(objective.embed_texts, prepared["prompts"]), prepared["num_classes"]
-    )
-    accuracy = topk_accuracy(images @ classifier.T, prepared["labels"], ks=(1, 5))
+    objective, num_classes = evaluation.objective, prepared["num_classes"]
+    if getattr(objective, "token_zeroshot", False):
+        images = embed(objective.embed_image_tokens, evaluation.images, evaluation.valid)
+        prompt_tokens = embed(objective.embed_text_tokens, prepared["prompts"])
+        scores = token_scores(images, *class_tokens(prompt_tokens, num_classes))
+    else:
+        images = embed(objective.embed_images, evaluation.images, evaluation.valid)
+        classifier = class_embeddings(
+            embed(objective.embed_texts, prepared["prompts"]), num_classes
+        )
+        scores = images @ classifier.T
+    accuracy = topk_accuracy(scores, prepared["labels"], ks=(1, 5))
     return {f"zeroshot_top{k}": v for k, v in accuracy.items()}

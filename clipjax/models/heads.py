@@ -1,4 +1,7 @@
-"""Heads that objectives add to the two towers: CLIP-Lite's MI block and prior discriminator."""
+"""Heads that objectives add to the two towers: CLIP-Lite's MI block and prior discriminator,
+DeCLIP's SimSiam and masked-LM heads, SLIP's SimCLR head and FILIP's token mappings."""
+
+import math
 
 import flax.linen as nn
 import jax
@@ -164,3 +167,55 @@ class MaskedLMHead(nn.Module):
         picked_labels = jnp.take_along_axis(labels, positions, axis=1)
         logits = _dense(self.vocab_size, ("embed", "vocab"), name="decoder")(picked_states)
         return logits, picked_labels
+
+
+class SimClrHead(nn.Module):
+    """SLIP's SimCLR head on the image tower's pooled feature:
+    Linear(d, width)-BN-ReLU-Linear(width, width)-BN-ReLU-Linear(width, dim), no BN on the
+    output; (B, d) -> (B, dim), unnormalised. BatchNorm statistics per group of the batch
+    (`bn_groups`, as `GroupBatchNorm`)."""
+
+    bn_groups: int = 1
+    width: int = 4096
+    dim: int = 256
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        def bn(h, name):
+            return GroupBatchNorm(self.bn_groups, name=name)(h, train=train)
+
+        h = nn.relu(bn(_dense(self.width, ("embed", "mlp"), name="fc_1")(x), "bn_1"))
+        h = nn.relu(bn(_dense(self.width, ("mlp", None), name="fc_2")(h), "bn_2"))
+        return _dense(self.dim, (None, "joint"), name="fc_3")(h)
+
+
+class TokenHeads(nn.Module):
+    """FILIP's token mappings and scale: image patch tokens (B, P, d_v) and caption token states
+    (B, L, d_t) each through its own Linear to `dim`, L2-normalised per token; and θ_dense
+    (`log_scale`), the log of the token-wise logit scale (initialised ln(1/0.07), as CLIP's)."""
+
+    dim: int = 256
+
+    def setup(self):
+        self.image_mapping = _dense(self.dim, ("embed", "joint"))
+        self.text_mapping = _dense(self.dim, ("embed", "joint"))
+        self.log_scale = self.param(
+            "log_scale",
+            nn.with_logical_partitioning(nn.initializers.constant(math.log(1 / 0.07)), ()),
+            (),
+        )
+
+    def image(self, tokens):
+        """(B, P, d_v) -> (B, P, dim) unit tokens."""
+        return _unit(self.image_mapping(tokens))
+
+    def text(self, tokens):
+        """(B, L, d_t) -> (B, L, dim) unit tokens."""
+        return _unit(self.text_mapping(tokens))
+
+    def __call__(self, image_tokens, text_tokens):
+        return self.image(image_tokens), self.text(text_tokens), self.log_scale
+
+
+def _unit(x):
+    return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True))

@@ -56,3 +56,12 @@ class TextTransformer(nn.Module):
         eot = jnp.argmax(jnp.where(tokens != PAD_ID, jnp.arange(length), -1), axis=1)  # (B,)
         pooled = jnp.take_along_axis(states, eot[:, None, None], axis=1)[:, 0]
         return nn.with_logical_constraint(pooled, ("batch", "embed")), states
+
+
+def caption_mask(tokens):
+    """Tokens (B, L) `BOS ... EOS PAD...` -> bool (B, L): the caption's own tokens and its
+    end-of-text token, i.e. positions 1 to the last non-pad one (FILIP's token-wise terms leave
+    out the start token and the padding)."""
+    positions = jnp.arange(tokens.shape[1])
+    eot = jnp.max(jnp.where(tokens != PAD_ID, positions, 0), axis=1, keepdims=True)
+    return (positions >= 1) & (positions <= eot)

@@ -151,19 +151,25 @@ class TwoTower(nn.Module):
             return normalize(projection(features, train=train))
         return normalize(projection(features))
 
-    def encode_image(self, images, train: bool = False):
+    def encode_image(self, images, train: bool = False, tokens: bool = False):
         """Images (B, H, W, 3) -> features (B, width_v) before projection, embed (B, embed_dim)
         L2-normalised; both float32. width_v is the ViT width or the ResNet's output_dim.
 
         `train` puts BatchNorm (ResNet, MI block) in training mode (apply with
         `mutable=["batch_stats"]`) unless the tower is locked, and drops patches (a ViT with
-        `patch_dropout`; apply with `rngs={"patch_dropout": key}`)."""
+        `patch_dropout`; apply with `rngs={"patch_dropout": key}`). `tokens` adds a ViT's patch
+        tokens before ln_post (`tokens`, (B, P, width_v) float32)."""
+        out = {}
         if isinstance(self.image_tower, ModifiedResNet):
             features = self.image_tower(images, train=train and not self.image_locked)
+        elif tokens:
+            features, patch_tokens = self.image_tower(images, train=train, tokens=True)
+            out["tokens"] = patch_tokens.astype(jnp.float32)
         else:
             features = self.image_tower(images, train=train)
         features = features.astype(jnp.float32)
         return {
+            **out,
             "features": features,
             "embed": self._project(
                 self.image_projection, features, train and not self.image_locked

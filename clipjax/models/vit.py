@@ -29,7 +29,8 @@ def vit_size(variant: str) -> tuple[int, int, int, int, int]:
 
 
 class VisionTransformer(nn.Module):
-    """Images (B, H, W, 3), already normalised -> pooled feature (B, width): ln_post(class token).
+    """Images (B, H, W, 3), already normalised -> pooled feature (B, width): ln_post(class token);
+    with `tokens=True`, (pooled, the patch tokens (B, P, width) before ln_post) (FILIP's).
 
     The positional embedding has one entry per patch plus the class token, so its length is
     fixed by the image size seen at init.
@@ -41,7 +42,7 @@ class VisionTransformer(nn.Module):
     patch_dropout: float = 0.0  # in training, drop this fraction of the patch tokens (FLIP)
 
     @nn.compact
-    def __call__(self, images, train: bool = False):
+    def __call__(self, images, train: bool = False, tokens: bool = False):
         width, depth, mlp_dim, heads, patch = vit_size(self.variant)
         height, image_width = images.shape[1:3]
         if height % patch or image_width % patch:
@@ -83,8 +84,8 @@ class VisionTransformer(nn.Module):
         x = tower_transformer(
             self.options, depth if self.depth == -1 else self.depth, heads, mlp_dim
         )(x)
-        pooled = layer_norm("ln_post")(x[:, 0])
-        return nn.with_logical_constraint(pooled, ("batch", "embed"))
+        pooled = nn.with_logical_constraint(layer_norm("ln_post")(x[:, 0]), ("batch", "embed"))
+        return (pooled, x[:, 1:]) if tokens else pooled
 
 
 def drop_patches(tokens, rng, rate: float):

@@ -6,9 +6,20 @@ An objective is built as `Objective(config, mesh)`; see `base.Objective` for wha
 from clipjax.objectives.clip import Clip
 from clipjax.objectives.cliplite import ClipLite
 from clipjax.objectives.declip import DeClip
+from clipjax.objectives.defilip import DeFilip
+from clipjax.objectives.filip import Filip
 from clipjax.objectives.siglip import SigLip
+from clipjax.objectives.slip import Slip
 
-OBJECTIVES = {"clip": Clip, "declip": DeClip, "siglip": SigLip, "cliplite": ClipLite}
+OBJECTIVES = {
+    "clip": Clip,
+    "declip": DeClip,
+    "siglip": SigLip,
+    "cliplite": ClipLite,
+    "slip": Slip,
+    "filip": Filip,
+    "defilip": DeFilip,
+}
 
 
 def get(name: str):

@@ -63,22 +63,31 @@ class DeClipModel(TwoTower):
         return out
 
 
-def _forward(model: DeClipModel, batch, train: bool, text_keys: tuple[str, str]):
+def _forward(model: DeClipModel, batch, train: bool, text_keys: tuple[str, str], tokens=False):
     """Both image views and the two contrastive captions (batch keys `text_keys`) through the
-    towers, plus the SimSiam and MLM heads."""
-    images = [model.encode_image(batch[key], train=train) for key in ("image", "image_2")]
+    towers, plus the SimSiam and MLM heads; with `tokens` (DeFILIP), FILIP's unit tokens of
+    image view 1 and of the masked caption too (`image_tokens`, `text_tokens`)."""
+    images = [
+        model.encode_image(batch[key], train=train, tokens=tokens and key == "image")
+        for key in ("image", "image_2")
+    ]
     texts = [model.encode_text(batch[key], train=train) for key in text_keys]
     if text_keys[0] == "text_mlm":
         masked = texts[0]
     else:
         masked = model.encode_text(batch["text_mlm"], train=train)
-    return {
+    out = {
         "images": [view["embed"] for view in images],
         "texts": [view["embed"] for view in texts],
         "simsiam": [model.simsiam(view["features"], train=train) for view in images],
         "mlm": model.masked_lm(masked["states"], batch["mlm_labels"]),
         "log_scale": model.log_scale,
     }
+    if tokens:
+        out["image_tokens"], out["text_tokens"], out["token_log_scale"] = model.token_heads(
+            images[0]["tokens"], masked["states"]
+        )
+    return out
 
 
 def _terms(views: dict, queue: dict, logit_scale, *, axis_name, multi_view: bool, chunked: bool):
@@ -105,6 +114,7 @@ def _terms(views: dict, queue: dict, logit_scale, *, axis_name, multi_view: bool
 
 
 class DeClip(Objective):
+    token_wise = False  # DeFILIP: the forward pass also gives FILIP's tokens
     no_accumulation = (
         "its SimSiam BatchNorm statistics and its feature queue are computed over the whole batch"
     )
@@ -120,15 +130,15 @@ class DeClip(Objective):
         self.views = Views(
             image_views=2, text_views=tuple(kinds[key] for key in dict.fromkeys(needed))
         )
-        self._forward = functools.partial(_forward, text_keys=text_keys)
+        self._forward = functools.partial(_forward, text_keys=text_keys, tokens=self.token_wise)
         if cfg.queue_size % sharding.data_parallel_size(mesh):
             raise ConfigError(
                 f"config.declip.queue_size={cfg.queue_size} does not split over the "
                 f"{sharding.data_parallel_size(mesh)} data-parallel devices; use a multiple."
             )
         groups = 1 if cfg.sync_bn else sharding.data_parallel_size(mesh)
-        self.model = DeClipModel.from_config(
-            config.model,
+        self.model = self._build_model(
+            config,
             simsiam_bn_groups=groups,
             mlm_max_masked=max(1, math.ceil(MLM_RATIO * config.model.text.context_length)),
         )
@@ -154,6 +164,15 @@ class DeClip(Objective):
             out_specs=(whole, queue),
         )
 
+    def _build_model(self, config, **fields) -> DeClipModel:
+        return DeClipModel.from_config(config.model, **fields)
+
+    def _extra_terms(self, params, out, batch) -> tuple[dict, dict]:
+        """Terms a subclass adds to the four (DeFILIP's token-wise term), by weight name, and
+        their metrics."""
+        del params, out, batch
+        return {}, {}
+
     def init_state(self, rng):
         queue = nn_queue.init(rng, self.queue_size, self.embed_dim)
         # The queue's rows are split over the batch axes, like the batch.
@@ -167,9 +186,12 @@ class DeClip(Objective):
         logit_scale = jnp.minimum(jnp.exp(out["log_scale"]), MAX_LOGIT_SCALE)
         views = {key: out[key] for key in ("images", "texts", "simsiam", "mlm")}
         terms, queue = self._terms(views, state, logit_scale)
+        extra_terms, extra_metrics = self._extra_terms(params, out, batch)
+        terms.update(extra_terms)
         loss = sum(self.weights[k] * terms[k] for k in self.weights)
         metrics = {f"train/loss_{k}": terms[k] for k in self.weights}
         metrics["train/mlm_accuracy"] = terms["mlm_accuracy"]
         metrics["train/nn_queue_fill"] = nn_queue.fill(queue)
         metrics["train/logit_scale"] = logit_scale
+        metrics.update(extra_metrics)
         return loss, (metrics, model_state, queue)
