@@ -238,7 +238,7 @@ def abstract_batch(config, mesh, views) -> dict:
     n, size = config.batch_size, config.model.image.size
     image = jax.ShapeDtypeStruct((n, size, size, 3), jnp.float32)
     text = jax.ShapeDtypeStruct((n, config.model.text.context_length), jnp.int32)
-    shapes = {key: image for key in ["image", "image_2"][: views.image_views]}
+    shapes = dict.fromkeys(views.image_keys, image)
     for kind in views.text_views:
         shapes["text" if kind == "plain" else f"text_{kind}"] = text
         if kind == "mlm":

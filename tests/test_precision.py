@@ -75,19 +75,39 @@ def test_an_index_summed_within_one_operand_is_refused():
         precision.einsum("ij,jk->k", *_operands([(2, 3), (3, 4)]), jnp.bfloat16)
 
 
-def test_elementwise_computes_in_float32_and_differentiates_at_the_narrow_input():
-    """GELU under bfloat16: the value is float32's exactly; the gradient is GELU's derivative
-    (float64 numpy, erf through the normal CDF) at the input rounded to bfloat16."""
+def test_an_activation_inside_the_product_keeps_only_its_narrow_input():
+    """GELU inside a bfloat16 product, as the MLP's fc_out takes it: the value is the product of
+    float32's GELU, rounded; the gradients are float64's (numpy; erf through math.erf) at the
+    input rounded to bfloat16, with every product's operands rounded as the policy does."""
     from math import erf, exp, pi, sqrt
+
+    import ml_dtypes
 
     from clipjax.models.layers import gelu
 
-    x = jnp.asarray(np.random.default_rng(0).normal(size=257) * 3, jnp.float32)
-    np.testing.assert_array_equal(precision.elementwise(gelu, x, jnp.bfloat16), gelu(x))
-    grad = jax.grad(lambda x: jnp.sum(precision.elementwise(gelu, x, jnp.bfloat16)))(x)
-    rounded = np.asarray(x.astype(jnp.bfloat16).astype(jnp.float32), np.float64)
-    want = [0.5 * (1 + erf(r / sqrt(2))) + r * exp(-r * r / 2) / sqrt(2 * pi) for r in rounded]
-    np.testing.assert_allclose(grad, want, rtol=1e-5, atol=1e-6)
-    assert not np.allclose(rounded, np.asarray(x, np.float64))  # the rounding is real
-    plain = jax.grad(lambda x: jnp.sum(precision.elementwise(gelu, x, jnp.float32)))(x)
-    np.testing.assert_array_equal(plain, jax.grad(lambda x: jnp.sum(gelu(x)))(x))
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(6, 16)) * 2, jnp.float32)
+    w = jnp.asarray(rng.normal(size=(16, 8)), jnp.float32)
+    g = rng.normal(size=(6, 8))
+
+    def product(x, w):
+        return precision.einsum("bm,mw->bw", x, w, jnp.bfloat16, activation=gelu)
+
+    want_value = precision.einsum("bm,mw->bw", gelu(x), w, jnp.bfloat16)
+    np.testing.assert_array_equal(product(x, w), want_value)
+    d_x, d_w = jax.vjp(product, x, w)[1](jnp.asarray(g, jnp.float32))
+
+    def rounded(a):
+        return np.asarray(a, np.float32).astype(ml_dtypes.bfloat16).astype(np.float64)
+
+    xr, wr, gr = rounded(x), rounded(w), rounded(g)
+    gelu64 = np.vectorize(lambda r: 0.5 * r * (1 + erf(r / sqrt(2))))
+    slope64 = np.vectorize(
+        lambda r: 0.5 * (1 + erf(r / sqrt(2))) + r * exp(-r * r / 2) / sqrt(2 * pi)
+    )
+    np.testing.assert_allclose(d_x, slope64(xr) * (gr @ wr.T), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(d_w, rounded(gelu64(xr)).T @ gr, rtol=1e-5, atol=1e-5)
+    plain = jax.grad(lambda x: jnp.sum(precision.einsum("bm,mw->bw", x, w, jnp.float32, gelu)))
+    np.testing.assert_allclose(
+        plain(x), jax.grad(lambda x: jnp.sum(gelu(x) @ w))(x), rtol=1e-6, atol=1e-6
+    )

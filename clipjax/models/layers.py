@@ -35,7 +35,8 @@ def layer_norm(name: str) -> nn.LayerNorm:
 
 
 class Linear(nn.Module):
-    """`einsum(spec, x, kernel) + bias` under the precision policy (`precision.einsum`).
+    """`einsum(spec, activation(x), kernel) + bias` under the precision policy
+    (`precision.einsum`; no `activation`: x as it is).
 
     The kernel keeps its full `shape` from init on, so its logical `axes` name the array as
     created. The bias spans the kernel's axes that the output keeps, in the kernel's order.
@@ -47,13 +48,14 @@ class Linear(nn.Module):
     use_bias: bool = True
     kernel_init: nn.initializers.Initializer = DENSE_INIT
     dtype: jnp.dtype = jnp.float32
+    activation: Any = None  # an elementwise module-level function applied to x first
 
     @nn.compact
     def __call__(self, x):
         kernel = self.param(
             "kernel", nn.with_logical_partitioning(self.kernel_init, self.axes), self.shape
         )
-        y = precision.einsum(self.spec, x, kernel, self.dtype)
+        y = precision.einsum(self.spec, x, kernel, self.dtype, self.activation)
         if not self.use_bias:
             return y
         indices, out = self.spec.split("->")
@@ -277,9 +279,14 @@ class Mlp(nn.Module):
         x = Linear(
             "BLW,WM->BLM", (width, self.mlp_dim), ("embed", "mlp"), dtype=self.dtype, name="fc_in"
         )(x)
-        x = precision.elementwise(quick_gelu if self.quick_gelu else gelu, x, self.dtype)
+        # GELU is applied inside fc_out's product: its backward pass keeps only GELU's input.
         return Linear(
-            "BLM,MW->BLW", (self.mlp_dim, width), ("mlp", "embed"), dtype=self.dtype, name="fc_out"
+            "BLM,MW->BLW",
+            (self.mlp_dim, width),
+            ("mlp", "embed"),
+            dtype=self.dtype,
+            activation=quick_gelu if self.quick_gelu else gelu,
+            name="fc_out",
         )(x)
 
 
