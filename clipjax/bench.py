@@ -135,7 +135,7 @@ def synthetic_batch(config, mesh, views: Views) -> dict:
         return rng.integers(4, vocab, size=(n, length)).astype(np.int32)
 
     keys = ["image", "image_2"][: views.image_views]
-    batch = {key: rng.normal(size=(n, size, size, 3)).astype(np.float32) for key in keys}
+    batch = {key: rng.integers(0, 256, (n, size, size, 3), np.uint8) for key in keys}
     for kind in views.text_views:
         batch["text" if kind == "plain" else f"text_{kind}"] = tokens()
         if kind == "mlm":

@@ -17,7 +17,7 @@ import psutil
 import pytest
 from PIL import Image
 
-from clipjax.data import image_ops, pipeline, shapes, sources, tokenizer
+from clipjax.data import eval_input, image_ops, pipeline, shapes, skipping, sources, tokenizer
 from clipjax.objectives.base import Views
 
 CONTEXT_LENGTH = 16
@@ -153,16 +153,6 @@ def test_resize_takes_centre_square():
     image = np.zeros((40, 60, 3), np.uint8)
     image[:, 10:50] = 200
     np.testing.assert_array_equal(image_ops.resize(image, 40), image[:, 10:50])
-
-
-def test_normalize_matches_numpy_reference():
-    image = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
-    mean = np.array([0.48145466, 0.4578275, 0.40821073])
-    std = np.array([0.26862954, 0.26130258, 0.27577711])
-    expected = (image / 255.0 - mean) / std
-    result = image_ops.normalize(image)
-    assert result.dtype == np.float32
-    np.testing.assert_allclose(result, expected, rtol=1e-5, atol=1e-5)
 
 
 LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R 601-2
@@ -369,7 +359,7 @@ def assert_same_batches(a, b):
 
 def test_train_dataset_batches_and_seeds(tok):
     first = take(iter(make_train(tok, seed=0)), 2)
-    assert first[0]["image"].shape == (8, 24, 24, 3) and first[0]["image"].dtype == np.float32
+    assert first[0]["image"].shape == (8, 24, 24, 3) and first[0]["image"].dtype == np.uint8
     assert first[0]["text"].shape == (8, CONTEXT_LENGTH) and first[0]["text"].dtype == np.int32
     assert_same_batches(first, take(iter(make_train(tok, seed=0)), 2))
     other = next(iter(make_train(tok, seed=1)))
@@ -416,7 +406,7 @@ def test_views_keys_shapes_and_contents(tok, monkeypatch):
     assert set(batch) == {*images, *texts, "skipped"}
     assert batch["skipped"].dtype == np.int32 and (batch["skipped"] == 0).all()
     for key in images:
-        assert batch[key].shape == (8, 24, 24, 3) and batch[key].dtype == np.float32
+        assert batch[key].shape == (8, 24, 24, 3) and batch[key].dtype == np.uint8
     for key in texts:
         assert batch[key].shape == (8, 48) and batch[key].dtype == np.int32
     assert (batch["text"][:, -1] == tok.pad_id).all()
@@ -520,15 +510,15 @@ def mixed_csv(root, captions, good: int, corrupt: int, missing: int, blank: int)
 
 
 def test_drop_skipped_regroups_chunks_and_resumes():
-    marker = pipeline._Skipped
+    marker = skipping.Skipped
     values = [marker("a", "r"), 1, 2, marker("b", "r"), marker("c", "r"), 3, 4, marker("d", "r")]
     values += [marker("e", "r"), marker("f", "r"), marker("g", "r"), 5, 6, 7, 8, 9]
     elements = [v if isinstance(v, marker) else {"x": np.int32(v)} for v in values]
 
     def stream():
         # Chunks of 3 (two have no good element), batches of 2: batches span chunks.
-        chunks = grain.MapDataset.source(elements).batch(3, batch_fn=pipeline._chunk)
-        return iter(pipeline._DropSkipped(chunks.to_iter_dataset(), 2, "test", 16, 1.0))
+        chunks = grain.MapDataset.source(elements).batch(3, batch_fn=skipping.chunk)
+        return iter(skipping.DropSkipped(chunks.to_iter_dataset(), 2, "test", 16, 1.0))
 
     iterator, states, batches = stream(), [], []
     for _ in range(4):
@@ -666,7 +656,7 @@ def test_eval_arrays_captions_labels_and_skips(tok, tmp_path, distinct_captions)
         writer.writerow(["image", "caption", "label"])
         writer.writerows([(image, c[i], label) for image, i, label in rows + [("3.png", 4, "dog")]])
     kwargs = dict(tokenizer=tok, image_size=16, context_length=48, num_examples=-1)
-    arrays = pipeline.eval_arrays(
+    arrays = eval_input.eval_arrays(
         f"csv:{tmp_path}/e.csv?label=label", max_skipped_fraction=0.5, **kwargs
     )
     # One slot per record, the bad one's left blank; `valid` says which hold an image.
@@ -679,13 +669,13 @@ def test_eval_arrays_captions_labels_and_skips(tok, tmp_path, distinct_captions)
     np.testing.assert_array_equal(arrays["text_image"], [0, 0, 1, 2])
     reference = np.asarray(Image.open(tmp_path / "2.png").convert("RGB"))
     np.testing.assert_array_equal(arrays["image"][1], image_ops.resize(reference, 16))
-    unlabelled = pipeline.eval_arrays(
+    unlabelled = eval_input.eval_arrays(
         f"csv:{tmp_path}/e.csv", max_skipped_fraction=0.5, **{**kwargs, "num_examples": 2}
     )
     np.testing.assert_array_equal(unlabelled["label"], [-1, -1])
     assert unlabelled["class_names"] == [] and unlabelled["skipped"] == 0
     with pytest.raises(ValueError) as error:
-        pipeline.eval_arrays(f"csv:{tmp_path}/e.csv", max_skipped_fraction=0.2, **kwargs)
+        eval_input.eval_arrays(f"csv:{tmp_path}/e.csv", max_skipped_fraction=0.2, **kwargs)
     assert str(error.value) == (
         f"source 'csv:{tmp_path}/e.csv': skipped 1 of 4 records (25.0%), more than "
         "config.data.max_skipped_fraction=0.2. First skipped: bad.png (cannot identify image "
@@ -694,7 +684,7 @@ def test_eval_arrays_captions_labels_and_skips(tok, tmp_path, distinct_captions)
 
 
 def test_eval_arrays(tok):
-    arrays = pipeline.eval_arrays(
+    arrays = eval_input.eval_arrays(
         "shapes",
         tokenizer=tok,
         image_size=24,
@@ -713,10 +703,10 @@ def test_eval_arrays(tok):
     assert tok.decode(arrays["text"][5]) == source[5]["caption"]
     # `?seed=` (and the `seed` argument) select another stream of the same split.
     kwargs = dict(tokenizer=tok, image_size=24, context_length=48, max_skipped_fraction=0.0)
-    seeded = pipeline.eval_arrays("shapes:10?seed=1", num_examples=-1, **kwargs)
+    seeded = eval_input.eval_arrays("shapes:10?seed=1", num_examples=-1, **kwargs)
     np.testing.assert_array_equal(
         seeded["image"],
-        pipeline.eval_arrays("shapes:10", num_examples=-1, seed=1, **kwargs)["image"],
+        eval_input.eval_arrays("shapes:10", num_examples=-1, seed=1, **kwargs)["image"],
     )
     assert seeded["image"].shape[0] == 10
     assert not np.array_equal(seeded["image"], arrays["image"][:10])

@@ -12,7 +12,7 @@ import pytest
 
 from clipjax import config as config_lib
 from clipjax import sharding, train
-from clipjax.data import image_ops, pipeline, shapes
+from clipjax.data import pipeline, shapes
 from clipjax.data import tokenizer as tokenizer_lib
 from clipjax.evaluate import evaluator as evaluator_lib
 from clipjax.evaluate import linear_probe, prompts, retrieval
@@ -316,7 +316,7 @@ def test_evaluators_end_to_end(tiny_setup):
         )
         results = evaluator_lib.run_all(evaluators, state.params, state.model_state)
         zeroshot = evaluators[0]
-        images = image_ops.normalize(zeroshot.images[zeroshot.valid])
+        images = zeroshot.images[zeroshot.valid]
         direct = jax.jit(objective.embed_images)(state.params, state.model_state, images)
         chunked = zeroshot._embed(
             objective.embed_images,
@@ -373,9 +373,7 @@ def test_probe_fits_the_chosen_features(tiny_setup, features):
             objective.image_features if features == "tower" else objective.embed_images
         )
         train, test = (
-            np.asarray(
-                embed_fn(state.params, state.model_state, image_ops.normalize(images)), np.float64
-            )
+            np.asarray(embed_fn(state.params, state.model_state, images), np.float64)
             for images in (fitted["train_images"][fitted["train_valid"]], probe.images[probe.valid])
         )
     width = objective.model.image_features_dim if features == "tower" else config.model.embed_dim

@@ -12,8 +12,8 @@ class Views:
     (`data.pipeline.train_dataset` makes them).
 
     - `image_views` (1 or 2): independent augmentations of the image (`config.data.augment`,
-      see `image_ops.Augment`), batch keys `image` and `image_2`, each float32 (b, size, size,
-      3).
+      see `image_ops.Augment`), batch keys `image` and `image_2`, each uint8 (b, size, size,
+      3) (the model standardises them: `models.two_tower.standardize`).
     - `text_views`, int32 (b, context_length) each: "plain" → `text`, the caption; "mlm" →
       `text_mlm`, the caption with BERT-style masking, plus `mlm_labels`, the original ids at
       the masked positions and 0 elsewhere (`text_ops.mlm_mask`); "eda" → `text_eda`, an
