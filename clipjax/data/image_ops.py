@@ -60,8 +60,9 @@ def random_resized_crop(
 
 
 def random_flip(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Mirrors (H, W, C) left-right with probability 1/2."""
-    return np.ascontiguousarray(image[:, ::-1]) if rng.random() < 0.5 else image
+    """Mirrors (H, W, C) left-right with probability 1/2: a view, which the batch's stacking
+    copies once."""
+    return image[:, ::-1] if rng.random() < 0.5 else image
 
 
 def _pil_op(image: np.ndarray, op) -> np.ndarray:
