@@ -17,7 +17,8 @@ side gets its own `--shards` shards of `--images` images. The two loaders altern
 each per source side per round, `--rounds` rounds; each run times 5 windows after a warm-up,
 and gives the median window's images/s. Prints one line per run, then a table of each side's
 medians and the ratio clipjax / open_clip of every round (taken in the same round), and last
-one JSON line.
+one JSON line. `--baseline=DIR` runs a second clipjax checkout (an earlier commit, say) in
+the same rotation.
 
 open_clip needs torch, which clipjax's requirements leave out: install it in a virtualenv of
 its own, with scikit-learn for the photos, and name its python:
@@ -50,6 +51,9 @@ UPSCALE = 2.4  # the ~1,000 px images: the ~400 px ones, this much larger
 def _args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--open_clip_python", help="python of a virtualenv with open_clip")
+    parser.add_argument(
+        "--baseline", help="another clipjax checkout to run too, as 'baseline' (e.g. a commit)"
+    )
     parser.add_argument("--dir", default="/tmp/clipjax_input_vs_open_clip")
     parser.add_argument("--sides", default="400,1000", help="source sides to run: 400, 1000")
     parser.add_argument("--images", type=int, default=4000, help="images per source side")
@@ -178,7 +182,7 @@ def _last_json(output: str) -> dict:
     return json.loads(output.strip().splitlines()[-1])
 
 
-def run_clipjax(args, side: int) -> dict:
+def run_clipjax(args, side: int, root: str = ROOT) -> dict:
     command = [
         sys.executable,
         "-m",
@@ -191,8 +195,8 @@ def run_clipjax(args, side: int) -> dict:
         f"--config.batch_size={args.batch}",
         f"--config.data.num_workers={args.workers}",
     ]
-    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    env = {**os.environ, "PYTHONPATH": root, "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, check=True)
     return _last_json(done.stdout)
 
 
@@ -227,14 +231,17 @@ def main(args) -> None:
              f"--dir={args.dir}", f"--images={args.images}", f"--shards={args.shards}"],
             check=True,
         )  # fmt: skip
-    runs = {(side, lib): [] for side in sides for lib in ("clipjax", "open_clip")}
+    loaders = {"clipjax": run_clipjax, "open_clip": run_open_clip}
+    if args.baseline:
+        loaders["baseline"] = lambda args, side: run_clipjax(args, side, args.baseline)
+    runs = {(side, lib): [] for side in sides for lib in loaders}
     bytes_per_example = {}
     for round_ in range(1, args.rounds + 1):
         for side in sides:
-            for lib, run in (("clipjax", run_clipjax), ("open_clip", run_open_clip)):
+            for lib, run in loaders.items():
                 result = run(args, side)
                 runs[side, lib].append(result["images_per_s"])
-                bytes_per_example[lib] = result["image_bytes_per_example"]
+                bytes_per_example[lib] = result.get("image_bytes_per_example", "not reported")
                 windows = ", ".join(f"{r:.0f}" for r in result["window_images_per_s"])
                 print(
                     f"round {round_}  ~{side} px  {lib:9s} {result['images_per_s']:7.1f} "
@@ -244,19 +251,30 @@ def main(args) -> None:
     print(
         f"\n{args.workers} workers, batch {args.batch}, 224 px, {args.images} images per side, "
         f"{args.rounds} alternating rounds; image bytes to the device per example: "
-        f"clipjax {bytes_per_example['clipjax']}, open_clip {bytes_per_example['open_clip']}\n"
+        + ", ".join(f"{lib} {n}" for lib, n in bytes_per_example.items())
+        + "\n"
     )
-    print("| source | clipjax images/s | open_clip images/s | ratio per round | median ratio |")
-    print("|---|---|---|---|---|")
+    others = [lib for lib in loaders if lib != "clipjax"]
+    print(
+        "| source | "
+        + " | ".join(f"{lib} images/s" for lib in loaders)
+        + " | "
+        + " | ".join(f"clipjax / {lib} per round (median)" for lib in others)
+        + " |"
+    )
+    print("|---" * (1 + len(loaders) + len(others)) + "|")
     summary = {}
     for side in sides:
-        ours, theirs = runs[side, "clipjax"], runs[side, "open_clip"]
-        ratios = [a / b for a, b in zip(ours, theirs, strict=True)]
-        print(
-            f"| ~{side} px | {statistics.median(ours):.0f} | {statistics.median(theirs):.0f} | "
-            f"{', '.join(f'{r:.2f}' for r in ratios)} | {statistics.median(ratios):.2f} |"
-        )
-        summary[f"side{side}"] = {"clipjax": ours, "open_clip": theirs, "ratios": ratios}
+        cells, summary[f"side{side}"] = [f"~{side} px"], {}
+        for lib in loaders:
+            cells.append(f"{statistics.median(runs[side, lib]):.0f}")
+            summary[f"side{side}"][lib] = runs[side, lib]
+        for lib in others:
+            ratios = [a / b for a, b in zip(runs[side, "clipjax"], runs[side, lib], strict=True)]
+            listed = ", ".join(f"{r:.2f}" for r in ratios)
+            cells.append(f"{listed} ({statistics.median(ratios):.2f})")
+            summary[f"side{side}"][f"clipjax_over_{lib}"] = ratios
+        print("| " + " | ".join(cells) + " |")
     print(json.dumps({**summary, "image_bytes_per_example": bytes_per_example}))
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from clipjax import config as config_lib
 from clipjax import sharding, train
-from clipjax.data import pipeline, shapes
+from clipjax.data import eval_input, shapes
 from clipjax.data import tokenizer as tokenizer_lib
 from clipjax.evaluate import evaluator as evaluator_lib
 from clipjax.evaluate import linear_probe, prompts, retrieval
@@ -438,7 +438,7 @@ def test_evaluator_rejects_data_that_does_not_fit(
     tiny_setup, monkeypatch, entry, labels, class_names, message
 ):
     config, objective, _, tokenizer, mesh = tiny_setup
-    monkeypatch.setattr(pipeline, "eval_arrays", _fake_eval_arrays(labels, class_names))
+    monkeypatch.setattr(eval_input, "eval_arrays", _fake_eval_arrays(labels, class_names))
     with pytest.raises(ValueError, match=message) as error:
         evaluator_lib.Evaluator(
             "mine",
