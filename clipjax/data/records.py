@@ -78,9 +78,9 @@ class EncodedImage:
 
     def __init__(self, data: bytes, key: str):
         self._data, self._key = data, key
-        header = open_image(data, key)
-        self.shape = (header.height, header.width, 3)
-        self._jpeg = header.format == "JPEG"
+        self._unread = open_image(data, key)  # the header read; its first decode reuses it
+        self.shape = (self._unread.height, self._unread.width, 3)
+        self._jpeg = self._unread.format == "JPEG"
         self._decoded = {}  # reduction -> the RGB PIL image decoded at it
 
     def reduction(self, box: tuple[float, float, float, float], size: int) -> int:
@@ -98,10 +98,12 @@ class EncodedImage:
         finer = [s for s in self._decoded if s <= scale]
         if finer:
             return self._decoded[max(finer)], max(finer)
-        image = open_image(self._data, self._key)
-        # `draft` returns the full image's box in reduced pixels (None: it cannot reduce).
-        drafted = image.draft("RGB", (image.width // scale, image.height // scale))
-        scale = round(self.shape[1] / drafted[1][2]) if scale > 1 and drafted else 1
+        image = self._unread if self._unread is not None else open_image(self._data, self._key)
+        self._unread = None
+        if scale > 1:
+            # `draft` returns the full image's box in reduced pixels (None: it cannot reduce).
+            drafted = image.draft("RGB", (image.width // scale, image.height // scale))
+            scale = round(self.shape[1] / drafted[1][2]) if drafted else 1
         image = _rgb(_load(image, self._key))
         self._decoded[scale] = image
         return image, scale
