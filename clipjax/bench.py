@@ -56,7 +56,8 @@ With `--data_only` (or `--data-only`), only the config's real training input pip
 source, workers, views and batch; the tokenizer trained in a temporary directory as the trainer
 does, or `config.data.tokenizer.path`): after `--warmup_batches`, `--steps` batches are timed in
 5 windows, and the JSON gives `images_per_s` (the median window's rate) with `batch_size`,
-`num_workers` and `source`:
+`num_workers`, `source` and `image_bytes_per_example` (what an example's image views send to
+the devices: uint8, 1 byte per channel value):
 
   python -m clipjax.bench --config=configs/clip_vitb32.py:local --data_only --steps=50
 """
@@ -139,9 +140,7 @@ def synthetic_batch(config, mesh, views: Views) -> dict:
     def tokens():
         return rng.integers(4, vocab, size=(n, length)).astype(np.int32)
 
-    batch = {
-        key: rng.normal(size=(n, size, size, 3)).astype(np.float32) for key in views.image_keys
-    }
+    batch = {key: rng.integers(0, 256, (n, size, size, 3), np.uint8) for key in views.image_keys}
     for kind in views.text_views:
         batch["text" if kind == "plain" else f"text_{kind}"] = tokens()
         if kind == "mlm":
@@ -442,14 +441,19 @@ def data_throughput(config, batches: int, warmup_batches: int) -> dict:
         for _ in range(warmup_batches):
             next(iterator)
         for _ in range(_DATA_WINDOWS):
-            start = time.perf_counter()
-            images = sum(len(next(iterator)["image"]) for _ in range(per_window))
+            start, images = time.perf_counter(), 0
+            for _ in range(per_window):
+                batch = next(iterator)
+                images += len(batch["image"])
             rates.append(images / (time.perf_counter() - start))
     finally:
         iterator.close()
+    views = [key for key in batch if key.startswith("image")]
     return {
         "images_per_s": statistics.median(rates),
         "window_images_per_s": rates,
+        # What each example's image views send to the devices.
+        "image_bytes_per_example": sum(batch[key][0].nbytes for key in views),
         "batch_size": config.batch_size // jax.process_count(),
         "num_workers": config.data.num_workers,
         "source": config.data.train,

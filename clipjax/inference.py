@@ -29,7 +29,6 @@ from PIL import Image
 
 from clipjax import checkpoint, sharding, weights
 from clipjax import config as config_lib
-from clipjax.data import image_ops
 from clipjax.data import tokenizer as tokenizer_lib
 from clipjax.errors import ConfigError
 from clipjax.models.resnet import resnet_size
@@ -83,8 +82,8 @@ class Model:
         return self.tokenizer.encode(list(texts), self.context_length)
 
     def preprocess(self, image) -> np.ndarray:
-        """A PIL image or uint8 (H, W, 3|4) / (H, W) array -> float32 (size, size, 3): the
-        largest centred square, resized, standardised with CLIP's mean and std."""
+        """A PIL image or uint8 (H, W, 3|4) / (H, W) array -> uint8 (size, size, 3): the
+        largest centred square, resized (`encode_image` standardises the pixels)."""
         if not isinstance(image, Image.Image):
             image = Image.fromarray(np.asarray(image, np.uint8))
         image = image.convert("RGB")
@@ -94,15 +93,16 @@ class Model:
         box = (left, top, left + side, top + side)
         size = self.image_size
         resized = image.resize((size, size), _RESAMPLE[self.interpolation], box=box)
-        return image_ops.normalize(np.asarray(resized))
+        return np.asarray(resized)
 
     def encode_image(self, images) -> np.ndarray:
-        """float32 (n, size, size, 3) preprocessed images (or uint8, standardised here) ->
+        """uint8 (n, size, size, 3) preprocessed images (standardised on the device with CLIP's
+        mean and std, `models.two_tower.standardize`), or float32 ones already standardised ->
         float32 (n, embed_dim) unit vectors."""
         images = np.asarray(images)
-        if images.dtype == np.uint8:
-            images = image_ops.normalize(images)
-        return self._batched(self._image_fn, images.astype(np.float32))
+        if images.dtype != np.uint8:
+            images = images.astype(np.float32)
+        return self._batched(self._image_fn, images)
 
     def encode_text(self, tokens) -> np.ndarray:
         """int32 (n, L) tokens -> float32 (n, embed_dim) unit vectors."""

@@ -23,7 +23,7 @@ FLAGS = flags.FLAGS
 
 
 def probabilities(model, images: np.ndarray, labels: list[str], template: str) -> np.ndarray:
-    """Preprocessed images (n, size, size, 3) -> (n, len(labels)) zero-shot probabilities."""
+    """Preprocessed uint8 images (n, size, size, 3) -> (n, len(labels)) zero-shot probabilities."""
     prompts = model.encode_text(model.tokenize([template.format(label) for label in labels]))
     logits = model.logit_scale * model.encode_image(images) @ prompts.T
     logits -= logits.max(axis=1, keepdims=True)

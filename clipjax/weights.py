@@ -20,9 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from clipjax import sharding
-from clipjax.data import image_ops
 from clipjax.errors import ConfigError
 from clipjax.models.resnet import RESNET_SIZES, resnet_size
+from clipjax.models.two_tower import IMAGE_MEAN, IMAGE_STD
 from clipjax.models.vit import VIT_SIZES, vit_size
 
 
@@ -391,8 +391,8 @@ def open_clip_config(config, eos_id: int, pad_id: int) -> dict:
         model_cfg["init_logit_bias"] = -10.0  # the tensor's value comes from the weights
     preprocess_cfg = {
         "size": image.size,
-        "mean": [round(float(m), 8) for m in image_ops.CLIP_MEAN],
-        "std": [round(float(s), 8) for s in image_ops.CLIP_STD],
+        "mean": [round(float(m), 8) for m in IMAGE_MEAN],
+        "std": [round(float(s), 8) for s in IMAGE_STD],
         "interpolation": "bicubic",
         "resize_mode": "shortest",
     }

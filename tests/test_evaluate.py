@@ -12,7 +12,7 @@ import pytest
 
 from clipjax import config as config_lib
 from clipjax import sharding, train
-from clipjax.data import image_ops, pipeline, shapes
+from clipjax.data import eval_input, shapes
 from clipjax.data import tokenizer as tokenizer_lib
 from clipjax.evaluate import evaluator as evaluator_lib
 from clipjax.evaluate import linear_probe, prompts, retrieval, zeroshot
@@ -316,7 +316,7 @@ def test_evaluators_end_to_end(tiny_setup):
         )
         results = evaluator_lib.run_all(evaluators, state.params, state.model_state)
         zeroshot = evaluators[0]
-        images = image_ops.normalize(zeroshot.images[zeroshot.valid])
+        images = zeroshot.images[zeroshot.valid]
         direct = jax.jit(objective.embed_images)(state.params, state.model_state, images)
         chunked = zeroshot._embed(
             objective.embed_images,
@@ -373,9 +373,7 @@ def test_probe_fits_the_chosen_features(tiny_setup, features):
             objective.image_features if features == "tower" else objective.embed_images
         )
         train, test = (
-            np.asarray(
-                embed_fn(state.params, state.model_state, image_ops.normalize(images)), np.float64
-            )
+            np.asarray(embed_fn(state.params, state.model_state, images), np.float64)
             for images in (fitted["train_images"][fitted["train_valid"]], probe.images[probe.valid])
         )
     width = objective.model.image_features_dim if features == "tower" else config.model.embed_dim
@@ -440,7 +438,7 @@ def test_evaluator_rejects_data_that_does_not_fit(
     tiny_setup, monkeypatch, entry, labels, class_names, message
 ):
     config, objective, _, tokenizer, mesh = tiny_setup
-    monkeypatch.setattr(pipeline, "eval_arrays", _fake_eval_arrays(labels, class_names))
+    monkeypatch.setattr(eval_input, "eval_arrays", _fake_eval_arrays(labels, class_names))
     with pytest.raises(ValueError, match=message) as error:
         evaluator_lib.Evaluator(
             "mine",
@@ -516,9 +514,7 @@ def test_filip_zeroshot_is_token_wise_and_retrieval_and_probe_run(tiny_setup):
         results = evaluator_lib.run_all(evaluators, state.params, state.model_state)
         evaluation = evaluators[0]
         args = (state.params, state.model_state)
-        images = jax.jit(objective.embed_image_tokens)(
-            *args, image_ops.normalize(evaluation.images[evaluation.valid])
-        )
+        images = jax.jit(objective.embed_image_tokens)(*args, evaluation.images[evaluation.valid])
         prompts = jax.jit(objective.embed_text_tokens)(*args, evaluation.prepared["prompts"])
     num_classes = evaluation.prepared["num_classes"]
     scores = zeroshot.token_scores(

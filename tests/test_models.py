@@ -14,7 +14,7 @@ from clipjax import sharding
 from clipjax.config import base_config
 from clipjax.models import layers, precision
 from clipjax.models.text import TextTransformer
-from clipjax.models.two_tower import TwoTower
+from clipjax.models.two_tower import IMAGE_MEAN, IMAGE_STD, TwoTower, standardize
 from clipjax.models.vit import VisionTransformer, drop_patches, vit_size
 
 
@@ -129,6 +129,30 @@ def test_two_tower_outputs(tiny):
         np.testing.assert_allclose(jnp.linalg.norm(out[tower]["embed"], axis=-1), 1.0, rtol=1e-5)
     np.testing.assert_allclose(jnp.exp(out["log_scale"]), 1 / 0.07, rtol=1e-5)
     assert "bias" not in out
+
+
+def test_standardize_on_the_device_equals_the_host_normalisation():
+    """Every uint8 level of each channel: the jitted standardisation equals the float32 host
+    formula it replaced to 1e-6, and a float64 reference to float32 precision."""
+    pixels = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)[None]  # (1, 256, 3)
+    on_device = np.asarray(jax.jit(standardize)(pixels))
+    assert on_device.dtype == np.float32
+    host = (pixels.astype(np.float32) / 255.0 - IMAGE_MEAN) / IMAGE_STD
+    np.testing.assert_allclose(on_device, host, rtol=0, atol=1e-6)
+    mean = np.array([0.48145466, 0.4578275, 0.40821073])  # CLIP's, as OpenAI published them
+    std = np.array([0.26862954, 0.26130258, 0.27577711])
+    np.testing.assert_allclose(on_device, (pixels / 255.0 - mean) / std, rtol=0, atol=1e-6)
+    standardised = np.asarray(host[:, :4])
+    np.testing.assert_array_equal(jax.jit(standardize)(standardised), standardised)
+    assert jax.jit(standardize, static_argnums=1)(pixels, jnp.bfloat16).dtype == jnp.bfloat16
+
+
+def test_encode_image_standardises_uint8_pixels(tiny):
+    model, variables, _, _ = tiny
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), np.uint8)
+    host = (pixels.astype(np.float32) / 255.0 - IMAGE_MEAN) / IMAGE_STD
+    encode = jax.jit(lambda x: model.apply(variables, x, method=TwoTower.encode_image)["embed"])
+    np.testing.assert_allclose(encode(pixels), encode(host), rtol=0, atol=1e-6)
 
 
 def test_bfloat16_compute_keeps_float32_params_and_outputs():

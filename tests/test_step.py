@@ -60,14 +60,14 @@ def _largest_difference(a, b) -> float:
 @pytest.mark.parametrize("name", ["clip_vitb32", "siglip_vitb16"])
 def test_accumulated_loss_and_gradients_equal_the_whole_batchs(name, chunked):
     """At k = 2 and 4 the loss equals the whole batch's within 1e-6, and every gradient within
-    twice what float32's order of summation alone moves it by: the whole batch's own
-    gradient on a data × fsdp = 4 × 2 mesh against the 8-way data-parallel one (about 8e-6
-    here, on gradients up to 3)."""
+    three times what float32's order of summation alone moves it by: the whole batch's own
+    gradient on a data × fsdp = 4 × 2 mesh against the 8-way data-parallel one (about 5e-6
+    here, on gradients up to 3; one such sample of the rounding, so not a tight bound)."""
     config = _config(name)
     config[config.objective].chunked = chunked
     want_loss, want_metrics, want_grads = _loss_and_grads(config)
     other_mesh = _loss_and_grads(config, data=4, fsdp=2)[2]
-    tolerance = max(1e-6, 2 * _largest_difference(other_mesh, want_grads))
+    tolerance = max(1e-6, 3 * _largest_difference(other_mesh, want_grads))
     assert (
         tolerance < 1e-4 and max(float(np.abs(g).max()) for g in jax.tree.leaves(want_grads)) > 0.1
     )

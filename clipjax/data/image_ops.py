@@ -12,12 +12,14 @@ import math
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
-CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
-CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+from clipjax.data.records import EncodedImage
 
 
-def _resize_box(image: np.ndarray, box: tuple[int, int, int, int], size: int) -> np.ndarray:
-    """Resizes the region `box` = (left, top, right, bottom) of `image` to (size, size, 3)."""
+def _resize_box(image, box: tuple[int, int, int, int], size: int) -> np.ndarray:
+    """Resizes the region `box` = (left, top, right, bottom) of `image` (a uint8 array, or an
+    `EncodedImage`, decoded no larger than the region needs) to uint8 (size, size, 3)."""
+    if isinstance(image, EncodedImage):
+        return image.region(box, size)
     return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR, box=box))
 
 
@@ -28,7 +30,8 @@ def random_resized_crop(
     scale: tuple[float, float] = (0.9, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
 ) -> np.ndarray:
-    """torchvision's RandomResizedCrop: uint8 (H, W, 3) -> uint8 (size, size, 3).
+    """torchvision's RandomResizedCrop: uint8 (H, W, 3) or an `EncodedImage` -> uint8 (size,
+    size, 3).
 
     Picks a crop whose area is a `scale` fraction of the image and whose aspect ratio is
     log-uniform in `ratio`; after 10 failed tries, falls back to a centre crop clamped to `ratio`.
@@ -57,8 +60,9 @@ def random_resized_crop(
 
 
 def random_flip(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Mirrors (H, W, C) left-right with probability 1/2."""
-    return np.ascontiguousarray(image[:, ::-1]) if rng.random() < 0.5 else image
+    """Mirrors (H, W, C) left-right with probability 1/2: a view, which the batch's stacking
+    copies once."""
+    return image[:, ::-1] if rng.random() < 0.5 else image
 
 
 def _pil_op(image: np.ndarray, op) -> np.ndarray:
@@ -138,7 +142,8 @@ _MOCO_SIZE = 224
 
 @dataclasses.dataclass(frozen=True)
 class Augment:
-    """A training view's augmentation: uint8 (H, W, 3) -> uint8 (size, size, 3).
+    """A training view's augmentation: uint8 (H, W, 3) or an `EncodedImage` -> uint8 (size,
+    size, 3).
 
     - "clip": RandomResizedCrop(`crop_scale`), then a horizontal flip with p=0.5 if `flip`.
     - "mocov2": the same crop, ColorJitter(0.4, 0.4, 0.4, 0.1) with p=0.8, grayscale with
@@ -177,13 +182,9 @@ class Augment:
 
 
 def resize(image: np.ndarray, size: int) -> np.ndarray:
-    """Evaluation resize: the largest centred square, resized to uint8 (size, size, 3)."""
+    """Evaluation resize: the largest centred square of uint8 (H, W, 3) or an `EncodedImage`,
+    resized to uint8 (size, size, 3)."""
     height, width = image.shape[:2]
     side = min(height, width)
     top, left = (height - side) // 2, (width - side) // 2
     return _resize_box(image, (left, top, left + side, top + side), size)
-
-
-def normalize(image: np.ndarray) -> np.ndarray:
-    """uint8 (..., 3) -> float32 (..., 3): pixels in [0, 1], standardised with CLIP's mean/std."""
-    return (image.astype(np.float32) / 255.0 - CLIP_MEAN) / CLIP_STD

@@ -1,19 +1,19 @@
-"""Grain input pipelines: the endless, resumable training stream and eager evaluation arrays.
+"""The training input: an endless, resumable Grain stream of batches (evaluation's arrays are in
+`eval_input`, the handling of bad records in `skipping`).
 
 Training order: source → shuffle (a new order every epoch) → repeat → decode + views (augmented
-images, tokenized captions; seeded by the element's place in that one global order) → this
-process's rows of each global batch → drop and count bad records → batch → worker processes.
-So global batch k holds the same examples, with the same augmentations, whatever the number of
-processes reading it. `webdataset:` shards are streamed instead: each process and worker reads
-its own shards (`webdataset.ShardStream`), and its batches are its own. Everything handed to
-Grain is a module-level class, so it pickles into spawned workers; jax is imported only inside
-`train_dataset`, so workers do not pay for importing it.
+uint8 images, each decoded no larger than its crop needs; tokenized captions; seeded by the
+element's place in that one global order) → this process's rows of each global batch → drop and
+count bad records → batch → worker processes. So global batch k holds the same examples, with
+the same augmentations, whatever the number of processes reading it. `webdataset:` shards are
+streamed instead: each process and worker reads its own shards (`webdataset.ShardStream`), and
+its batches are its own. Everything handed to Grain is a module-level class, so it pickles into
+spawned workers; jax is imported only inside `train_dataset`, so workers do not pay for
+importing it.
 """
 
-import concurrent.futures
 import ctypes
 import dataclasses
-import os
 import signal
 import sys
 
@@ -21,46 +21,17 @@ import grain
 import numpy as np
 from absl import logging
 
-from clipjax.data import image_ops, records, sources, text_ops, webdataset
+from clipjax.data import image_ops, records, skipping, sources, text_ops, webdataset
 from clipjax.data.tokenizer import Tokenizer
 from clipjax.data.views import Views
 
 _PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
-# How many skipped records are named in logs and in the threshold error.
-_NAMED_SKIPS = 5
-# The skipped fraction is judged once this many records (or the whole source) were read.
-_MIN_ATTEMPTED = 1000
-
-
-@dataclasses.dataclass(frozen=True)
-class _Skipped:
-    """Stands in the stream for a record that `records.decode` rejected."""
-
-    key: str
-    reason: str
-
-
-def _check_skipped(
-    spec: str, attempted: int, skipped: int, named: list, size: int, max_fraction: float
-) -> None:
-    """ValueError if more than `max_fraction` of the records were bad, once `attempted` reaches
-    min(1000, size). `named` holds (key, reason) of the first skipped records."""
-    if attempted < min(_MIN_ATTEMPTED, size) or skipped <= max_fraction * attempted:
-        return
-    first = ", ".join(f"{key} ({reason})" for key, reason in named)
-    first += ", ..." if skipped > len(named) else "."
-    raise ValueError(
-        f"source {spec!r}: skipped {skipped} of {attempted} records "
-        f"({100 * skipped / attempted:.1f}%), more than config.data.max_skipped_fraction="
-        f"{max_fraction}. First skipped: {first} Fix or remove those records, or raise "
-        "config.data.max_skipped_fraction."
-    )
 
 
 @dataclasses.dataclass(frozen=True)
 class _MakeViews(grain.transforms.RandomMap):
     """A raw record -> its views (an objective's `Views`, as plain fields so workers need not
-    import the objectives), or `_Skipped` if it does not decode.
+    import the objectives), or `skipping.Skipped` if it does not decode.
 
     The element's rng draws the image views first, in order, then (for a record with several
     captions) the caption, then the text views in the order of `text_views`: the first image
@@ -75,20 +46,21 @@ class _MakeViews(grain.transforms.RandomMap):
     augment: image_ops.Augment
     view_augments: tuple[image_ops.Augment | None, ...] = ()  # per view; None: `augment`
 
-    def _augment(self, image: np.ndarray, rng: np.random.Generator, view: int = 0) -> np.ndarray:
+    def _augment(self, image, rng: np.random.Generator, view: int) -> np.ndarray:
         own = self.view_augments[view] if self.view_augments else None
-        return image_ops.normalize((own or self.augment)(image, rng, self.image_size))
+        return (own or self.augment)(image, rng, self.image_size)
 
     def _encode(self, caption: str) -> np.ndarray:
         return self.tokenizer.encode([caption], self.context_length)[0]
 
-    def random_map(self, record: dict, rng: np.random.Generator) -> dict | _Skipped:
+    def random_map(self, record: dict, rng: np.random.Generator) -> dict | skipping.Skipped:
         try:
-            example = records.decode(record)
+            # Pixels are decoded by the crops, each no larger than it needs.
+            example = records.decode(record, encoded=True)
+            keys = ("image", "image_2", "image_3")[: self.image_views]
+            out = {key: self._augment(example["image"], rng, v) for v, key in enumerate(keys)}
         except records.BadRecord as e:
-            return _Skipped(e.key, e.reason)
-        keys = ("image", "image_2", "image_3")[: self.image_views]
-        out = {key: self._augment(example["image"], rng, view) for view, key in enumerate(keys)}
+            return skipping.Skipped(e.key, e.reason)
         if "caption" in example:
             caption = example["caption"]
         else:  # a multi-caption source: one of them, new each epoch
@@ -109,119 +81,6 @@ class _MakeViews(grain.transforms.RandomMap):
                 eda = text_ops.eda(caption, rng, lexicon=text_ops.wordnet_lexicon())
                 out["text_eda"] = self._encode(eda)
         return out
-
-
-def _chunk(elements: list) -> dict:
-    """`MapDataset.batch`'s batch_fn: the good elements stacked (`examples`), and the bad ones
-    counted: `skipped` int32 (n_good,), the markers just before each good element; `trailing`,
-    those after the last one; `bad`, every marker's (key, reason); `size`, all elements."""
-    good, skipped, bad, run = [], [], [], 0
-    for element in elements:
-        if isinstance(element, _Skipped):
-            bad.append((element.key, element.reason))
-            run += 1
-        else:
-            good.append(element)
-            skipped.append(run)
-            run = 0
-    examples = {key: np.stack([g[key] for g in good]) for key in good[0]} if good else {}
-    return {
-        "examples": examples,
-        "skipped": np.array(skipped, np.int32),
-        "trailing": run,
-        "bad": bad,
-        "size": len(elements),
-    }
-
-
-class _DropSkipped(grain.IterDataset):
-    """Chunks (see `_chunk`) -> batches of exactly `batch_size` good examples, each with
-    `skipped` int32 (batch_size,): the bad records dropped just before it. Logs the first bad
-    records, and raises the `_check_skipped` ValueError when too many are bad.
-
-    Work stays in whole chunks up to here (Grain's per-element overhead is a large part of a
-    small image's cost); when no record is bad, a chunk is passed on as the batch. The
-    iterator's state is its parent's state before the current chunk, the examples of that chunk
-    already used, and the counts before it: restoring re-reads the chunk."""
-
-    def __init__(self, parent, batch_size: int, spec: str, size: int, max_fraction: float):
-        super().__init__(parent)
-        self._args = (batch_size, spec, size, max_fraction)
-
-    def __iter__(self) -> "_DropSkippedIterator":
-        return _DropSkippedIterator(self._parent.__iter__(), *self._args)
-
-
-class _DropSkippedIterator(grain.DatasetIterator):
-    def __init__(self, parent, batch_size: int, spec: str, size: int, max_fraction: float):
-        super().__init__(parent)
-        self._batch_size, self._spec = batch_size, spec
-        self._size, self._max_fraction = size, max_fraction
-        # Counts over the chunks read; `pending`: bad records after the last good one.
-        self._counts = {"attempted": 0, "skipped": 0, "named": [], "pending": 0}
-        self._before = None  # (parent state, counts) before the current chunk
-        self._examples, self._skipped, self._offset = {}, np.zeros(0, np.int32), 0
-
-    def _read_chunk(self) -> None:
-        counts = self._counts
-        self._before = (self._parent.get_state(), {**counts, "named": list(counts["named"])})
-        chunk = next(self._parent)
-        counts["attempted"] += chunk["size"]
-        counts["skipped"] += len(chunk["bad"])
-        for key, reason in chunk["bad"]:
-            if len(counts["named"]) < _NAMED_SKIPS and key not in (k for k, _ in counts["named"]):
-                counts["named"].append([key, reason])
-                logging.warning("Skipped a bad record of %s: %s (%s).", self._spec, key, reason)
-        skipped = chunk["skipped"]
-        if len(skipped):
-            skipped[0] += counts["pending"]
-            counts["pending"] = chunk["trailing"]
-        else:
-            counts["pending"] += chunk["trailing"]
-        _check_skipped(
-            self._spec,
-            counts["attempted"],
-            counts["skipped"],
-            counts["named"],
-            self._size,
-            self._max_fraction,
-        )
-        self._examples, self._skipped, self._offset = chunk["examples"], skipped, 0
-
-    def __next__(self) -> dict:
-        parts, need = [], self._batch_size  # (examples, skipped, start, stop)
-        while need:
-            if self._offset == len(self._skipped):
-                self._read_chunk()
-                continue
-            take = min(need, len(self._skipped) - self._offset)
-            parts.append((self._examples, self._skipped, self._offset, self._offset + take))
-            self._offset += take
-            need -= take
-        if len(parts) == 1 and parts[0][2] == 0 and parts[0][3] == len(parts[0][1]):
-            return {**parts[0][0], "skipped": parts[0][1]}  # a whole chunk: no copies
-        batch = {
-            key: np.concatenate([examples[key][a:b] for examples, _, a, b in parts])
-            for key in parts[0][0]
-        }
-        batch["skipped"] = np.concatenate([skipped[a:b] for _, skipped, a, b in parts])
-        return batch
-
-    def get_state(self) -> dict:
-        if self._before is None:  # no chunk read yet
-            return {"parent": self._parent.get_state(), "offset": 0, **self._counts}
-        parent, counts = self._before
-        return {"parent": parent, "offset": self._offset, **counts}
-
-    def set_state(self, state: dict) -> None:
-        self._parent.set_state(state["parent"])
-        self._counts = {key: state[key] for key in ("attempted", "skipped", "pending")}
-        self._counts["named"] = [list(n) for n in state["named"]]
-        self._before, self._examples, self._skipped = None, {}, np.zeros(0, np.int32)
-        self._offset = 0
-        if state["offset"]:
-            self._read_chunk()
-            self._offset = state["offset"]
 
 
 class _ProcessRows(grain.MapDataset):
@@ -331,7 +190,7 @@ def train_dataset(
     `data_config` is `config.data` (`train` source spec, `num_workers`, `augment`,
     `max_skipped_fraction`). Each batch holds the `views` (`data.views.Views`, declared by
     the objective; None: `Views()`) of b = hi - lo examples; by default
-    `{"image": float32 (b, image_size, image_size, 3), "text": int32 (b, context_length)}`,
+    `{"image": uint8 (b, image_size, image_size, 3), "text": int32 (b, context_length)}`,
     plus always `"skipped"`: int32 (b,), the bad records dropped just before each example (its
     sum over batches counts every bad record once). A bad record's place is taken by the next
     good one of this process's rows, so batches stay equal across process counts only while no
@@ -386,18 +245,18 @@ def train_dataset(
                 return None
             ds = webdataset.ShardStream(source, data_seed, process, processes)
             ds = ds.random_map(make_views, seed=data_seed)
-            ds = ds.batch(batch_size, drop_remainder=True, batch_fn=_chunk)
-            size = _MIN_ATTEMPTED  # not known before the shards are read
+            ds = ds.batch(batch_size, drop_remainder=True, batch_fn=skipping.chunk)
+            size = skipping.MIN_ATTEMPTED  # not known before the shards are read
         else:
             ds = shuffled_records(source, data_seed).random_map(make_views)
             ds = _ProcessRows(ds, global_batch_size, rows, start)
-            ds = ds.batch(batch_size, drop_remainder=True, batch_fn=_chunk)
+            ds = ds.batch(batch_size, drop_remainder=True, batch_fn=skipping.chunk)
             # Elements are whole chunks here: a small buffer bounds host memory. Two threads
             # overlap the decoding and PIL work, which releases the GIL; more only contend.
             ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
             size = len(source)
         # Bad records drop out of the chunks, which are regrouped into full batches.
-        ds = _DropSkipped(ds, batch_size, data_config.train, size, max_fraction)
+        ds = skipping.DropSkipped(ds, batch_size, data_config.train, size, max_fraction)
         if data_config.num_workers > 0:
             options = grain.MultiprocessingOptions(num_workers=data_config.num_workers)
             ds = ds.mp_prefetch(options, worker_init_fn=_init_worker)
@@ -430,90 +289,3 @@ def _init_worker(index: int, count: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if sys.platform == "linux":
         ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-def _eval_example(source, index: int, image_size: int) -> dict | _Skipped:
-    """Record `index` of `source`, decoded, its image resized (or `_Skipped`)."""
-    try:
-        example = records.decode(source[index])
-    except records.BadRecord as e:
-        return _Skipped(e.key, e.reason)
-    example["image"] = image_ops.resize(example["image"], image_size)
-    return example
-
-
-def eval_arrays(
-    spec: str,
-    *,
-    tokenizer: Tokenizer,
-    image_size: int,
-    context_length: int,
-    num_examples: int,
-    max_skipped_fraction: float,
-    seed: int = 0,
-    share: tuple[int, int, int] | None = None,
-) -> dict:
-    """The first `num_examples` records (-1: all) of the "eval" split of `spec`, decoded; bad
-    ones are skipped, leaving n examples.
-
-    The records are read in chunks of `chunk` slots, record i in slot i; with `share` = (lo,
-    hi, chunk) this process decodes only the slots [lo, hi) of each chunk (its rows of a
-    sharded chunk, `sharding.process_rows`), and what the processes read is gathered, so the
-    result is the same on every process but `image`. Default: one chunk of all records.
-
-    Returns `{"image": uint8 (C · (hi - lo), image_size, image_size, 3), this process's slots
-    of the C chunks (centre-cropped and resized; zeros for a bad record or past the end; uint8
-    is a quarter of float32's memory: normalise per batch with `image_ops.normalize`), "valid":
-    bool (C · chunk,), the slots that hold a good record (n of them), "label": int32 (n,) (-1
-    when the source has no labels), "text": int32 (m, context_length) (every caption of the n
-    images, image-major), "text_image": int32 (m,) (the index of each caption's image among the
-    n), "class_names": list[str], "prompt_templates": list[str] (each with `{}` for a class
-    name; both [] when the source has none), "skipped": int}`. Raises ValueError when more
-    than `max_skipped_fraction` of the records are bad. `seed` selects another stream of the
-    procedural `shapes` dataset.
-    """
-    source = sources.make_source(spec, "eval", seed=seed)
-    count = len(source) if num_examples == -1 else min(num_examples, len(source))
-    lo, hi, chunk = (0, count, count) if share is None else share
-    chunks = -(-count // chunk)
-    slots = [c * chunk + r for c in range(chunks) for r in range(lo, hi)]
-    records = [i for i in slots if i < count]  # the slots past the end come last
-    # PIL decodes and resizes with the GIL released: threads keep the cores busy.
-    with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-        results = list(pool.map(lambda i: _eval_example(source, i, image_size), records))
-    images = np.zeros((len(slots), image_size, image_size, 3), np.uint8)
-    mine = {}  # slot -> (label, captions) of this process's good records; and its bad ones
-    bad = []
-    for k, (i, result) in enumerate(zip(records, results, strict=True)):
-        if isinstance(result, _Skipped):
-            bad.append((i, result.key, result.reason))
-            continue
-        images[k] = result["image"]
-        captions = result.get("captions", [result["caption"]] if "caption" in result else [])
-        mine[i] = (result.get("label", -1), captions)
-    if share is not None:
-        from clipjax import sharding  # here: Grain workers import this module, not jax
-
-        gathered = sharding.gather_objects((mine, bad))
-        mine = {i: meta for part, _ in gathered for i, meta in part.items()}
-        bad = sorted(b for _, part in gathered for b in part)
-    bad = [[key, reason] for _, key, reason in bad]
-    for key, reason in bad[:_NAMED_SKIPS]:
-        logging.warning("Skipped a bad record of %s: %s (%s).", spec, key, reason)
-    _check_skipped(spec, count, len(bad), bad[:_NAMED_SKIPS], count, max_skipped_fraction)
-    if not mine:
-        raise ValueError(f"source {spec!r}: no usable records among the first {count}.")
-    valid = np.zeros(chunks * chunk, bool)
-    valid[sorted(mine)] = True
-    labels, captions = zip(*(mine[i] for i in sorted(mine)), strict=True)
-    text_image = [i for i, caps in enumerate(captions) for _ in caps]
-    return {
-        "image": images,
-        "valid": valid,
-        "label": np.array(labels, np.int32),
-        "text": tokenizer.encode([c for caps in captions for c in caps], context_length),
-        "text_image": np.array(text_image, np.int32),
-        "class_names": list(source.class_names or []),
-        "prompt_templates": list(source.prompt_templates or []),
-        "skipped": len(bad),
-    }

@@ -12,8 +12,8 @@ class Views:
     (`data.pipeline.train_dataset` makes them).
 
     - `image_views` (1 to 3): independent augmentations of the image (`config.data.augment`,
-      see `image_ops.Augment`), batch keys `image`, `image_2` and `image_3`, each float32 (b,
-      size, size, 3).
+      see `image_ops.Augment`), batch keys `image`, `image_2` and `image_3`, each uint8 (b,
+      size, size, 3) (the model standardises them: `models.two_tower.standardize`).
     - `image_augments`: per image view, the `image_ops.Augment` fields (a dict) that replace
       `config.data.augment` for that view, or None to keep it; () keeps it for every view
       (SLIP: a CLIP base view and two MoCo v2 views).

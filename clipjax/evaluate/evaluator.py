@@ -18,7 +18,7 @@ from absl import logging
 
 from clipjax import config as config_lib
 from clipjax import evaluate, sharding
-from clipjax.data import image_ops, pipeline
+from clipjax.data import eval_input
 
 
 class _NonFinite(Exception):
@@ -89,11 +89,11 @@ class Evaluator:
         )
 
     def load(self, spec: str, num_examples: int) -> dict:
-        """`pipeline.eval_arrays` of `spec`: this process's rows of each chunk of images, and
+        """`eval_input.eval_arrays` of `spec`: this process's rows of each chunk of images, and
         what every process read; read once per (spec, num_examples, chunk)."""
         key = (spec, num_examples, self.batch_size)
         if key not in self._loaded:
-            self._loaded[key] = pipeline.eval_arrays(
+            self._loaded[key] = eval_input.eval_arrays(
                 spec,
                 num_examples=num_examples,
                 share=(*self._rows, self.batch_size),
@@ -125,8 +125,6 @@ class Evaluator:
         out = []
         for start in range(0, len(rows), per_chunk):
             chunk = rows[start : start + per_chunk]
-            if chunk.dtype == np.uint8:  # images are kept as uint8 until they are embedded
-                chunk = image_ops.normalize(chunk)
             chunk = jax.make_array_from_process_local_data(
                 sharded, chunk, (self.batch_size, *chunk.shape[1:])
             )

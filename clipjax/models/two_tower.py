@@ -9,6 +9,7 @@ import math
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 from clipjax.models.heads import MIBlock
 from clipjax.models.layers import TowerOptions
@@ -17,6 +18,19 @@ from clipjax.models.text import TextTransformer
 from clipjax.models.vit import VisionTransformer, vit_size
 
 LOGIT_SCALE_INIT = math.log(1 / 0.07)
+# CLIP's per-channel pixel mean and standard deviation (RGB, pixels in [0, 1]).
+IMAGE_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
+IMAGE_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+
+
+def standardize(images, dtype=jnp.float32):
+    """Images as the towers take them, in `dtype`: uint8 (..., 3) pixels are scaled to [0, 1]
+    and standardised with `IMAGE_MEAN` and `IMAGE_STD` in float32 first; float images are taken
+    as already standardised. Batches stay uint8 from the input workers to here, a quarter of
+    float32's bytes, and the arithmetic fuses into the first layer."""
+    if images.dtype == jnp.uint8:
+        images = (images.astype(jnp.float32) / 255.0 - IMAGE_MEAN) / IMAGE_STD
+    return images.astype(dtype)
 
 
 def _projection(embed_dim: int, name: str) -> nn.Dense:
@@ -152,13 +166,15 @@ class TwoTower(nn.Module):
         return normalize(projection(features))
 
     def encode_image(self, images, train: bool = False, tokens: bool = False):
-        """Images (B, H, W, 3) -> features (B, width_v) before projection, embed (B, embed_dim)
-        L2-normalised; both float32. width_v is the ViT width or the ResNet's output_dim.
+        """Images (B, H, W, 3), uint8 pixels or float standardised ones (see `standardize`) ->
+        features (B, width_v) before projection, embed (B, embed_dim) L2-normalised; both
+        float32. width_v is the ViT width or the ResNet's output_dim.
 
         `train` puts BatchNorm (ResNet, MI block) in training mode (apply with
         `mutable=["batch_stats"]`) unless the tower is locked, and drops patches (a ViT with
         `patch_dropout`; apply with `rngs={"patch_dropout": key}`). `tokens` adds a ViT's patch
         tokens before ln_post (`tokens`, (B, P, width_v) float32)."""
+        images = standardize(images, self.dtype)
         out = {}
         if isinstance(self.image_tower, ModifiedResNet):
             features = self.image_tower(images, train=train and not self.image_locked)
