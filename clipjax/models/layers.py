@@ -35,8 +35,7 @@ def layer_norm(name: str) -> nn.LayerNorm:
 
 
 class Linear(nn.Module):
-    """`einsum(spec, activation(x), kernel) + bias` under the precision policy
-    (`precision.einsum`; no `activation`: x as it is).
+    """`einsum(spec, x, kernel) + bias` under the precision policy (`precision.einsum`).
 
     The kernel keeps its full `shape` from init on, so its logical `axes` name the array as
     created. The bias spans the kernel's axes that the output keeps, in the kernel's order.
@@ -48,14 +47,13 @@ class Linear(nn.Module):
     use_bias: bool = True
     kernel_init: nn.initializers.Initializer = DENSE_INIT
     dtype: jnp.dtype = jnp.float32
-    activation: Any = None  # an elementwise module-level function applied to x first
 
     @nn.compact
     def __call__(self, x):
         kernel = self.param(
             "kernel", nn.with_logical_partitioning(self.kernel_init, self.axes), self.shape
         )
-        y = precision.einsum(self.spec, x, kernel, self.dtype, self.activation)
+        y = precision.einsum(self.spec, x, kernel, self.dtype)
         if not self.use_bias:
             return y
         indices, out = self.spec.split("->")
@@ -279,14 +277,9 @@ class Mlp(nn.Module):
         x = Linear(
             "BLW,WM->BLM", (width, self.mlp_dim), ("embed", "mlp"), dtype=self.dtype, name="fc_in"
         )(x)
-        # GELU is applied inside fc_out's product: its backward pass keeps only GELU's input.
+        x = quick_gelu(x) if self.quick_gelu else gelu(x)
         return Linear(
-            "BLM,MW->BLW",
-            (self.mlp_dim, width),
-            ("mlp", "embed"),
-            dtype=self.dtype,
-            activation=quick_gelu if self.quick_gelu else gelu,
-            name="fc_out",
+            "BLM,MW->BLW", (self.mlp_dim, width), ("mlp", "embed"), dtype=self.dtype, name="fc_out"
         )(x)
 
 

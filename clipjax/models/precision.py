@@ -36,47 +36,42 @@ def _transposed_specs(spec: str) -> tuple[str, str]:
     return f"{out},{rhs}->{lhs}", f"{lhs},{out}->{rhs}"
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _mixed_einsum(spec: str, dtype, activation, lhs, rhs):
-    lhs = lhs if activation is None else activation(lhs)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _mixed_einsum(spec: str, dtype, lhs, rhs):
     return jnp.einsum(spec, lhs.astype(dtype), rhs.astype(dtype), preferred_element_type=FLOAT32)
 
 
-def _mixed_forward(spec, dtype, activation, lhs, rhs):
-    # The residuals: the activation's input kept narrow, and the weight as it is (float32): it
-    # stays alive as a parameter anyway, where a narrow copy of every weight would be kept from
-    # the forward pass to the backward one. With an `activation` (the MLP's GELU), only its
-    # input is kept, not also its output: the backward pass applies it again.
+def _mixed_forward(spec, dtype, lhs, rhs):
+    # The residuals: the activation kept narrow, and the weight as it is (float32): it stays
+    # alive as a parameter anyway, where a narrow copy of every weight would be kept from the
+    # forward pass to the backward one (2 bytes per parameter per device).
     narrow = lhs.astype(dtype)
-    return _mixed_einsum(spec, dtype, activation, lhs, rhs), (narrow, rhs)
+    return jnp.einsum(spec, narrow, rhs.astype(dtype), preferred_element_type=FLOAT32), (
+        narrow,
+        rhs,
+    )
 
 
-def _mixed_backward(spec, dtype, activation, residuals, cotangent):
-    narrow, rhs = residuals
+def _mixed_backward(spec, dtype, residuals, cotangent):
+    lhs, rhs = residuals
     rhs = rhs.astype(dtype)
     lhs_spec, rhs_spec = _transposed_specs(spec)
     cotangent = cotangent.astype(dtype)
-    if activation is None:
-        lhs, pull_back = narrow, None
-    else:  # the derivative is taken at the narrow input
-        applied, pull_back = jax.vjp(activation, narrow.astype(FLOAT32))
-        lhs = applied.astype(dtype)
     d_lhs = jnp.einsum(lhs_spec, cotangent, rhs, preferred_element_type=FLOAT32)
     d_rhs = jnp.einsum(rhs_spec, lhs, cotangent, preferred_element_type=FLOAT32)
-    return (d_lhs if pull_back is None else pull_back(d_lhs)[0]), d_rhs
+    return d_lhs, d_rhs
 
 
 _mixed_einsum.defvjp(_mixed_forward, _mixed_backward)
 
 
-def einsum(spec: str, lhs: jax.Array, rhs: jax.Array, dtype, activation=None) -> jax.Array:
-    """`jnp.einsum(spec, activation(lhs), rhs)` under the policy (no `activation`: lhs as it
-    is): plain for float32; else operands cast to `dtype`, accumulated and returned in
-    float32, with the backward products the same way. `lhs` is the activation's input and
-    `rhs` the weight: the backward pass keeps a narrow copy of the first, and casts the second
-    and applies `activation` (an elementwise module-level function, computed in float32) again."""
+def einsum(spec: str, lhs: jax.Array, rhs: jax.Array, dtype) -> jax.Array:
+    """`jnp.einsum(spec, lhs, rhs)` under the policy: plain for float32; else operands cast to
+    `dtype`, accumulated and returned in float32, with the backward products the same way.
+    `lhs` is the activation and `rhs` the weight: the backward pass keeps a narrow copy of the
+    first and casts the second again."""
     dtype = jnp.dtype(dtype)
     if dtype == FLOAT32:
-        return jnp.einsum(spec, lhs if activation is None else activation(lhs), rhs)
+        return jnp.einsum(spec, lhs, rhs)
     _transposed_specs(spec)  # checked at trace time
-    return _mixed_einsum(spec, dtype, activation, lhs.astype(FLOAT32), rhs.astype(FLOAT32))
+    return _mixed_einsum(spec, dtype, lhs.astype(FLOAT32), rhs.astype(FLOAT32))
