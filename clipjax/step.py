@@ -234,9 +234,10 @@ def build(config, mesh):
 
 def abstract_batch(config, mesh, views) -> dict:
     """The global batch the trainer feeds the step, as sharded shapes: the keys and dtypes
-    `data.views.Views` names (images, texts, MLM labels) plus the host's `control` rows."""
+    `data.views.Views` names (uint8 images, texts, MLM labels) plus the host's `control`
+    rows."""
     n, size = config.batch_size, config.model.image.size
-    image = jax.ShapeDtypeStruct((n, size, size, 3), jnp.float32)
+    image = jax.ShapeDtypeStruct((n, size, size, 3), jnp.uint8)
     text = jax.ShapeDtypeStruct((n, config.model.text.context_length), jnp.int32)
     shapes = dict.fromkeys(views.image_keys, image)
     for kind in views.text_views:

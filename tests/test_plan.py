@@ -182,3 +182,29 @@ def test_the_command_prints_a_table_and_json_and_refuses_a_mesh_that_does_not_fi
     )
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1].startswith("clipjax.plan: config.mesh: ")
+
+
+@needs_cuda_plugin
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "config_name,variant",
+    [("clip_vitb32", "B/32"), ("siglip_vitb16", "B/16"), ("clip_vitb32", "L/14")],
+)
+def test_full_size_towers_get_one_fused_call_per_layer_and_direction_on_h100(
+    config_name, variant
+):
+    """The full-size towers in bfloat16 on two H100s (a batch of 16: the program's calls do not
+    depend on it): one cuDNN forward and one backward per attention layer of both towers, at
+    every length the image tower has (50, 197, 257 tokens) and the text tower's 77 or 64."""
+    import importlib
+
+    config = importlib.import_module(f"configs.{config_name}").get_config()
+    config.batch_size, config.model.dtype = 16, "bfloat16"
+    config.model.image.variant = variant
+    target = targets.resolve("h100x2")
+    result = plan.report(plan.compile_step(config, target), target)
+    image_depth = {"B/32": 12, "B/16": 12, "L/14": 24}[variant]
+    calls = result["fused_attention_calls"]
+    assert calls["image_tower"] == {"forward": image_depth, "backward": image_depth}
+    depth = config.model.text.depth
+    assert calls["text_tower"] == {"forward": depth, "backward": depth}
