@@ -44,13 +44,12 @@ def row(config: str, r: dict) -> str:
     flops = f"{r['flops_per_example'] / 1e9:,.0f}" if r["flops_per_example"] else "—"
     fused = sum(c["forward"] for c in r["fused_attention_calls"].values())
     attention = f"cuDNN ({fused} fused)" if r["attention"] == "cudnn" else "XLA"
-    reduce = sum(r["collectives"].get(op, {}).get("count", 0) for op in ("all-reduce",))
-    gathers = r["collectives"].get("all-gather", {}).get("count", 0)
+    collectives = ", ".join(f"{op} {c['count']}" for op, c in r["collectives"].items())
     return (
         f"| `{config}` | {r['target']} | {r['batch_size']:,} | {memory['arguments'] / GIB:.2f} "
         f"| {memory['temporaries'] / GIB:.2f} | {memory['peak'] / GIB:.2f} / "
         f"{r['device_memory_bytes'] / GIB:.0f} | {'yes' if r['fits'] else '**no**'} "
-        f"| {per_chip} | {flops} | {reduce} / {gathers} | {attention} "
+        f"| {per_chip} | {flops} | {collectives} | {attention} "
         f"| {r['rematerialisations']} | {r['compile_s']:.0f} |"
     )
 
@@ -65,7 +64,7 @@ def main() -> None:
     os.makedirs(args.output, exist_ok=True)
     lines = [
         "| config | target | batch | arguments GiB | temporaries GiB | peak / chip GiB | fits "
-        "| largest batch per chip | GFLOP per example | all-reduce / all-gather | attention "
+        "| largest batch per chip | GFLOP per example | collectives (count) | attention "
         "| XLA remat | compile s |",
         "|---" * 13 + "|",
     ]

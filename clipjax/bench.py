@@ -80,13 +80,12 @@ from jax.sharding import PartitionSpec
 from ml_collections import config_flags
 
 from clipjax import config as config_lib
-from clipjax import losses, metrics, nn_queue, objectives, sharding, train
+from clipjax import losses, metrics, nn_queue, objectives, sharding, step, train
 from clipjax.data import sources
 from clipjax.data import tokenizer as tokenizer_lib
 from clipjax.models import precision
 from clipjax.models.vit import vit_size
 from clipjax.objectives.base import Views
-from clipjax.step import build
 from clipjax.tools import step_profile
 
 FLAGS = flags.FLAGS
@@ -132,29 +131,32 @@ def matmul_peak(dtype="float32", size: int = 2048, repeats: int = 10) -> float:
 
 
 def synthetic_batch(config, mesh, views: Views) -> dict:
-    """Random inputs with the keys and shapes the pipeline makes for `views`, on the mesh."""
+    """Random values for the batch the trainer feeds for `views` (`step.abstract_batch`: uint8
+    images, token ids, MLM labels at 15% of positions, no stop or save), on the mesh."""
     rng = np.random.default_rng(0)
-    n, size = config.batch_size, config.model.image.size
-    length, vocab = config.model.text.context_length, config.model.text.vocab_size
+    vocab = config.model.text.vocab_size
 
-    def tokens():
-        return rng.integers(4, vocab, size=(n, length)).astype(np.int32)
+    def fill(key: str, shape: tuple, dtype) -> np.ndarray:
+        if dtype == np.uint8:
+            return rng.integers(0, 256, shape, np.uint8)
+        if key == "control":
+            return np.zeros(shape, np.int32)
+        tokens = rng.integers(4, vocab, size=shape).astype(np.int32)
+        return np.where(rng.random(shape) < 0.15, tokens, 0) if key == "mlm_labels" else tokens
 
-    batch = {key: rng.integers(0, 256, (n, size, size, 3), np.uint8) for key in views.image_keys}
-    for kind in views.text_views:
-        batch["text" if kind == "plain" else f"text_{kind}"] = tokens()
-        if kind == "mlm":
-            batch["mlm_labels"] = np.where(rng.random((n, length)) < 0.15, tokens(), 0)
-    lo, hi = sharding.process_rows(mesh, n)
-    batch["control"] = np.zeros((n, 2), np.int32)  # as the trainer sends: no stop, no save
-    return sharding.to_global({k: v[lo:hi] for k, v in batch.items()}, mesh, n)
+    lo, hi = sharding.process_rows(mesh, config.batch_size)
+    batch = {
+        key: fill(key, x.shape, x.dtype)[lo:hi]
+        for key, x in step.abstract_batch(config, mesh, views).items()
+    }
+    return sharding.to_global(batch, mesh, config.batch_size)
 
 
 def compiled_step(config):
     """`config`'s train step compiled for synthetic inputs: (step, state, batch, compile s)."""
     mesh = sharding.make_mesh(config.mesh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-        objective, init, _, step_fn = build(config, mesh)
+        objective, init, _, step_fn = step.build(config, mesh)
         state = init(jax.random.PRNGKey(config.seed))
         batch = synthetic_batch(config, mesh, objective.views)
         start = time.perf_counter()
@@ -227,7 +229,7 @@ def loop_overhead(config, steps: int) -> dict:
     rates = {
         row["step"]: row["train/samples_per_s"] for row in rows if "train/samples_per_s" in row
     }
-    loop = [rate for step, rate in sorted(rates.items()) if step > window]
+    loop = [rate for at, rate in sorted(rates.items()) if at > window]
     bare += bare_rates()
     result = {
         "loop_samples_per_s": statistics.median(loop),
@@ -246,7 +248,7 @@ def compile_times(config) -> dict:
     """Lower and compile `config`'s train step from abstract shapes: nothing is allocated."""
     mesh = sharding.make_mesh(config.mesh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-        objective, _, abstract_state, step_fn = build(config, mesh)
+        objective, _, abstract_state, step_fn = step.build(config, mesh)
         batch = synthetic_batch(config, mesh, objective.views)  # small: only the state is big
         start = time.perf_counter()
         lowered = step_fn.lower(abstract_state, batch)
