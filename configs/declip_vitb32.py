@@ -12,20 +12,12 @@ and schedule of every `:local` config, without NNS (its 4,096-entry queue is sti
   python -m clipjax.main --config=configs/declip_vitb32.py:local --workdir=/tmp/declip_local
 """
 
-from clipjax.config import apply_local, base_config
+from clipjax.config import apply_local, base_config, clip_benchmark_recipe
 
 
 def declip_recipe(c):
     """The official DeCLIP optimisation recipe, shared by every backbone."""
-    c.objective = "declip"
-    c.batch_size = 4096
-    c.total_steps = 128_000
-    c.optim.lr = 1e-3
-    c.optim.warmup_from = 1e-4
-    c.optim.warmup_steps = 2_500
-    c.optim.b2 = 0.98
-    c.optim.eps = 1e-8
-    c.optim.weight_decay = 0.1
+    clip_benchmark_recipe(c, "declip", lr=1e-3, weight_decay=0.1)
     # MoCo v2's two-crop views, as the official code makes them.
     c.data.augment.recipe = "mocov2"
     c.data.augment.crop_scale = (0.2, 1.0)

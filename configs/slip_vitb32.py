@@ -14,22 +14,13 @@ On a laptop CPU, the tiny model and schedule of every `:local` config, with a Si
   python -m clipjax.main --config=configs/slip_vitb32.py:local --workdir=/tmp/slip_local
 """
 
-from clipjax.config import apply_local, base_config
+from clipjax.config import apply_local, base_config, clip_benchmark_recipe
 
 
 def get_config(arg: str | None = None):
     if arg not in (None, "", "local"):
         raise ValueError(f"configs/slip_vitb32.py takes no argument or 'local', got {arg!r}.")
-    c = base_config()
-    c.objective = "slip"
-    c.batch_size = 4096
-    c.total_steps = 128_000
-    c.optim.lr = 5e-4
-    c.optim.warmup_from = 1e-4
-    c.optim.warmup_steps = 2_500
-    c.optim.b2 = 0.98
-    c.optim.eps = 1e-8
-    c.optim.weight_decay = 0.5
+    c = clip_benchmark_recipe(base_config(), "slip", lr=5e-4, weight_decay=0.5)
     c.data.augment.crop_scale = (0.5, 1.0)  # the base view; the SSL views: c.slip.ssl_augment
     if arg == "local":
         apply_local(c)

@@ -21,6 +21,7 @@ from clipjax.config.checks import (
 from clipjax.config.sections import (
     apply_local,
     base_config,
+    clip_benchmark_recipe,
     eval_entry,
     eval_settings,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "ConfigError",
     "_check_workdir",
     "apply_local",
+    "clip_benchmark_recipe",
     "base_config",
     "check_resume",
     "config_file_error",

@@ -151,6 +151,24 @@ def eval_settings(entry) -> ml_collections.ConfigDict:
     return eval_entry(**dict(entry))
 
 
+def clip_benchmark_recipe(
+    c: ml_collections.ConfigDict, objective: str, lr: float, weight_decay: float
+) -> ml_collections.ConfigDict:
+    """The optimisation recipe of DeCLIP's CLIP-Benchmark codebase, shared by its methods
+    (DeCLIP, SLIP, FILIP, DeFILIP): batch 4,096 for 128k steps, a warm-up from 1e-4 over 2,500
+    steps, AdamW with b2 0.98 and eps 1e-8; each method's own peak `lr` and `weight_decay`."""
+    c.objective = objective
+    c.batch_size = 4096
+    c.total_steps = 128_000
+    c.optim.lr = lr
+    c.optim.warmup_from = 1e-4
+    c.optim.warmup_steps = 2_500
+    c.optim.b2 = 0.98
+    c.optim.eps = 1e-8
+    c.optim.weight_decay = weight_decay
+    return c
+
+
 def apply_local(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The `:local` sizes shared by every config: a tiny ViT and text tower, 32-px images,
     batch 128 and 600 steps, so a laptop CPU trains one in minutes and methods compare at
