@@ -2,6 +2,7 @@
 device here (JAX's accelerator plugins from requirements-compile.txt); the batch search; the
 reading of compiled programs; and the one-line errors."""
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -33,9 +34,14 @@ def _tiny_bfloat16():
 
 
 @pytest.fixture(scope="module")
-def tpu_report():
+def tpu_compiled():
     target = targets.resolve("v5e:2x2")
-    return plan.report(plan.compile_step(_tiny_bfloat16(), target), target)
+    return plan.compile_step(_tiny_bfloat16(), target), target
+
+
+@pytest.fixture(scope="module")
+def tpu_report(tpu_compiled):
+    return plan.report(*tpu_compiled)
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +63,21 @@ def test_the_tiny_config_compiles_for_v5e_and_fits(tpu_report):
     assert r["collectives"]["all-reduce"]["count"] >= 1
     assert r["attention"] == "xla" and r["flops_source"] == "compiled"
     assert r["flops_per_example"] > 0 and r["rematerialisations"] == 0
+
+
+@needs_libtpu
+def test_a_config_that_does_not_fit_names_its_largest_term_and_the_fields_that_help(
+    tpu_compiled,
+):
+    compiled, target = tpu_compiled
+    small = dataclasses.replace(target, memory_bytes=1 << 20)  # a chip of 1 MiB
+    r = plan.report(compiled, small)
+    terms = r["memory_bytes"]
+    assert not r["fits"] and terms["peak"] > small.memory_bytes
+    largest = max(("arguments", "outputs", "temporaries"), key=terms.get)
+    assert (r["dominant"], r["remedy"]) == (largest, plan.REMEDIES[largest])
+    assert "config.mesh.fsdp" in plan.REMEDIES["arguments"]
+    assert "config.accum_steps" in plan.REMEDIES["temporaries"]
 
 
 @needs_cuda_plugin
@@ -190,9 +211,7 @@ def test_the_command_prints_a_table_and_json_and_refuses_a_mesh_that_does_not_fi
     "config_name,variant",
     [("clip_vitb32", "B/32"), ("siglip_vitb16", "B/16"), ("clip_vitb32", "L/14")],
 )
-def test_full_size_towers_get_one_fused_call_per_layer_and_direction_on_h100(
-    config_name, variant
-):
+def test_full_size_towers_get_one_fused_call_per_layer_and_direction_on_h100(config_name, variant):
     """The full-size towers in bfloat16 on two H100s (a batch of 16: the program's calls do not
     depend on it): one cuDNN forward and one backward per attention layer of both towers, at
     every length the image tower has (50, 197, 257 tokens) and the text tower's 77 or 64."""
