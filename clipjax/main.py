@@ -18,6 +18,7 @@ from ml_collections import config_flags
 
 from clipjax import summary, train
 from clipjax.config import config_file_error, override_error
+from clipjax.distributed import distributed_arguments
 from clipjax.errors import ConfigError, Interrupted, TrainingError
 from clipjax.metrics import quiet_library_logs
 
@@ -71,52 +72,6 @@ def parse_flags(argv: list[str]) -> list[str]:
         if missing:
             fail(f"{' and '.join('--' + m for m in missing)} must be given, e.g. {USAGE}")
         fail(str(e).splitlines()[0])
-
-
-def distributed_arguments(
-    coordinator, num_processes, process_id, bind=None, heartbeat_timeout=30, shutdown_timeout=60
-) -> dict:
-    """`jax.distributed.initialize`'s arguments from the flags: the coordinator, process count
-    and index all three, or none (the cluster is detected: Cloud TPU, SLURM, ...); where process
-    0 listens; the heartbeat and shutdown bounds. ConfigError names what is missing or wrong."""
-    bounds = {"heartbeat_timeout": heartbeat_timeout, "shutdown_timeout": shutdown_timeout}
-    for flag, seconds in bounds.items():
-        if seconds < 1:
-            raise ConfigError(f"--{flag}={seconds} must be at least 1 (seconds).")
-    arguments = {
-        "heartbeat_timeout_seconds": heartbeat_timeout,
-        "shutdown_timeout_seconds": shutdown_timeout,
-    }
-    if bind is not None:
-        arguments["coordinator_bind_address"] = _address("--coordinator_bind", bind)
-    given = {"--coordinator": coordinator, "--num_processes": num_processes}
-    given["--process_id"] = process_id
-    if all(value is None for value in given.values()):
-        return arguments
-    missing = [flag for flag, value in given.items() if value is None]
-    if missing:
-        raise ConfigError(
-            f"--distributed with --coordinator, --num_processes or --process_id needs all "
-            f"three; {' and '.join(missing)} missing (or give none to detect the cluster)."
-        )
-    _address("--coordinator", coordinator)
-    if num_processes < 1 or not 0 <= process_id < num_processes:
-        raise ConfigError(
-            f"--process_id={process_id} must be in [0, --num_processes={num_processes})."
-        )
-    return {
-        **arguments,
-        "coordinator_address": coordinator,
-        "num_processes": num_processes,
-        "process_id": process_id,
-    }
-
-
-def _address(flag: str, address: str) -> str:
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError(f"{flag}={address!r} must be HOST:PORT, e.g. localhost:8476.")
-    return address
 
 
 def widen_gloo_sockets() -> None:

@@ -102,12 +102,12 @@ def test_a_killed_process_stops_the_group_in_one_line_and_it_restarts(tmp_path):
 def test_the_distributed_arguments_carry_the_bind_address_and_the_bounds():
     """main's flags reach `jax.distributed.initialize`: where process 0 listens, the heartbeat
     and shutdown bounds (also when the cluster is detected); bad values in one line."""
-    from clipjax import main
+    from clipjax import distributed
     from clipjax.errors import ConfigError
 
     bounds = {"heartbeat_timeout_seconds": 30, "shutdown_timeout_seconds": 60}
-    assert main.distributed_arguments(None, None, None) == bounds
-    assert main.distributed_arguments("127.0.0.1:9", 2, 1, "127.0.0.1:9", 5, 7) == {
+    assert distributed.distributed_arguments(None, None, None) == bounds
+    assert distributed.distributed_arguments("127.0.0.1:9", 2, 1, "127.0.0.1:9", 5, 7) == {
         "heartbeat_timeout_seconds": 5,
         "shutdown_timeout_seconds": 7,
         "coordinator_bind_address": "127.0.0.1:9",
@@ -116,8 +116,8 @@ def test_the_distributed_arguments_carry_the_bind_address_and_the_bounds():
         "process_id": 1,
     }
     with pytest.raises(ConfigError, match=r"^--coordinator_bind='lo' must be HOST:PORT, e\.g\."):
-        main.distributed_arguments(None, None, None, "lo")
+        distributed.distributed_arguments(None, None, None, "lo")
     with pytest.raises(
         ConfigError, match=r"^--heartbeat_timeout=0 must be at least 1 \(seconds\)\.$"
     ):
-        main.distributed_arguments(None, None, None, heartbeat_timeout=0)
+        distributed.distributed_arguments(None, None, None, heartbeat_timeout=0)

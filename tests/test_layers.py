@@ -13,7 +13,17 @@ PACKAGE = pathlib.Path(clipjax.__file__).parent
 # Bottom to top. A name stands for the module or the package of that name and everything in
 # it, unless a longer name places part of it elsewhere.
 FLOORS = [
-    ["errors", "paths", "sharding", "metrics", "summary", "lock", "bookkeeping", "checkpoint"],
+    [
+        "errors",
+        "paths",
+        "sharding",
+        "metrics",
+        "summary",
+        "lock",
+        "bookkeeping",
+        "checkpoint",
+        "distributed",
+    ],
     ["models", "losses", "nn_queue", "optimizers"],
     ["data", "objectives", "weights", "evaluate"],  # evaluate: its kinds, not what runs them
     ["config", "step"],

@@ -73,4 +73,3 @@ def test_backward_products_take_narrow_operands():
 def test_an_index_summed_within_one_operand_is_refused():
     with pytest.raises(ValueError, match="summed within it"):
         precision.einsum("ij,jk->k", *_operands([(2, 3), (3, 4)]), jnp.bfloat16)
-
