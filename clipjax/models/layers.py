@@ -78,6 +78,7 @@ ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 CUDNN_LENGTH_MULTIPLE = 8
 # Head dims cuDNN's fused kernel takes on every GPU it supports (Hopper also takes up to 256).
 CUDNN_MAX_HEAD_DIM = 128
+FLOAT32_MIN = float(jnp.finfo(jnp.float32).min)  # the causal mask's logit
 
 
 def choose_attention(
@@ -132,17 +133,15 @@ def _attention_logits(query, key, causal: bool):
     return logits
 
 
-FLOAT32_MIN = float(jnp.finfo(jnp.float32).min)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def lean_attention(query, key, value, causal: bool):
     """XLA's attention that keeps no (B, heads, T, S) array from the forward pass to the
     backward one: only q, k, v and the softmax's log-sum-exp, as flash attention does; the
-    backward pass computes the logits again (one more T × S product per layer). A plain
-    composition would keep the float32 probabilities for the softmax's backward, and with
-    16-bit operands a 16-bit copy as well, which for ViT-B/16's 197 tokens is most of a
-    step's activation memory. (B, T, heads, head_dim) each -> (B, T, heads, head_dim)."""
+    backward pass computes the logits again (one more T × S product per layer). JAX's
+    composition keeps its softmax's float32 output for the backward pass, and with 16-bit
+    operands a 16-bit copy for the second product: for ViT-B/16, 12 × 197² floats per layer and
+    example (docs/benchmarks.md measures the step's peak memory with this and without).
+    (B, T, heads, head_dim) each -> (B, T, heads, head_dim)."""
     return _lean_forward(query, key, value, causal)[0]
 
 
