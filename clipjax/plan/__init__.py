@@ -159,12 +159,15 @@ def report(compiled: Compiled, target: Target) -> dict:
     return result
 
 
-def largest_batch(config, target: Target, max_batch: int, max_compiles: int, known=None):
+def largest_batch(
+    config, target: Target, max_batch: int, max_compiles: int, known=None, progress=None
+):
     """The largest global batch (a multiple of the data-parallel size times accum_steps, at
     most `max_batch`) whose step fits `target`, by doubling or halving from config.batch_size
     and then bisection; at most `max_compiles` compiles. `known` maps batches already compiled
-    to whether they fit. Returns (largest fitting batch or 0, smallest failing batch or None,
-    compiles spent): the answer lies in [first, second) when the compiles ran out."""
+    to whether they fit; `progress(line)`, if given, hears of each compile. Returns (largest
+    fitting batch or 0, smallest failing batch or None, compiles spent): the answer lies in
+    [first, second) when the compiles ran out."""
     known = dict(known or {})
     mesh = sharding.make_mesh(config.mesh, list(target.devices))
     unit = sharding.data_parallel_size(mesh) * config.accum_steps
@@ -174,6 +177,8 @@ def largest_batch(config, target: Target, max_batch: int, max_compiles: int, kno
         nonlocal spent
         if batch not in known:
             spent += 1
+            if progress:
+                progress(f"batch search: compiling for {target.name} at batch {batch:,}")
             known[batch] = fits(compile_step(with_batch(config, batch), target), target)
         return known[batch]
 

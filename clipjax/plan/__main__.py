@@ -41,6 +41,11 @@ def define_flags() -> None:
     flags.mark_flags_as_required(["config", "target"])
 
 
+def _progress(line: str) -> None:
+    """A compile can take minutes: say which one runs (stderr, so stdout stays the report)."""
+    print(f"clipjax.plan: {line} ...", file=sys.stderr, flush=True)
+
+
 def _gib(n: int) -> str:
     return f"{n / GIB:.2f} GiB"
 
@@ -89,12 +94,13 @@ def main(argv) -> None:
     try:
         chosen = [targets.resolve(name) for name in FLAGS.target]
         for target in chosen:
+            _progress(f"compiling for {target.name} at batch {config.batch_size:,}")
             compiled = plan.compile_step(config, target)
             result = plan.report(compiled, target)
             if FLAGS.max_batch:
                 known = {config.batch_size: result["fits"]}
                 fits, fails, spent = plan.largest_batch(
-                    config, target, FLAGS.max_batch, FLAGS.max_compiles, known
+                    config, target, FLAGS.max_batch, FLAGS.max_compiles, known, _progress
                 )
                 result["largest_batch"] = {"fits": fits, "fails": fails, "compiles": spent}
             print(_table(config_name, result), flush=True)
