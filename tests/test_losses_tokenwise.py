@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from clipjax import losses, sharding
+from tests.test_losses import _finite_difference
 
 TOL = 1e-6
 
@@ -84,21 +85,6 @@ def _assert_matches(value, grads, reference, tol=TOL):
     np.testing.assert_allclose(value, ref_value, rtol=tol, atol=tol)
     for got, want in zip(grads, ref_grads, strict=True):
         np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
-
-
-def _finite_difference(f, args, eps=1e-6):
-    grads = []
-    for k, arg in enumerate(args):
-        arg = np.asarray(arg, np.float64)
-        grad = np.zeros_like(arg)
-        for index in np.ndindex(arg.shape):
-            moved = [arg.copy(), arg.copy()]
-            moved[0][index] += eps
-            moved[1][index] -= eps
-            ends = [f(*args[:k], m, *args[k + 1 :]) for m in moved]
-            grad[index] = (ends[0] - ends[1]) / (2 * eps)
-        grads.append(grad)
-    return grads
 
 
 def test_references_match_finite_differences():
