@@ -394,26 +394,6 @@ def test_a_stopped_run_resumes_exactly(config_name, tmp_path):
     assert losses(tmp_path / "resumed") == want
 
 
-def test_slip_refuses_gradient_accumulation_in_one_line():
-    from clipjax import step
-    from clipjax.errors import ConfigError
-
-    config = tiny("slip_vitb32")
-    config.batch_size, config.accum_steps = 32, 2
-    mesh = sharding.make_mesh(config.mesh)
-    with (
-        jax.set_mesh(mesh),
-        nn.logical_axis_rules(sharding.LOGICAL_RULES),
-        pytest.raises(ConfigError) as error,
-    ):
-        step.build(config, mesh)
-    assert str(error.value) == (
-        "config.accum_steps=2: slip cannot accumulate its gradient exactly, as its SimCLR "
-        "head's BatchNorm statistics are computed over the whole batch; use "
-        "config.accum_steps=1."
-    )
-
-
 def test_filip_accumulates_its_gradient_exactly():
     """FILIP's loss is a function of each example's tokens: two micro-batches give the whole
     batch's loss within 1e-6 and its gradients within float32 rounding."""

@@ -128,8 +128,15 @@ def test_accumulated_training_follows_the_whole_batch_and_resumes_exactly(tmp_pa
             "tower's BatchNorm statistics would be each micro-batch's; use config.accum_steps=1 "
             "or a ViT image tower.",
         ),
+        (
+            "slip_vitb32",
+            {"batch_size": 32},
+            "config.accum_steps=2: slip cannot accumulate its gradient exactly, as its SimCLR "
+            "head's BatchNorm statistics are computed over the whole batch; use "
+            "config.accum_steps=1.",
+        ),
     ],
-    ids=["declip", "cliplite", "resnet"],
+    ids=["declip", "cliplite", "resnet", "slip"],
 )
 def test_accumulation_is_refused_where_it_cannot_be_exact(name, fields, message):
     config = _config(name, **fields, accum_steps=2)
