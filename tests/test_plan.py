@@ -115,30 +115,36 @@ def test_auto_attention_follows_the_mesh_not_the_default_backend():
     assert step.attention_for_mesh(_tiny_bfloat16(), cpu_mesh).model.attention == "xla"
 
 
-def test_largest_batch_bisects_over_multiples_of_the_data_parallel_size(monkeypatch):
-    """Against a stand-in compile that fits below a threshold: the search lands on the largest
-    multiple of the unit under it, within the compile budget, from above or below."""
+def test_largest_batch_finds_the_largest_fitting_multiple_of_the_data_parallel_size(monkeypatch):
+    """Against stand-in compiles whose peak memory is known: the search lands on the largest
+    multiple of the unit that fits, from above or below; a near-linear peak takes a few
+    compiles, a step in memory (where the line misleads) still ends in the exact bracket."""
     compiled = []
-    limit = 1000
+    unit = 8  # the 8 data-parallel test devices
+    arguments = 1000
 
     def fake_compile(config, target):
         compiled.append(config.batch_size)
         return config.batch_size
 
-    monkeypatch.setattr(plan, "compile_step", fake_compile)
-    monkeypatch.setattr(plan, "fits", lambda batch, target: batch <= limit)
-    target = targets.Target("fake", "cpu", "CPU", 1, tuple(__import__("jax").devices()))
+    target = targets.Target("fake", "cpu", "CPU", 100_000, tuple(__import__("jax").devices()))
     config = tiny_config("clip_vitb32")
-    unit = 8  # the 8 data-parallel test devices
-    for start in (16, 4096):
-        config.batch_size, compiled[:] = start, []
-        fits, fails, spent = plan.largest_batch(config, target, 10**6, max_compiles=20)
-        assert (fits, fails) == (limit // unit * unit, limit // unit * unit + unit)
-        assert spent == len(compiled) == len(set(compiled)) and spent <= 20
-        assert all(batch % unit == 0 for batch in compiled)
+    monkeypatch.setattr(plan, "compile_step", fake_compile)
+    smooth = lambda b: arguments + 37 * b + b * b // 4000  # noqa: E731 - activations, gathered logits
+    stepped = lambda b: arguments + (10 * b if b <= 1000 else 10**6)  # noqa: E731
+    for peak, most_compiles in ((smooth, 5), (stepped, 20)):
+        monkeypatch.setattr(plan, "memory", lambda b: {"arguments": arguments, "peak": peak(b)})
+        # The reference: every multiple of the unit tried.
+        largest = max(b for b in range(unit, 10**5, unit) if peak(b) <= target.memory_bytes)
+        for start in (16, 4096):
+            config.batch_size, compiled[:] = start, []
+            fits, fails, spent = plan.largest_batch(config, target, 10**6, max_compiles=20)
+            assert (fits, fails) == (largest, largest + unit)
+            assert spent == len(compiled) == len(set(compiled)) and spent <= most_compiles
+            assert all(batch % unit == 0 for batch in compiled)
     config.batch_size = 16
-    fits, fails, spent = plan.largest_batch(config, target, 10**6, max_compiles=8)
-    assert spent == 8 and fits < limit < fails  # a bracket, when the compiles run out
+    fits, fails, spent = plan.largest_batch(config, target, 10**6, max_compiles=3)
+    assert spent == 3 and fits < 1000 < fails  # a bracket, when the compiles run out
     fits, fails, _ = plan.largest_batch(config, target, 512, max_compiles=20)
     assert (fits, fails) == (512, None)  # everything up to --max_batch fits
 

@@ -1,11 +1,13 @@
 """The mixed-precision policy: narrow operands, float32 accumulation, in both passes."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from clipjax.models import precision
+from clipjax.models import layers, precision
 
 SPECS = {  # spec -> operand shapes: every product form the towers use
     "BLW,WM->BLM": ((2, 5, 8), (8, 6)),
@@ -46,6 +48,44 @@ def test_mixed_products_and_their_gradients_equal_float64_on_rounded_operands(sp
     np.testing.assert_allclose(d_rhs, want_rhs, rtol=1e-5, atol=1e-5)
     # And they differ from the float32 product: the operands were rounded.
     assert np.abs(np.asarray(out) - np.einsum(spec, lhs, rhs)).max() > 1e-4
+
+
+def _gelu64(x):
+    return 0.5 * x * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
+
+
+def _gelu64_slope(x):
+    return 0.5 * (1 + np.vectorize(math.erf)(x / math.sqrt(2))) + x * np.exp(-x * x / 2) / math.sqrt(
+        2 * math.pi
+    )
+
+
+def test_an_activated_product_keeps_its_narrow_input_and_equals_float64():
+    """`einsum(spec, lhs, rhs, bfloat16, activation=gelu)`: GELU of the bfloat16-rounded input,
+    rounded again as the product's operand, in both passes; the input's gradient is GELU's
+    slope there times the product's gradient."""
+    spec = "BLM,MW->BLW"
+    lhs, rhs = _operands([(2, 5, 6), (6, 8)])
+    out, vjp = jax.vjp(
+        lambda a, b: precision.einsum(spec, a, b, jnp.bfloat16, activation=layers.gelu), lhs, rhs
+    )
+    hidden = _round(_gelu64(_round(lhs)))
+    np.testing.assert_allclose(out, np.einsum(spec, hidden, _round(rhs)), rtol=1e-5, atol=1e-5)
+    cotangent = _operands([out.shape], seed=1)[0]
+    d_lhs, d_rhs = vjp(cotangent)
+    lhs_spec, rhs_spec = precision._transposed_specs(spec)
+    d_hidden = np.einsum(lhs_spec, _round(cotangent), _round(rhs))
+    np.testing.assert_allclose(d_lhs, d_hidden * _gelu64_slope(_round(lhs)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        d_rhs, np.einsum(rhs_spec, hidden, _round(cotangent)), rtol=1e-5, atol=1e-5
+    )
+    # In float32 it is the plain product of the activation.
+    np.testing.assert_allclose(
+        precision.einsum(spec, lhs, rhs, jnp.float32, activation=layers.gelu),
+        np.einsum(spec, _gelu64(lhs.astype(np.float64)), rhs),
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 def test_float32_is_the_plain_einsum():

@@ -35,7 +35,8 @@ def layer_norm(name: str) -> nn.LayerNorm:
 
 
 class Linear(nn.Module):
-    """`einsum(spec, x, kernel) + bias` under the precision policy (`precision.einsum`).
+    """`einsum(spec, activation(x), kernel) + bias` under the precision policy
+    (`precision.einsum`; `activation` elementwise, or None).
 
     The kernel keeps its full `shape` from init on, so its logical `axes` name the array as
     created. The bias spans the kernel's axes that the output keeps, in the kernel's order.
@@ -47,13 +48,14 @@ class Linear(nn.Module):
     use_bias: bool = True
     kernel_init: nn.initializers.Initializer = DENSE_INIT
     dtype: jnp.dtype = jnp.float32
+    activation: Any = None
 
     @nn.compact
     def __call__(self, x):
         kernel = self.param(
             "kernel", nn.with_logical_partitioning(self.kernel_init, self.axes), self.shape
         )
-        y = precision.einsum(self.spec, x, kernel, self.dtype)
+        y = precision.einsum(self.spec, x, kernel, self.dtype, self.activation)
         if not self.use_bias:
             return y
         indices, out = self.spec.split("->")
@@ -156,6 +158,11 @@ def _lean_forward(query, key, value, causal):
 def _lean_backward(causal, residuals, d_out):
     query, key, value, log_norm = residuals
     dtype = query.dtype
+    # The barrier, which takes the cotangent too, keeps XLA from merging the product below
+    # with the forward pass's identical one (common-subexpression elimination, as
+    # `jax.checkpoint`'s `prevent_cse` guards against) and from computing it before this
+    # layer's backward pass: either would keep (B, heads, T, S) logits alive for many layers.
+    query, key, log_norm, d_out = jax.lax.optimization_barrier((query, key, log_norm, d_out))
     probs = jnp.exp(_attention_logits(query, key, causal) - log_norm)  # float32
     d_out = d_out.astype(dtype)
     d_value = jnp.einsum(
@@ -263,7 +270,9 @@ def quick_gelu(x):
 class Mlp(nn.Module):
     """Linear(mlp_dim) -> GELU -> Linear(width), with biases: (B, L, W) -> (B, L, W).
 
-    GELU is exact (torch's, as open_clip uses) or, with `quick_gelu`, OpenAI's approximation.
+    GELU is exact (torch's, as open_clip uses) or, with `quick_gelu`, OpenAI's approximation;
+    it is applied by fc_out (`Linear.activation`), which keeps only its input for the backward
+    pass under the precision policy.
     """
 
     mlp_dim: int
@@ -276,9 +285,13 @@ class Mlp(nn.Module):
         x = Linear(
             "BLW,WM->BLM", (width, self.mlp_dim), ("embed", "mlp"), dtype=self.dtype, name="fc_in"
         )(x)
-        x = quick_gelu(x) if self.quick_gelu else gelu(x)
         return Linear(
-            "BLM,MW->BLW", (self.mlp_dim, width), ("mlp", "embed"), dtype=self.dtype, name="fc_out"
+            "BLM,MW->BLW",
+            (self.mlp_dim, width),
+            ("mlp", "embed"),
+            dtype=self.dtype,
+            activation=quick_gelu if self.quick_gelu else gelu,
+            name="fc_out",
         )(x)
 
 

@@ -163,37 +163,57 @@ def largest_batch(
     config, target: Target, max_batch: int, max_compiles: int, known=None, progress=None
 ):
     """The largest global batch (a multiple of the data-parallel size times accum_steps, at
-    most `max_batch`) whose step fits `target`, by doubling or halving from config.batch_size
-    and then bisection; at most `max_compiles` compiles. `known` maps batches already compiled
-    to whether they fit; `progress(line)`, if given, hears of each compile. Returns (largest
-    fitting batch or 0, smallest failing batch or None, compiles spent): the answer lies in
-    [first, second) when the compiles ran out."""
+    most `max_batch`) whose step fits `target`, found by shrinking a bracket over those
+    multiples: each next batch is where the peak memory, interpolated between compiles,
+    reaches the chip's (`_next_batch`); at most `max_compiles` compiles. `known` maps batches
+    already compiled to their `memory` terms; `progress(line)`, if given, hears of each
+    compile. Returns (largest fitting batch or 0, smallest failing batch or None, compiles
+    spent): the answer lies in [first, second) when the compiles ran out."""
     known = dict(known or {})
     mesh = sharding.make_mesh(config.mesh, list(target.devices))
     unit = sharding.data_parallel_size(mesh) * config.accum_steps
-    spent = 0
-
-    def fits_at(batch: int) -> bool:
-        nonlocal spent
+    top = max(unit, max_batch // unit * unit)
+    spent, sides = 0, []
+    batch = min(max(unit, config.batch_size // unit * unit), top)
+    while True:
         if batch not in known:
             spent += 1
             if progress:
                 progress(f"batch search: compiling for {target.name} at batch {batch:,}")
-            known[batch] = fits(compile_step(with_batch(config, batch), target), target)
-        return known[batch]
+            known[batch] = memory(compile_step(with_batch(config, batch), target))
+        sides.append(known[batch]["peak"] <= target.memory_bytes)
+        hi = min((b for b in known if known[b]["peak"] > target.memory_bytes), default=None)
+        lo = max((b for b in known if b <= top and (hi is None or b < hi)), default=0)
+        if (top + unit if hi is None else hi) - lo <= unit or spent >= max_compiles:
+            return lo, hi, spent
+        batch = _next_batch(known, lo, hi, unit, top, target.memory_bytes, sides)
 
-    def below(batch: int) -> int:
-        return max(unit, batch // unit * unit)
 
-    start = min(below(config.batch_size), below(max_batch))
-    lo, hi = (start, None) if fits_at(start) else (0, start)
-    while hi is None and lo < below(max_batch) and spent < max_compiles:
-        candidate = min(lo * 2, below(max_batch))
-        lo, hi = (candidate, None) if fits_at(candidate) else (lo, candidate)
-    while lo == 0 and hi > unit and spent < max_compiles:
-        candidate = below(hi // 2)
-        lo, hi = (candidate, hi) if fits_at(candidate) else (0, candidate)
-    while hi is not None and hi - lo > unit and lo > 0 and spent < max_compiles:
-        mid = below((lo + hi) // 2)
-        lo, hi = (mid, hi) if fits_at(mid) else (lo, mid)
-    return lo, hi, spent
+def _next_batch(known, lo, hi, unit, top, limit, sides) -> int:
+    """Where the line through the peak memory of two compiles reaches `limit`, rounded down to
+    the unit and kept strictly inside the bracket (lo fits, or is 0 when nothing fitted; hi
+    does not fit, or is None when everything up to `top` did). The two are the bracket's ends;
+    with one end only, that end and the nearest compile beyond it, or else batch 0 at the
+    arguments' bytes (the state, which a step holds at any batch). When the last compiles
+    (`sides`: fits or not, in order) all moved the same end, the other end's distance from
+    the limit is halved for each repeat (the Illinois rule), so that a curved peak cannot
+    hold the search on one side. Doubles or halves where the line does not rise."""
+    ends = [b for b in (lo, hi) if b]
+    if len(ends) == 1:
+        beyond = [b for b in known if (b < ends[0] if hi is None else b > ends[0])]
+        ends.append(min(beyond, key=lambda b: abs(b - ends[0])) if beyond else 0)
+    b1, b2 = sorted(ends)
+    p1 = known[b1]["peak"] if b1 else known[b2]["arguments"]
+    p2 = known[b2]["peak"]
+    repeats = next((i for i, side in enumerate(reversed(sides)) if side != sides[-1]), len(sides))
+    if lo and hi and repeats > 1:
+        shrink = 0.5 ** (repeats - 1)
+        if sides[-1]:
+            p2 = limit + (p2 - limit) * shrink
+        else:
+            p1 = limit - (limit - p1) * shrink
+    if p2 > p1:
+        guess = int(b1 + (limit - p1) * (b2 - b1) / (p2 - p1)) // unit * unit
+    else:
+        guess = 2 * lo if hi is None else hi // 2 // unit * unit
+    return min(max(guess, lo + unit), top if hi is None else hi - unit)

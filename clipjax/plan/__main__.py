@@ -9,9 +9,10 @@ compiled for the target's abstract devices on this CPU: nothing is allocated and
 accelerator is needed. It prints per-device memory (arguments, outputs, aliased, temporaries,
 peak against the chip's memory), whether it fits, flops per example, each collective's count
 and bytes, the attention kernel each tower got, XLA's rematerialisations and the compile
-time. With `--max_batch=N` it also finds the largest global batch up to N that fits, by
-bisection over multiples of the data-parallel size (at most `--max_compiles` compiles). The
-last line is one JSON object: {"targets": [one report per target]}.
+time. With `--max_batch=N` it also finds the largest global batch up to N that fits, over
+multiples of the data-parallel size, each next compile where the peak memory interpolated
+between earlier ones reaches the chip's (at most `--max_compiles` compiles). The last line
+is one JSON object: {"targets": [one report per target]}.
 
 Needs JAX's accelerator plugins, without a device: `pip install -r requirements-compile.txt`.
 """
@@ -98,7 +99,7 @@ def main(argv) -> None:
             compiled = plan.compile_step(config, target)
             result = plan.report(compiled, target)
             if FLAGS.max_batch:
-                known = {config.batch_size: result["fits"]}
+                known = {config.batch_size: result["memory_bytes"]}
                 fits, fails, spent = plan.largest_batch(
                     config, target, FLAGS.max_batch, FLAGS.max_compiles, known, _progress
                 )
