@@ -6,7 +6,8 @@ each at its own batch, as a Markdown table. Compiled, not run: no accelerator is
       --output=/tmp/plans        # one JSON file per config and target, then the table
 
 A (config, target) whose JSON is already in --output is not compiled again, so an interrupted
-run resumes. `--max_batch=N` adds the largest batch that fits (more compiles each).
+run resumes. The largest batch per data-parallel device is `≈` the estimate from the one
+compile (peak linear in the batch); `--max_batch=N` finds it by compiling (more compiles each).
 """
 
 import argparse
@@ -39,8 +40,11 @@ def plan(config: str, target: str, output: str, max_batch: int) -> dict | None:
 
 def row(config: str, r: dict) -> str:
     memory = r["memory_bytes"]
-    largest = r.get("largest_batch", {}).get("fits")
-    per_chip = f"{largest // r['devices']:,}" if largest else "—"
+    searched = r.get("largest_batch", {}).get("fits")
+    if searched:
+        per_chip = f"{searched // r['data_parallel']:,}"
+    else:  # the estimate from this one compile, marked as such
+        per_chip = f"≈ {r['estimated_largest_batch'] // r['data_parallel']:,}"
     flops = f"{r['flops_per_example'] / 1e9:,.0f}" if r["flops_per_example"] else "—"
     fused = sum(c["forward"] for c in r["fused_attention_calls"].values())
     attention = f"cuDNN ({fused} fused)" if r["attention"] == "cudnn" else "XLA"

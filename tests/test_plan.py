@@ -142,6 +142,11 @@ def test_largest_batch_finds_the_largest_fitting_multiple_of_the_data_parallel_s
             assert (fits, fails) == (largest, largest + unit)
             assert spent == len(compiled) == len(set(compiled)) and spent <= most_compiles
             assert all(batch % unit == 0 for batch in compiled)
+    # One compile's estimate is exact where the peak is linear in the batch.
+    linear = lambda b: arguments + 37 * b  # noqa: E731
+    largest = max(b for b in range(unit, 10**5, unit) if linear(b) <= target.memory_bytes)
+    terms = {"arguments": arguments, "peak": linear(48)}
+    assert plan.estimated_largest_batch(terms, 48, unit, target.memory_bytes) == largest
     config.batch_size = 16
     fits, fails, spent = plan.largest_batch(config, target, 10**6, max_compiles=3)
     assert spent == 3 and fits < 1000 < fails  # a bracket, when the compiles run out

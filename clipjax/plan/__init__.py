@@ -45,6 +45,7 @@ class Compiled:
     batch_size: int
     devices: int
     data_parallel: int
+    unit: int  # batches split over the mesh in multiples of this: data-parallel × accum_steps
     params: int
     attention: str  # model.attention as build resolved it for the target
     compile_s: float
@@ -82,6 +83,7 @@ def compile_step(config, target: Target) -> Compiled:
         batch_size=config.batch_size,
         devices=len(target.devices),
         data_parallel=data_parallel,
+        unit=data_parallel * config.accum_steps,
         params=sum(x.size for x in jax.tree.leaves(abstract_state.params)),
         attention=step.attention_for_mesh(config, mesh).model.attention,
         compile_s=seconds,
@@ -152,11 +154,22 @@ def report(compiled: Compiled, target: Target) -> dict:
         "rematerialisations": hlo.rematerialisations(text),
         "compile_s": round(compiled.compile_s, 1),
     }
+    result["estimated_largest_batch"] = estimated_largest_batch(
+        terms, compiled.batch_size, compiled.unit, target.memory_bytes
+    )
     if not result["fits"]:
         dominant = max(("arguments", "outputs", "temporaries"), key=terms.get)
         result["dominant"] = dominant
         result["remedy"] = REMEDIES[dominant]
     return result
+
+
+def estimated_largest_batch(terms: dict, batch: int, unit: int, limit: int) -> int:
+    """The largest multiple of `unit` whose peak stays within `limit`, the peak taken as linear
+    in the batch from the arguments' bytes at batch 0 (the state) through one compile's
+    `terms` at `batch`: an estimate from that one compile, and `largest_batch`'s first guess."""
+    per_example = (terms["peak"] - terms["arguments"]) / batch
+    return max(0, int((limit - terms["arguments"]) / per_example) // unit * unit)
 
 
 def largest_batch(

@@ -74,6 +74,12 @@ def _table(config_name: str, result: dict) -> str:
         found = f"{search['fits']:,}" if search["fits"] else "none"
         beyond = f"; {search['fails']:,} does not" if search["fails"] else ""
         lines.append(f"  {'largest batch that fits':<24}{found:>12}{beyond}")
+    else:
+        estimate = f"{result['estimated_largest_batch']:,}"
+        lines.append(
+            f"  {'largest batch, estimated':<24}{estimate:>12}  (peak linear in the batch; "
+            "--max_batch compiles to find it)"
+        )
     if result["flops_per_example"]:
         lines.append(f"  {'flops per example':<24}{result['flops_per_example']:>12.3e}")
     for op, entry in result["collectives"].items():
