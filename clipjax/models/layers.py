@@ -270,9 +270,9 @@ def quick_gelu(x):
 class Mlp(nn.Module):
     """Linear(mlp_dim) -> GELU -> Linear(width), with biases: (B, L, W) -> (B, L, W).
 
-    GELU is exact (torch's, as open_clip uses) or, with `quick_gelu`, OpenAI's approximation;
-    it is applied by fc_out (`Linear.activation`), which keeps only its input for the backward
-    pass under the precision policy.
+    GELU is exact (torch's, as open_clip uses) or, with `quick_gelu`, OpenAI's approximation.
+    fc_out applies it (`Linear.activation`), so that under the precision policy the backward
+    pass keeps only GELU's bfloat16 input.
     """
 
     mlp_dim: int

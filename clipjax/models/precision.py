@@ -78,7 +78,7 @@ _mixed_einsum.defvjp(_mixed_forward, _mixed_backward)
 def einsum(spec: str, lhs: jax.Array, rhs: jax.Array, dtype, activation=None) -> jax.Array:
     """`jnp.einsum(spec, activation(lhs), rhs)` under the policy (`activation`: elementwise, or
     None for none): plain for float32; else operands cast to `dtype`, accumulated and returned
-    in float32, with the backward products the same way. `lhs` is the activation and `rhs`
+    in float32, with the backward products the same way. `lhs` is the layer's input and `rhs`
     the weight: the backward pass keeps a narrow copy of the first and casts the second again.
     With `activation`, it is applied to the narrow `lhs` (in float32) in both passes, so that
     only that narrow input is kept for the backward pass, which computes the activation again
