@@ -6,8 +6,9 @@ each at its own batch, as a Markdown table. Compiled, not run: no accelerator is
       --output=/tmp/plans        # one JSON file per config and target, then the table
 
 A (config, target) whose JSON is already in --output is not compiled again, so an interrupted
-run resumes. The largest batch per data-parallel device is `≈` the estimate from the one
-compile (peak linear in the batch); `--max_batch=N` finds it by compiling (more compiles each).
+run resumes; `--table_only` prints the table of what is there. The largest batch per
+data-parallel device is `≈` the estimate from the one compile (peak linear in the batch);
+`--max_batch=N` finds it by compiling (more compiles each).
 """
 
 import argparse
@@ -20,11 +21,14 @@ import sys
 GIB = 1 << 30
 
 
-def plan(config: str, target: str, output: str, max_batch: int) -> dict | None:
-    """The JSON report of one compile, from --output or from a fresh `clipjax.plan` run."""
+def plan(config: str, target: str, output: str, max_batch: int, compile: bool) -> dict | None:
+    """The JSON report of one compile, from --output or from a fresh `clipjax.plan` run (None
+    when it is not there and `compile` is off, or when the compile failed)."""
     name = os.path.basename(config).removesuffix(".py")
     path = os.path.join(output, f"{name}@{target.replace(':', '_')}.json")
     if not os.path.exists(path):
+        if not compile:
+            return None
         command = [sys.executable, "-m", "clipjax.plan", f"--config={config}"]
         command += [f"--target={target}", f"--max_batch={max_batch}"]
         print(" ".join(command), file=sys.stderr, flush=True)
@@ -64,6 +68,9 @@ def main() -> None:
     parser.add_argument("--configs", default="configs/*.py")
     parser.add_argument("--output", default="/tmp/plans")
     parser.add_argument("--max_batch", type=int, default=0)
+    parser.add_argument(
+        "--table_only", action="store_true", help="the table of the compiles in --output only"
+    )
     args = parser.parse_args()
     os.makedirs(args.output, exist_ok=True)
     lines = [
@@ -74,7 +81,7 @@ def main() -> None:
     ]
     for config in sorted(glob.glob(args.configs)):
         for target in args.targets.split(","):
-            result = plan(config, target, args.output, args.max_batch)
+            result = plan(config, target, args.output, args.max_batch, not args.table_only)
             if result:
                 lines.append(row(os.path.basename(config), result))
     print("\n".join(lines))
