@@ -133,7 +133,9 @@ def test_largest_batch_finds_the_largest_fitting_multiple_of_the_data_parallel_s
     smooth = lambda b: arguments + 37 * b + b * b // 4000  # noqa: E731 - activations, gathered logits
     stepped = lambda b: arguments + (10 * b if b <= 1000 else 10**6)  # noqa: E731
     for peak, most_compiles in ((smooth, 5), (stepped, 20)):
-        monkeypatch.setattr(plan, "memory", lambda b: {"arguments": arguments, "peak": peak(b)})
+        monkeypatch.setattr(
+            plan, "memory", lambda b, peak=peak: {"arguments": arguments, "peak": peak(b)}
+        )
         # The reference: every multiple of the unit tried.
         largest = max(b for b in range(unit, 10**5, unit) if peak(b) <= target.memory_bytes)
         for start in (16, 4096):
