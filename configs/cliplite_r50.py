@@ -11,6 +11,9 @@ On a laptop CPU, the tiny ViT and AdamW of every `:local` config (for a narrow R
 `--config.model.image.variant=RN50 --config.model.image.width=8`):
 
   python -m clipjax.main --config=configs/cliplite_r50.py:local --workdir=/tmp/cliplite_local
+
+Compiled, not run (`python -m clipjax.plan --config=configs/cliplite_r50.py --target=v5e:16x16`):
+3.58 of 16 GiB per chip on 256 TPU v5e chips at this batch.
 """
 
 from clipjax.config import apply_local, base_config
