@@ -10,9 +10,10 @@ On a laptop CPU, a tiny model on the built-in `shapes` dataset, in a few minutes
 
 Any field can be overridden, e.g. `--config.batch_size=256 --config.optim.lr=3e-4`.
 
-Compiled for 256 TPU v5e chips at this batch (`python -m clipjax.plan
---config=configs/clip_vitb32.py --target=v5e:16x16`, compiled, not run): 5.74 of 16 GiB per
-chip; docs/benchmarks.md has the other targets.
+What it needs (`python -m clipjax.plan --config=configs/clip_vitb32.py --target=...`,
+compiled, not run): at this batch it fits 256 TPU v5e chips (5.74 of 16 GiB per chip). On 8
+H100s the batch does not fit at once (136 GiB per GPU); with `--config.accum_steps=2` it does
+(34.7 of 79.1 GiB per GPU).
 
 Large batches on few devices, and the recipes open_clip and big_vision users know:
   --config.accum_steps=8                 contrastive gradient accumulation (GradCache): the
