@@ -5,7 +5,8 @@ target's abstract devices (`targets`), with nothing allocated and no device pres
 `sharding.make_mesh(config.mesh, target.devices)`) and compiles them for the batch the
 trainer feeds. `report` reads the compiled program: memory per device, fit, flops per
 example, collectives, the attention kernel each tower got and XLA's rematerialisations.
-`largest_batch` bisects over multiples of the data-parallel size. Figures are compiled, not
+`largest_batch` searches the multiples of the data-parallel size, interpolating the peak
+memory between compiles; `estimated_largest_batch` guesses from one. Figures are compiled, not
 run: memory and flops are exact for the program XLA built, not a measurement of a device.
 """
 
