@@ -33,11 +33,25 @@ def _group(launcher: subprocess.Popen, deadline: float) -> list[psutil.Process]:
     """The launcher's 2 clipjax processes of its current start, by index, once both run."""
     while True:
         assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()
-        children = psutil.Process(launcher.pid).children()
-        ids = {p: re.search(r"--process_id=(\d)", " ".join(p.cmdline())) for p in children}
+        ids = {p: re.search(r"--process_id=(\d)", _command(p)) for p in _children(launcher)}
         if len([p for p in ids if ids[p]]) == 2:
             return sorted((p for p in ids if ids[p]), key=lambda p: ids[p][1])
         time.sleep(0.05)
+
+
+def _children(launcher: subprocess.Popen) -> list[psutil.Process]:
+    try:
+        return psutil.Process(launcher.pid).children()
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _command(process: psutil.Process) -> str:
+    """A process's command line; empty for one that has ended (a zombie, or gone) meanwhile."""
+    try:
+        return " ".join(process.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):  # ZombieProcess is a NoSuchProcess
+        return ""
 
 
 def _last_step(workdir) -> int:
