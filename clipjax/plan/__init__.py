@@ -169,8 +169,12 @@ def estimated_largest_batch(terms: dict, batch: int, unit: int, limit: int) -> i
     """The largest multiple of `unit` whose peak stays within `limit`, the peak taken as linear
     in the batch from the arguments' bytes at batch 0 (the state) through one compile's
     `terms` at `batch`: an estimate from that one compile, and `largest_batch`'s first guess."""
-    per_example = (terms["peak"] - terms["arguments"]) / batch
-    return max(0, int((limit - terms["arguments"]) / per_example) // unit * unit)
+    return max(0, _crossing(0, terms["arguments"], batch, terms["peak"], limit, unit))
+
+
+def _crossing(b1: int, p1: float, b2: int, p2: float, limit: int, unit: int) -> int:
+    """Where the line through (b1, p1) and (b2, p2) reaches `limit`, rounded down to `unit`."""
+    return int(b1 + (limit - p1) * (b2 - b1) / (p2 - p1)) // unit * unit
 
 
 def largest_batch(
@@ -227,7 +231,7 @@ def _next_batch(known, lo, hi, unit, top, limit, sides) -> int:
         else:
             p1 = limit - (limit - p1) * shrink
     if p2 > p1:
-        guess = int(b1 + (limit - p1) * (b2 - b1) / (p2 - p1)) // unit * unit
+        guess = _crossing(b1, p1, b2, p2, limit, unit)
     else:
         guess = 2 * lo if hi is None else hi // 2 // unit * unit
     return min(max(guess, lo + unit), top if hi is None else hi - unit)
