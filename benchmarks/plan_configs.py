@@ -21,13 +21,13 @@ import sys
 GIB = 1 << 30
 
 
-def plan(config: str, target: str, output: str, max_batch: int, compile: bool) -> dict | None:
+def plan(config: str, target: str, output: str, max_batch: int, may_compile: bool) -> dict | None:
     """The JSON report of one compile, from --output or from a fresh `clipjax.plan` run (None
-    when it is not there and `compile` is off, or when the compile failed)."""
+    when it is not there and `may_compile` is off, or when the compile failed)."""
     name = os.path.basename(config).removesuffix(".py")
     path = os.path.join(output, f"{name}@{target.replace(':', '_')}.json")
     if not os.path.exists(path):
-        if not compile:
+        if not may_compile:
             return None
         command = [sys.executable, "-m", "clipjax.plan", f"--config={config}"]
         command += [f"--target={target}", f"--max_batch={max_batch}"]
