@@ -38,7 +38,7 @@ NOT_EXPORTED = {
     "filip": "FILIP's token-wise head (token mappings and scale) has no open_clip form: this "
     "export carries the global towers and projections, which FILIP's loss does not train "
     "unless config.filip.clip_weight > 0; `clipjax.load(WORKDIR)` keeps the token-wise "
-    "zero-shot.",
+    "scores.",
 }
 
 

@@ -31,9 +31,11 @@ from clipjax import checkpoint, sharding, weights
 from clipjax import config as config_lib
 from clipjax.data import tokenizer as tokenizer_lib
 from clipjax.errors import ConfigError
+from clipjax.evaluate import late_interaction, zeroshot
 from clipjax.models.resnet import resnet_size
 from clipjax.models.two_tower import TwoTower
 from clipjax.models.vit import vit_size
+from clipjax.objectives.filip import TokenWise
 from clipjax.step import build
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
@@ -58,6 +60,9 @@ class Model:
     interpolation: str = "bilinear"
     step: int | None = None
     batch_size: int = 256
+    # FILIP: its scores are token-wise (`encode_*_tokens`, `zeroshot_logits`), as the run's
+    # evaluations; its global embeddings are not what its loss trains.
+    scores_tokens: bool = False
 
     @property
     def image_size(self) -> int:
@@ -108,15 +113,42 @@ class Model:
         """int32 (n, L) tokens -> float32 (n, embed_dim) unit vectors."""
         return self._batched(self._text_fn, np.asarray(tokens, np.int32))
 
+    def encode_image_tokens(self, images) -> np.ndarray:
+        """As `encode_image`, for a FILIP model -> float32 (n, P, token_dim) unit patch tokens."""
+        images = np.asarray(images)
+        if images.dtype != np.uint8:
+            images = images.astype(np.float32)
+        self._check_tokens()
+        return self._batched(self._image_tokens_fn, images)
+
+    def encode_text_tokens(self, tokens) -> np.ndarray:
+        """int32 (n, L) tokens -> float32 (n, L, token_dim) unit token states of a FILIP model,
+        the zero vector where FILIP leaves a token out (padding, the start token)."""
+        self._check_tokens()
+        return self._batched(self._text_tokens_fn, np.asarray(tokens, np.int32))
+
+    def zeroshot_logits(self, images, prompts) -> np.ndarray:
+        """Preprocessed images (n, size, size, 3) and one tokenised prompt per class (C, L) ->
+        (n, C) logits, the zero-shot evaluation's scores times the logit scale: s·cos of the
+        embeddings, or for FILIP σ_dense times the token-wise scores of `evaluate.zeroshot`."""
+        if not self.scores_tokens:
+            return self.logit_scale * self.encode_image(images) @ self.encode_text(prompts).T
+        classes, mask = zeroshot.class_tokens(self.encode_text_tokens(prompts), len(prompts))
+        image_tokens = self.encode_image_tokens(images)
+        token_scale = math.exp(float(self.variables["params"]["token_heads"]["log_scale"]))
+        return token_scale * late_interaction.scores(image_tokens, classes, key_mask=mask)
+
     def _batched(self, fn, inputs: np.ndarray) -> np.ndarray:
+        if not len(inputs):
+            like = jax.ShapeDtypeStruct((1, *inputs.shape[1:]), inputs.dtype)
+            shape = jax.eval_shape(fn, self.variables, like).shape
+            return np.zeros((0, *shape[1:]), np.float32)
         out = []
         for start in range(0, len(inputs), self.batch_size):
             chunk = inputs[start : start + self.batch_size]
             pad = self.batch_size - len(chunk) if len(inputs) > self.batch_size else 0
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
             out.append(np.asarray(fn(self.variables, chunk))[: len(chunk) - pad])
-        if not out:
-            return np.zeros((0, self.config.model.embed_dim), np.float32)
         return np.concatenate(out)
 
     def merge_into(self, variables: dict, model_config) -> dict:
@@ -161,6 +193,24 @@ class Model:
     @functools.cached_property
     def _text_fn(self):
         return jax.jit(lambda v, x: self.module.apply(v, x, method=TwoTower.encode_text)["embed"])
+
+    @functools.cached_property
+    def _image_tokens_fn(self):
+        return jax.jit(lambda v, x: self.module.apply(v, x, method=TokenWise.image_token_embed))
+
+    @functools.cached_property
+    def _text_tokens_fn(self):
+        mask_padding = self.config.filip.mask_padding
+        return jax.jit(
+            lambda v, x: self.module.apply(v, x, mask_padding, method=TokenWise.text_token_embed)
+        )
+
+    def _check_tokens(self) -> None:
+        if not self.scores_tokens:
+            raise ConfigError(
+                f"this {self.config.objective} model has no token-wise scores; FILIP models "
+                "loaded from their workdir have them."
+            )
 
 
 # Leaves a loaded model must provide to a new run; the rest (objective heads) may start fresh.
@@ -223,7 +273,15 @@ def _load_workdir(workdir: str, step: int | None) -> Model:
         )
     tokenizer = tokenizer_lib.load_or_train(config.data.tokenizer, workdir, captions=())
     variables = jax.device_get({"params": state.params, **state.model_state})
-    return Model(objective.model, variables, tokenizer, config, step=int(state.step))
+    scores_tokens = getattr(objective, "scores_tokens", False)
+    return Model(
+        objective.model,
+        variables,
+        tokenizer,
+        config,
+        step=int(state.step),
+        scores_tokens=scores_tokens,
+    )
 
 
 def _read_json(path: str) -> dict:

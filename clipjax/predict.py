@@ -4,7 +4,8 @@ r"""Zero-shot classification of image files with any model `clipjax.load` reads.
       --labels="red circle,blue square,green triangle"
 
 Prints, per image, the labels' probabilities (softmax of logit_scale · cosine similarity of
-the image to each label's prompt embedding), highest first. `--template` makes the prompt
+the image to each label's prompt embedding; for a FILIP workdir, of its token-wise scores, as
+its zero-shot evaluation), highest first. `--template` makes the prompt
 ("a photo of a {}." by default; "{}" uses the label as it is).
 """
 
@@ -24,8 +25,8 @@ FLAGS = flags.FLAGS
 
 def probabilities(model, images: np.ndarray, labels: list[str], template: str) -> np.ndarray:
     """Preprocessed uint8 images (n, size, size, 3) -> (n, len(labels)) zero-shot probabilities."""
-    prompts = model.encode_text(model.tokenize([template.format(label) for label in labels]))
-    logits = model.logit_scale * model.encode_image(images) @ prompts.T
+    prompts = model.tokenize([template.format(label) for label in labels])
+    logits = model.zeroshot_logits(images, prompts)
     logits -= logits.max(axis=1, keepdims=True)
     weights = np.exp(logits)
     return weights / weights.sum(axis=1, keepdims=True)

@@ -53,10 +53,15 @@ def training(workdir: str, chance: dict[str, float]) -> str:
     return "\n".join(lines + _next_commands(workdir))
 
 
-def evaluation(results: dict[str, float], chance: dict[str, float], step, workdir) -> str:
+def evaluation(
+    results: dict[str, float], chance: dict[str, float], step, workdir, model=None
+) -> str:
     """The end of `clipjax.evaluate`: each result beside its chance level, and where the
-    results were written (`workdir`; None: printed only)."""
-    where = f"step {step} of {workdir}, appended to its metrics.jsonl" if workdir else "the model"
+    results were written (`workdir`; None: printed only, for `model`)."""
+    if workdir:
+        where = f"step {step} of {workdir}, appended to its metrics.jsonl"
+    else:
+        where = f"the model {model} (printed only)"
     table = [[key, _number(value), _number(chance.get(key))] for key, value in results.items()]
     return "\n".join([f"Evaluated {where}", "", *_table(["evaluation", "value", "chance"], table)])
 

@@ -15,7 +15,7 @@ from clipjax import sharding, train
 from clipjax.data import eval_input, shapes
 from clipjax.data import tokenizer as tokenizer_lib
 from clipjax.evaluate import evaluator as evaluator_lib
-from clipjax.evaluate import linear_probe, prompts, retrieval, zeroshot
+from clipjax.evaluate import late_interaction, linear_probe, prompts, retrieval, zeroshot
 from clipjax.evaluate.retrieval import recall_at_k
 from clipjax.evaluate.zeroshot import chance as class_chance
 from clipjax.evaluate.zeroshot import class_embeddings, topk_accuracy
@@ -469,21 +469,54 @@ def test_a_diverged_model_scores_nan_never_perfect(tiny_setup):
     assert len(recall) == 6 and all(math.isnan(v) for v in recall.values())
 
 
-# ------------------------------------------------------------- token-wise zero-shot (FILIP)
+# ------------------------------------------------------------- token-wise scores (FILIP)
+
+
+def _unit_tokens(rng, *shape):
+    tokens = rng.normal(size=shape)
+    return tokens / np.linalg.norm(tokens, axis=-1, keepdims=True)
+
+
+def _late_interaction_loops(queries, query_counts, keys, key_counts):
+    """scores[i, j]: the mean over query i's first `query_counts[i]` tokens of the max over key
+    j's first `key_counts[j]` tokens of their dot products, by loops."""
+    out = np.zeros((len(queries), len(keys)))
+    for i, q in enumerate(queries):
+        for j, k in enumerate(keys):
+            out[i, j] = np.mean(
+                [max(a @ b for b in k[: key_counts[j]]) for a in q[: query_counts[i]]]
+            )
+    return out
+
+
+@pytest.mark.parametrize("max_elements", [1 << 24, 50])
+def test_late_interaction_matches_its_definition_with_masks_and_chunks(max_elements):
+    rng = np.random.default_rng(0)
+    queries, keys = _unit_tokens(rng, 7, 5, 4), _unit_tokens(rng, 6, 3, 4)
+    query_counts, key_counts = rng.integers(1, 6, size=7), rng.integers(1, 4, size=6)
+    keys[np.arange(3)[None, :] >= key_counts[:, None]] = 0.0  # as the text towers give them
+    query_mask = np.arange(5)[None, :] < query_counts[:, None]
+    key_mask = late_interaction.token_mask(keys)
+    np.testing.assert_array_equal(key_mask, np.arange(3)[None, :] < key_counts[:, None])
+    got = late_interaction.scores(
+        queries, keys, query_mask=query_mask, key_mask=key_mask, max_elements=max_elements
+    )
+    want = _late_interaction_loops(queries, query_counts, keys, key_counts)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    every = late_interaction.scores(queries, keys, max_elements=max_elements)
+    np.testing.assert_allclose(every, _late_interaction_loops(queries, [5] * 7, keys, [3] * 6))
 
 
 def test_token_wise_zeroshot_matches_its_definition():
-    """`class_tokens` + `token_scores` against loops over the definition: per class and
+    """`class_tokens` + late interaction against loops over the definition: per class and
     position the mean over the templates where the position counts, the class's tokens divided
     by their joint norm; an image's score the mean over patches of the max over those tokens."""
     rng = np.random.default_rng(0)
     classes, templates, length, patches, dim, n = 3, 4, 5, 6, 4, 7
-    tokens = rng.normal(size=(classes * templates, length, dim))
-    tokens /= np.linalg.norm(tokens, axis=-1, keepdims=True)
+    tokens = _unit_tokens(rng, classes * templates, length, dim)
     counts = rng.integers(1, length, size=classes * templates)  # each prompt's tokens
     tokens[np.arange(length)[None, :] >= counts[:, None]] = 0.0
-    images = rng.normal(size=(n, patches, dim))
-    images /= np.linalg.norm(images, axis=-1, keepdims=True)
+    images = _unit_tokens(rng, n, patches, dim)
     want = np.zeros((n, classes))
     for c in range(classes):
         rows = tokens[c * templates : (c + 1) * templates]
@@ -495,13 +528,33 @@ def test_token_wise_zeroshot_matches_its_definition():
         kept = np.array(kept) / np.sqrt((np.array(kept) ** 2).sum())
         for i in range(n):
             want[i, c] = np.mean([max(patch @ t for t in kept) for patch in images[i]])
-    got = zeroshot.token_scores(images, *zeroshot.class_tokens(tokens, classes), chunk=3)
+    class_tokens, mask = zeroshot.class_tokens(tokens, classes)
+    got = late_interaction.scores(images, class_tokens, key_mask=mask, max_elements=100)
     np.testing.assert_allclose(got, want, rtol=1e-12)
 
 
-def test_filip_zeroshot_is_token_wise_and_retrieval_and_probe_run(tiny_setup):
-    """A FILIP objective's zero-shot evaluation scores tokens (its top-1 is the token-wise
-    scores' accuracy), while retrieval and the probe use the global towers."""
+def test_token_wise_recall_matches_brute_force():
+    """Images rank captions by the mean over their patches of the max over the caption's valid
+    tokens; captions rank images by the mean over their valid tokens of the max over the
+    patches; recall by brute force on those two score matrices."""
+    rng = np.random.default_rng(1)
+    images, texts = _unit_tokens(rng, 9, 4, 3), _unit_tokens(rng, 20, 5, 3)
+    counts = rng.integers(1, 6, size=20)
+    texts[np.arange(5)[None, :] >= counts[:, None]] = 0.0
+    text_image = rng.permutation(np.concatenate([np.arange(9), rng.integers(0, 9, size=11)]))
+    ks = (1, 3, 5)
+    want = _recall_from_scores(
+        _late_interaction_loops(images, [4] * 9, texts, counts),
+        _late_interaction_loops(texts, counts, images, [4] * 9),
+        text_image,
+        ks,
+    )
+    assert retrieval.token_recall_at_k(images, texts, text_image, ks) == pytest.approx(want)
+
+
+def test_filip_evaluations_score_tokens_and_the_probe_runs(tiny_setup):
+    """A FILIP objective's zero-shot and retrieval evaluations score tokens: their metrics are
+    those of the token-wise scores of its token embeddings."""
     config, _, _, tokenizer, mesh = tiny_setup
     config = config.copy_and_resolve_references()
     config.objective, config.filip.dim, config.filip.top_k = "filip", 16, 4
@@ -512,15 +565,22 @@ def test_filip_zeroshot_is_token_wise_and_retrieval_and_probe_run(tiny_setup):
             config, objective=objective, tokenizer=tokenizer, mesh=mesh
         )
         results = evaluator_lib.run_all(evaluators, state.params, state.model_state)
-        evaluation = evaluators[0]
-        args = (state.params, state.model_state)
-        images = jax.jit(objective.embed_image_tokens)(*args, evaluation.images[evaluation.valid])
-        prompts = jax.jit(objective.embed_text_tokens)(*args, evaluation.prepared["prompts"])
-    num_classes = evaluation.prepared["num_classes"]
-    scores = zeroshot.token_scores(
-        np.asarray(images, np.float64),
-        *zeroshot.class_tokens(np.asarray(prompts, np.float64), num_classes),
-    )
-    want = zeroshot.topk_accuracy(scores, evaluation.prepared["labels"])[1]
+        by_name = {e.name: e for e in evaluators}
+
+        def tokens(embed_fn, inputs):
+            out = jax.jit(embed_fn)(state.params, state.model_state, inputs)
+            return np.asarray(out, np.float64)
+
+        classify, search = by_name["shapes"], by_name["shapes_retrieval"]
+        images = tokens(objective.embed_image_tokens, classify.images[classify.valid])
+        prompts = tokens(objective.embed_text_tokens, classify.prepared["prompts"])
+        captions = tokens(objective.embed_text_tokens, search.prepared["captions"])
+        search_images = tokens(objective.embed_image_tokens, search.images[search.valid])
+    class_tokens, mask = zeroshot.class_tokens(prompts, classify.prepared["num_classes"])
+    scores = late_interaction.scores(images, class_tokens, key_mask=mask)
+    want = zeroshot.topk_accuracy(scores, classify.prepared["labels"])[1]
     assert results["eval/shapes/zeroshot_top1"] == pytest.approx(want)
-    assert {"eval/shapes_retrieval/i2t_r1", "eval/shapes_probe/probe_top1"} < set(results)
+    recall = retrieval.token_recall_at_k(search_images, captions, search.prepared["text_image"])
+    for key, value in recall.items():
+        assert results[f"eval/shapes_retrieval/{key}"] == pytest.approx(value), key
+    assert "eval/shapes_probe/probe_top1" in results

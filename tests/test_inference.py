@@ -189,3 +189,66 @@ def test_export_command_line(run, tmp_path):
     )
     assert done.returncode == 2
     assert done.stderr.strip() == "clipjax.export: --workdir and --output must be given."
+
+
+def test_a_filip_run_scores_tokens_and_its_export_says_what_it_carries(tmp_path, caplog):
+    """`clipjax.load` of a FILIP workdir embeds tokens as the run's objective does, and predicts
+    with the token-wise zero-shot scores (σ_dense times, for each image, the mean over its patches
+    of the max over the prompt's tokens, the prompt's tokens divided by their joint norm);
+    `evaluate --model` of the workdir equals the checkpoint's evaluation. The export carries
+    the global towers and says so in one line."""
+    config = tiny.tiny_config("filip_vitb32")
+    config.total_steps, config.ckpt_every, config.eval_every = 2, 2, 100
+    config.evals = {k: config.evals[k] for k in ("shapes", "shapes_retrieval")}
+    workdir = str(tmp_path / "run")
+    train.run(config, workdir)
+    model = inference.load(workdir)
+    assert model.scores_tokens
+    source = shapes.ShapesSource("eval", size=3, render_size=48)
+    for i in range(3):
+        Image.fromarray(source[i]["image"]).save(tmp_path / f"{i}.png")
+    images = np.stack([model.preprocess(Image.open(tmp_path / f"{i}.png")) for i in range(3)])
+    labels = ["red circle", "blue square", "green triangle"]
+    prompts = model.tokenize([f"a {label}." for label in labels])
+
+    with tiny.built(config) as (objective, _, _, _):  # 8 devices: 8 rows
+        params = model.variables["params"]
+        want_image = objective.embed_image_tokens(
+            params, {}, np.resize(images, (8, *images.shape[1:]))
+        )[:3]
+        want_text = objective.embed_text_tokens(
+            params, {}, np.resize(prompts, (8, prompts.shape[1]))
+        )[:3]
+    image_tokens, text_tokens = model.encode_image_tokens(images), model.encode_text_tokens(prompts)
+    np.testing.assert_allclose(image_tokens, want_image, atol=1e-6)
+    np.testing.assert_allclose(text_tokens, want_text, atol=1e-6)
+
+    sigma = np.exp(np.float64(model.variables["params"]["token_heads"]["log_scale"]))
+    logits = np.zeros((3, 3))
+    for c, prompt in enumerate(text_tokens.astype(np.float64)):
+        kept = prompt[np.abs(prompt).sum(axis=-1) > 0]
+        kept /= np.sqrt((kept**2).sum())
+        for i, patches in enumerate(image_tokens.astype(np.float64)):
+            logits[i, c] = sigma * np.mean([max(p @ t for t in kept) for p in patches])
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    report = predict.predict(workdir, str(tmp_path / "*.png"), labels, "a {}.", top=3)
+    for line, row in zip(report.splitlines(), probs, strict=True):
+        printed = dict(part.rsplit(" ", 1) for part in line.split(": ", 1)[1].split(", "))
+        for label, value in printed.items():
+            assert float(value) == pytest.approx(row[labels.index(label)], abs=5e-4)
+
+    _, from_checkpoint, _ = checkpoint_eval.evaluate(config, workdir)
+    from_model, _ = checkpoint_eval.evaluate_model(config.copy_and_resolve_references(), workdir)
+    assert from_model == pytest.approx(from_checkpoint, abs=1e-9)
+
+    with caplog.at_level("WARNING"):
+        output = export.export(workdir, str(tmp_path / "export"))
+    assert export.NOT_EXPORTED["filip"] in caplog.text
+    with open(f"{output}/README.md") as f:
+        assert export.NOT_EXPORTED["filip"] in f.read()
+    exported = inference.load(output)
+    assert not exported.scores_tokens
+    np.testing.assert_allclose(exported.encode_image(images), model.encode_image(images), atol=1e-6)
+    with pytest.raises(ConfigError, match="has no token-wise scores"):
+        exported.encode_image_tokens(images)

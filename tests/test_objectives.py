@@ -451,31 +451,6 @@ def test_defilip_is_declips_terms_plus_filips_with_the_reference_weights():
     np.testing.assert_allclose(metrics["train/loss_filip"], want, rtol=1e-5)
 
 
-@pytest.mark.slow
-def test_filip_export_carries_the_global_towers_and_says_so(tmp_path, caplog):
-    """A FILIP run exports (the global towers, for open_clip) with the one line saying its
-    token-wise head is not there, and `clipjax.load` of the run and of the export both embed."""
-    import clipjax
-    from clipjax import export, train
-
-    config = tiny("filip_vitb32")
-    config.total_steps, config.ckpt_every = 2, 2
-    config.evals = {}
-    workdir = str(tmp_path / "run")
-    train.run(config, workdir)
-    with caplog.at_level("WARNING"):
-        output = export.export(workdir, str(tmp_path / "export"))
-    assert export.NOT_EXPORTED["filip"] in caplog.text
-    with open(f"{output}/README.md") as f:
-        assert export.NOT_EXPORTED["filip"] in f.read()
-    images = np.zeros((2, config.model.image.size, config.model.image.size, 3), np.uint8)
-    for path in (workdir, output):
-        model = clipjax.load(path)
-        embeds = model.encode_image(images)
-        assert embeds.shape == (2, config.model.embed_dim)
-        np.testing.assert_allclose(np.linalg.norm(embeds, axis=-1), 1.0, rtol=1e-5)
-
-
 def test_slips_three_views_each_take_their_own_augmentation(tok):
     """The pipeline makes SLIP's base view with `config.data.augment` and its two SSL views with
     their own recipe, drawing them in order from the element's rng: the base view is the one a

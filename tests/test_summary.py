@@ -32,3 +32,5 @@ def test_evaluation_summary_names_where_results_went():
     text = summary.evaluation({"eval/a/t2i_r1": 0.5}, {"eval/a/t2i_r1": 0.01}, 6, "/w")
     assert text.splitlines()[0] == "Evaluated step 6 of /w, appended to its metrics.jsonl"
     assert [c.strip() for c in _cells(text, "eval/a/t2i_r1")] == ["0.5", "0.01"]
+    text = summary.evaluation({"eval/a/t2i_r1": 0.5}, {}, None, None, "/export")
+    assert text.splitlines()[0] == "Evaluated the model /export (printed only)"

@@ -92,7 +92,7 @@ def main(argv) -> None:
         logging.error("%s", e)
         _fail(str(e))
     print(json.dumps({"step": step, **results}, indent=2))
-    print(summary.evaluation(results, chance, step, FLAGS.workdir or FLAGS.model))
+    print(summary.evaluation(results, chance, step, FLAGS.workdir, FLAGS.model))
 
 
 if __name__ == "__main__":

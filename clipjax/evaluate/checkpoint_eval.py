@@ -10,6 +10,7 @@ from clipjax.data import tokenizer as tokenizer_lib
 from clipjax.evaluate import evaluator as evaluator_lib
 from clipjax.metrics import MetricsWriter
 from clipjax.objectives.base import Objective
+from clipjax.objectives.filip import ScoresTokens
 from clipjax.step import build
 
 
@@ -51,7 +52,15 @@ class _Towers(Objective):
     """A loaded model's embeddings, as the evaluators ask an objective for them."""
 
     def __init__(self, model):
-        self.model = model
+        self.model = model.module
+
+
+class _TokenTowers(ScoresTokens, _Towers):
+    """A loaded FILIP model's: its token-wise scores as well."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.mask_padding = model.config.filip.mask_padding
 
 
 def evaluate_model(config, model_path: str) -> tuple[dict, dict]:
@@ -60,11 +69,12 @@ def evaluate_model(config, model_path: str) -> tuple[dict, dict]:
     replace `config.model`."""
     model = inference.load(model_path)
     config.model = model.config.model
+    towers = _TokenTowers if model.scores_tokens else _Towers
     mesh = sharding.make_mesh(config.mesh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
         try:
             evaluators = evaluator_lib.make_evaluators(
-                config, objective=_Towers(model.module), tokenizer=model.tokenizer, mesh=mesh
+                config, objective=towers(model), tokenizer=model.tokenizer, mesh=mesh
             )
         except ValueError as e:
             raise config_lib.ConfigError(str(e)) from None

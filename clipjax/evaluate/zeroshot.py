@@ -1,13 +1,14 @@
 """Zero-shot classification from class-name prompts, and top-k accuracy of any scores.
 
 Images are scored against each class's prompt-ensemble embedding, or, for an objective with
-`token_zeroshot` (FILIP), token-wise: each image by the mean over its patches of the max over
-the class's tokens (`class_tokens`, `token_scores`), as DeCLIP's codebase evaluates FILIP.
+`scores_tokens` (FILIP), token-wise: each image by the mean over its patches of the max over
+the class's tokens (`class_tokens`, `late_interaction.scores`), as DeCLIP's codebase evaluates
+FILIP.
 """
 
 import numpy as np
 
-from clipjax.evaluate import prompts
+from clipjax.evaluate import late_interaction, prompts
 
 # A zeroshot evaluation's own config fields, with their defaults (`clipjax.evaluate.KINDS`).
 FIELDS = {
@@ -41,24 +42,10 @@ def class_tokens(prompt_tokens: np.ndarray, num_classes: int) -> tuple[np.ndarra
       the reference does; `mask` marks the positions that count in some template.
     """
     tokens = prompt_tokens.reshape(num_classes, -1, *prompt_tokens.shape[1:])
-    counts = (np.linalg.norm(tokens, axis=-1) > 0).sum(axis=1)  # (C, L)
+    counts = late_interaction.token_mask(tokens).sum(axis=1)  # (C, L)
     mean = tokens.sum(axis=1) / np.maximum(counts, 1)[..., None]
     mean /= np.linalg.norm(mean.reshape(num_classes, -1), axis=1)[:, None, None]
     return mean, counts > 0
-
-
-def token_scores(
-    image_tokens: np.ndarray, tokens: np.ndarray, mask: np.ndarray, chunk: int = 256
-) -> np.ndarray:
-    """(n, P, d) image patch tokens against `class_tokens`' (C, L, d) tokens and (C, L) mask ->
-    (n, C): the mean over each image's patches of the max over the class's tokens that count;
-    `chunk` images at a time (chunk × C × P × L similarities)."""
-    scores = []
-    for start in range(0, len(image_tokens), chunk):
-        sim = np.einsum("npd,cld->ncpl", image_tokens[start : start + chunk], tokens)
-        sim = np.where(mask[None, :, None, :], sim, -np.inf)
-        scores.append(sim.max(axis=-1).mean(axis=-1))
-    return np.concatenate(scores)
 
 
 def topk_accuracy(scores: np.ndarray, labels: np.ndarray, ks=(1, 5)) -> dict[int, float]:
@@ -121,10 +108,12 @@ def chance_levels(evaluation, prepared: dict) -> dict[str, float]:
 def score(evaluation, prepared: dict, embed) -> dict[str, float]:
     """`zeroshot_top{1,5}`; `embed(embed_fn, inputs[, valid])` gives float64 embeddings."""
     objective, num_classes = evaluation.objective, prepared["num_classes"]
-    if getattr(objective, "token_zeroshot", False):
+    if getattr(objective, "scores_tokens", False):
         images = embed(objective.embed_image_tokens, evaluation.images, evaluation.valid)
-        prompt_tokens = embed(objective.embed_text_tokens, prepared["prompts"])
-        scores = token_scores(images, *class_tokens(prompt_tokens, num_classes))
+        tokens, mask = class_tokens(
+            embed(objective.embed_text_tokens, prepared["prompts"]), num_classes
+        )
+        scores = late_interaction.scores(images, tokens, key_mask=mask)
     else:
         images = embed(objective.embed_images, evaluation.images, evaluation.valid)
         classifier = class_embeddings(

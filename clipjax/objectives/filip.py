@@ -10,8 +10,9 @@ their own learned scale σ = exp(θ_dense) (`losses.filip_loss`; the ring form w
 
 Padding and the start token are masked out of the text's tokens (`filip.mask_padding=False`
 keeps them, as the reference does). The loss is a function of each example's tokens, so
-gradient accumulation is exact (an `EmbeddingObjective`). Zero-shot classification is
-token-wise as well (`token_scores`).
+gradient accumulation is exact (an `EmbeddingObjective`). Zero-shot classification, retrieval,
+`clipjax.load`'s models and `clipjax.predict` score tokens as well (`scores_tokens`,
+`evaluate.late_interaction`).
 """
 
 import functools
@@ -49,9 +50,11 @@ class TokenWise:
         """Images -> (B, P, dim) unit patch tokens, in inference mode."""
         return self.token_heads.image(self.encode_image(images, tokens=True)["tokens"])
 
-    def text_token_embed(self, tokens):
-        """Tokens -> (B, L, dim) unit token states, in inference mode."""
-        return self.token_heads.text(self.encode_text(tokens)["states"])
+    def text_token_embed(self, tokens, mask_padding: bool = True):
+        """Tokens -> (B, L, dim) unit token states, in inference mode; the zero vector at the
+        positions FILIP leaves out (`text_mask`)."""
+        states = self.token_heads.text(self.encode_text(tokens)["states"])
+        return states * text_mask(mask_padding, tokens)[..., None]
 
 
 class FilipModel(TokenWise, TwoTower):
@@ -100,11 +103,33 @@ def text_mask(mask_padding: bool, tokens):
     return jnp.ones(tokens.shape, jnp.float32)
 
 
-class Filip(EmbeddingObjective):
+class ScoresTokens:
+    """What evaluation and inference ask of an objective whose scores are token-wise (mixed into
+    `Filip`, and `evaluate.checkpoint_eval`'s loaded towers): `model` a TokenWise model, and
+    `mask_padding`. FILIP's loss does not train the global embeddings (unless
+    `filip.clip_weight` > 0), so zero-shot and retrieval score tokens
+    (`evaluate.late_interaction`)."""
+
+    scores_tokens = True
+    mask_padding = True
+
+    def embed_image_tokens(self, params, model_state, images):
+        """(n, P, dim) unit patch tokens."""
+        variables = {"params": params, **model_state}
+        return self.model.apply(variables, images, method=TokenWise.image_token_embed)
+
+    def embed_text_tokens(self, params, model_state, tokens):
+        """(n, L, dim) unit caption tokens, the zero vector at the positions FILIP leaves out
+        (`text_mask`)."""
+        variables = {"params": params, **model_state}
+        return self.model.apply(
+            variables, tokens, self.mask_padding, method=TokenWise.text_token_embed
+        )
+
+
+class Filip(ScoresTokens, EmbeddingObjective):
     """One image view and one plain caption per example; no extra state. θ and θ_dense are both
     projected into `filip.log_scale_range` after each update."""
-
-    token_zeroshot = True  # zero-shot classification scores tokens (`evaluate.zeroshot`)
 
     def __init__(self, config, mesh):
         check_tokens(config)
@@ -159,15 +184,3 @@ class Filip(EmbeddingObjective):
         metrics["train/logit_scale"] = logit_scale
         metrics["train/token_logit_scale"] = token_scale
         return loss, (metrics, state)
-
-    def embed_image_tokens(self, params, model_state, images):
-        """(n, P, dim) unit patch tokens."""
-        variables = {"params": params, **model_state}
-        return self.model.apply(variables, images, method=TokenWise.image_token_embed)
-
-    def embed_text_tokens(self, params, model_state, tokens):
-        """(n, L, dim) unit caption tokens, the zero vector at the positions FILIP leaves out
-        (`text_mask`)."""
-        variables = {"params": params, **model_state}
-        out = self.model.apply(variables, tokens, method=TokenWise.text_token_embed)
-        return out * text_mask(self.mask_padding, tokens)[..., None]
