@@ -112,13 +112,17 @@ def define_flags() -> None:
     flags.mark_flags_as_required(["config"])
 
 
-def _median_seconds(fn, repeats: int) -> float:
-    times = []
+def _median_seconds(runs, repeats: int) -> list[float]:
+    """The median seconds of each of `runs` (their results waited for), timed `repeats` times
+    each in turn: a change in the machine's load reaches every one alike, so their ratios
+    hold."""
+    times = [[] for _ in runs]
     for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for run, seconds in zip(runs, times, strict=True):
+            start = time.perf_counter()
+            jax.block_until_ready(run())
+            seconds.append(time.perf_counter() - start)
+    return [statistics.median(seconds) for seconds in times]
 
 
 def matmul_peak(dtype="float32", size: int = 2048, repeats: int = 10) -> float:
@@ -127,7 +131,7 @@ def matmul_peak(dtype="float32", size: int = 2048, repeats: int = 10) -> float:
     a = jax.device_put(jnp.ones((size, size), jnp.float32), jax.devices()[0])
     matmul = jax.jit(lambda x: precision.einsum("ij,jk->ik", x, x, dtype))
     jax.block_until_ready(matmul(a))
-    return 2 * size**3 / _median_seconds(lambda: matmul(a), repeats)
+    return 2 * size**3 / _median_seconds([lambda: matmul(a)], repeats)[0]
 
 
 def synthetic_batch(config, mesh, views: Views) -> dict:
@@ -164,17 +168,17 @@ def compiled_step(config):
     return compiled, state, batch, time.perf_counter() - start
 
 
-def _time_step(config, steps: int):
-    """(median step seconds, compile seconds, compiled step) of `config`'s train step."""
+def _stepper(config):
+    """(one step of `config`'s train step, compile seconds, the compiled step), warmed up."""
     compiled, state, batch, compile_s = compiled_step(config)
-    state, _ = compiled(state, batch)  # warm-up
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
+
+    def run():
+        nonlocal state
         state, metrics = compiled(state, batch)
-        jax.block_until_ready((state, metrics))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), compile_s, compiled
+        return state, metrics
+
+    jax.block_until_ready(run())  # warm-up
+    return run, compile_s, compiled
 
 
 class _Resident(grain.DatasetIterator):
@@ -291,7 +295,7 @@ def nn_lookup_seconds(config, repeats: int = 10) -> float:
         jax.shard_map(two_lookups, mesh=mesh, in_specs=(batched, batched), out_specs=batched)
     )
     jax.block_until_ready(lookup(texts, queue))
-    return _median_seconds(lambda: lookup(texts, queue), repeats)
+    return _median_seconds([lambda: lookup(texts, queue)], repeats)[0]
 
 
 def profile(config, steps: int, trace_dir: str) -> dict:
@@ -317,7 +321,15 @@ def benchmark(config, steps: int) -> dict:
         raise config_lib.ConfigError(
             f"config.batch_size={config.batch_size} does not split over {data_parallel} devices."
         )
-    step_s, compile_s, compiled = _time_step(config, steps)
+    run, compile_s, compiled = _stepper(config)
+    runs = [run]
+    if config.objective != "clip":
+        # CLIP's step on the same backbone and batch, timed in the same run, step for step.
+        clip = config.copy_and_resolve_references()
+        clip.objective = "clip"
+        clip_run, clip_compile_s, _ = _stepper(clip)
+        runs.append(clip_run)
+    step_s, *clip_step_s = _median_seconds(runs, steps)
     # The compiled module is one device's program: its flops are per device.
     flops_per_step = compiled.cost_analysis()["flops"] * jax.device_count()
     peak = matmul_peak(config.model.dtype)
@@ -334,14 +346,10 @@ def benchmark(config, steps: int) -> dict:
         "compile_s": compile_s,
         "temp_bytes_per_device": compiled.memory_analysis().temp_size_in_bytes,
     }
-    if config.objective != "clip":
-        # CLIP's step on the same backbone and batch, timed in the same run.
-        clip = config.copy_and_resolve_references()
-        clip.objective = "clip"
-        clip_step_s, clip_compile_s, _ = _time_step(clip, steps)
-        result["clip_step_s"] = clip_step_s
+    if clip_step_s:
+        result["clip_step_s"] = clip_step_s[0]
         result["clip_compile_s"] = clip_compile_s
-        result["step_ratio_vs_clip"] = step_s / clip_step_s
+        result["step_ratio_vs_clip"] = step_s / clip_step_s[0]
     if config.objective in ("declip", "defilip"):
         lookup_s = nn_lookup_seconds(config)
         result["nn_lookup_s"] = lookup_s
