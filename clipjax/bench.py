@@ -112,16 +112,19 @@ def define_flags() -> None:
     flags.mark_flags_as_required(["config"])
 
 
-def _median_seconds(runs, repeats: int) -> list[float]:
-    """The median seconds of each of `runs` (their results waited for), timed `repeats` times
-    each in turn: a change in the machine's load reaches every one alike, so their ratios
-    hold."""
+def _median_seconds(runs, repeats: int, block: int = 5) -> list[float]:
+    """The median seconds of each of `runs` (their results waited for) over `repeats` timed
+    calls each, taken in turns of `block` calls: a change in the machine's load reaches every
+    run alike, so their ratios hold. Each turn starts with one untimed call, so each run is
+    timed with its own program and data back in the caches, as in training."""
     times = [[] for _ in runs]
-    for _ in range(repeats):
+    while len(times[0]) < repeats:
         for run, seconds in zip(runs, times, strict=True):
-            start = time.perf_counter()
             jax.block_until_ready(run())
-            seconds.append(time.perf_counter() - start)
+            for _ in range(min(block, repeats - len(seconds))):
+                start = time.perf_counter()
+                jax.block_until_ready(run())
+                seconds.append(time.perf_counter() - start)
     return [statistics.median(seconds) for seconds in times]
 
 
