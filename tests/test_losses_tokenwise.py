@@ -221,17 +221,20 @@ def test_nt_xent_positive_is_the_other_view_and_negatives_all_the_rest():
 
 
 def test_bench_reports_the_token_wise_loss_memory_of_both_forms():
-    """`clipjax.bench --loss_only` for FILIP: at a global batch of 256 on 8 devices the ring
-    form's scratch memory is under a quarter of the all-gather form's, which exceeds its
-    (b, B, tokens, k) similarities."""
+    """`clipjax.bench --loss_only` for FILIP on 8 devices: the all-gather form's scratch memory
+    exceeds its (b, B, tokens, k) similarities; the ring form's share of it falls as the batch
+    grows (its blocks grow with b², the all-gather's with b·B), and at a global batch of 1,024,
+    where the similarities outweigh the rest, it is under a quarter (the issue's target at
+    32,768)."""
     from clipjax import bench
     from tests.tiny import tiny_config
 
     config = tiny_config("filip_vitb32")  # 16-px images of 8-px patches: 4 patches; 16 tokens
     config.filip.top_k = 4
     mesh = sharding.make_mesh(config.mesh)
-    result = bench.token_loss_memory(config, mesh, [256])
+    result = bench.token_loss_memory(config, mesh, [256, 1024])
     assert result["filip_tokens"] == {"patches": 4, "text": 16, "dim": 16, "top_k": 4}
-    (ring,), (gathered,) = result["filip_ring"], result["filip_allgather"]
-    assert gathered >= result["floor_filip_allgather_bytes"][0]
-    assert ring < gathered / 4
+    ring, gathered = result["filip_ring"], result["filip_allgather"]
+    assert all(g >= f for g, f in zip(gathered, result["floor_filip_allgather_bytes"]))
+    assert ring[1] / gathered[1] < ring[0] / gathered[0]
+    assert ring[1] < gathered[1] / 4
