@@ -235,6 +235,6 @@ def test_bench_reports_the_token_wise_loss_memory_of_both_forms():
     result = bench.token_loss_memory(config, mesh, [256, 1024])
     assert result["filip_tokens"] == {"patches": 4, "text": 16, "dim": 16, "top_k": 4}
     ring, gathered = result["filip_ring"], result["filip_allgather"]
-    assert all(g >= f for g, f in zip(gathered, result["floor_filip_allgather_bytes"]))
+    assert all(g >= f for g, f in zip(gathered, result["floor_filip_allgather_bytes"], strict=True))
     assert ring[1] / gathered[1] < ring[0] / gathered[0]
     assert ring[1] < gathered[1] / 4
