@@ -24,3 +24,11 @@ def test_exported_files_read_back_through_the_sources(tmp_path):
     assert got == want
     probe = sources.make_source(f"folder:{tmp_path}/probe", "eval")
     assert len(probe) == 48 and probe.class_names == held_out.class_names
+
+
+def test_a_new_folder_with_only_held_out_images(tmp_path):
+    """No training images: the folder is made all the same, with an empty train.csv."""
+    output = tmp_path / "new" / "shapes"
+    export_shapes.export(str(output), num_train=0, num_eval=4, num_probe=0, image_size=32)
+    assert (output / "train.csv").read_text().splitlines() == ["image,caption"]
+    assert len(sources.make_source(f"folder:{output}/eval", "eval")) == 4

@@ -48,6 +48,7 @@ def _write_classes(source, output: str, folder: str) -> list[tuple[str, str]]:
 
 
 def export(output: str, num_train: int, num_eval: int, num_probe: int, image_size: int) -> None:
+    os.makedirs(output, exist_ok=True)  # the CSVs need it when a split writes no image
     train = shapes.ShapesSource("train", size=num_train, render_size=image_size)
     rows = []
     for i in range(num_train):
