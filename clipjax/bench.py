@@ -21,7 +21,7 @@ With `--loss_only`, only the contrastive losses are compiled (value and gradient
 to the embeddings, `config.model.embed_dim` wide) at each of `--batch_sizes`, and the JSON maps
 each loss to its `temp_bytes_per_device` per global batch, next to the logits floors
 (B/k)·B·4 bytes (all-gather) and (B/k)²·4 bytes (ring); for FILIP and DeFILIP also the
-token-wise loss (`filip_allgather`, `filip_ring`, see `token_loss_memory`). For 8 devices on
+token-wise loss (`filip_allgather`, `filip_ring`, see `tools.loss_memory`). For 8 devices on
 one CPU:
 
   python -m clipjax.bench --config=configs/siglip_vitb16.py --loss_only --fake_devices=8
@@ -62,7 +62,6 @@ the devices: uint8, 1 byte per channel value):
   python -m clipjax.bench --config=configs/clip_vitb32.py:local --data_only --steps=50
 """
 
-import functools
 import json
 import os
 import statistics
@@ -80,13 +79,12 @@ from jax.sharding import PartitionSpec
 from ml_collections import config_flags
 
 from clipjax import config as config_lib
-from clipjax import losses, metrics, nn_queue, objectives, sharding, step, train
+from clipjax import metrics, nn_queue, objectives, sharding, step, train
 from clipjax.data import sources
 from clipjax.data import tokenizer as tokenizer_lib
 from clipjax.models import precision
-from clipjax.models.vit import vit_size
 from clipjax.objectives.base import Views
-from clipjax.tools import step_profile
+from clipjax.tools import loss_memory, step_profile
 
 FLAGS = flags.FLAGS
 
@@ -360,81 +358,6 @@ def benchmark(config, steps: int) -> dict:
     return result
 
 
-# name -> (loss body, its replicated scalar arguments: scale, and bias for the sigmoid)
-LOSSES = {
-    "clip_allgather": (losses.clip_loss, (10.0,)),
-    "clip_ring": (losses.clip_loss_ring, (10.0,)),
-    "sigmoid_allgather": (losses.sigmoid_loss, (10.0, -10.0)),
-    "sigmoid_ring": (losses.sigmoid_loss_ring, (10.0, -10.0)),
-    "nt_xent_allgather": (losses.nt_xent_loss, (0.1,)),
-    "nt_xent_ring": (losses.nt_xent_loss_ring, (0.1,)),
-}
-TOKEN_LOSSES = {"filip_allgather": losses.filip_loss, "filip_ring": losses.filip_loss_ring}
-
-
-def token_loss_memory(config, mesh, batch_sizes: list[int]) -> dict:
-    """FILIP's token-wise loss: temp_bytes_per_device of its value and token gradients, per
-    global batch, at the config's patch and text token counts and `filip.dim`/`filip.top_k`,
-    next to its similarity floors (B/k)·B·T·top_k·4 (all-gather) and (B/k)²·T·top_k·4 (ring),
-    T the larger token count."""
-    k = sharding.data_parallel_size(mesh)
-    patches = (config.model.image.size // vit_size(config.model.image.variant)[4]) ** 2
-    length, dim, top_k = config.model.text.context_length, config.filip.dim, config.filip.top_k
-    tokens = max(patches, length) * min(top_k, patches, length)
-    result = {
-        "filip_tokens": {"patches": patches, "text": length, "dim": dim, "top_k": top_k},
-        "floor_filip_allgather_bytes": [b // k * b * tokens * 4 for b in batch_sizes],
-        "floor_filip_ring_bytes": [(b // k) ** 2 * tokens * 4 for b in batch_sizes],
-    }
-    batched = sharding.batch_sharding(mesh)
-    for name, body in TOKEN_LOSSES.items():
-        loss = losses.on_batch_shards(functools.partial(body, top_k=top_k), mesh, num_batched=3)
-
-        def value_and_grads(a, w, m, loss=loss):
-            return jax.value_and_grad(lambda a, w: loss(a, w, m, 10.0), argnums=(0, 1))(a, w)
-
-        result[name] = []
-        for b in batch_sizes:
-            shapes = [
-                jax.ShapeDtypeStruct((b, patches, dim), jnp.float32, sharding=batched),
-                jax.ShapeDtypeStruct((b, length, dim), jnp.float32, sharding=batched),
-                jax.ShapeDtypeStruct((b, length), jnp.bool_, sharding=batched),
-            ]
-            compiled = jax.jit(value_and_grads).lower(*shapes).compile()
-            result[name].append(compiled.memory_analysis().temp_size_in_bytes)
-    return result
-
-
-def loss_memory(config, batch_sizes: list[int]) -> dict:
-    """temp_bytes_per_device of each loss's value and embedding gradients, per global batch."""
-    mesh = sharding.make_mesh(config.mesh)
-    k = sharding.data_parallel_size(mesh)
-    dim = config.model.embed_dim
-    result = {"devices": k, "embed_dim": dim, "batch_sizes": batch_sizes}
-    result["floor_allgather_bytes"] = [b // k * b * 4 for b in batch_sizes]
-    result["floor_ring_bytes"] = [(b // k) ** 2 * 4 for b in batch_sizes]
-    for name, (body, scalars) in LOSSES.items():
-        loss = losses.on_batch_shards(body, mesh, num_batched=2)
-
-        def value_and_grads(u, v, loss=loss, scalars=scalars):
-            def scalar_loss(u, v):
-                out = loss(u, v, *scalars)
-                return out[0] if isinstance(out, tuple) else out
-
-            return jax.value_and_grad(scalar_loss, argnums=(0, 1))(u, v)
-
-        result[name] = []
-        for b in batch_sizes:
-            embeds = jax.ShapeDtypeStruct(
-                (b, dim), jnp.float32, sharding=sharding.batch_sharding(mesh)
-            )
-            compiled = jax.jit(value_and_grads).lower(embeds, embeds).compile()
-            result[name].append(compiled.memory_analysis().temp_size_in_bytes)
-    if config.objective in ("filip", "defilip"):
-        result.update(token_loss_memory(config, mesh, batch_sizes))
-    return result
-
-
 _DATA_WINDOWS = 5
 
 
@@ -488,7 +411,7 @@ def main(argv) -> None:
     elif FLAGS.profile:
         result = profile(FLAGS.config, FLAGS.steps, FLAGS.profile)
     elif FLAGS.loss_only:
-        result = loss_memory(FLAGS.config, [int(b) for b in FLAGS.batch_sizes])
+        result = loss_memory.loss_memory(FLAGS.config, [int(b) for b in FLAGS.batch_sizes])
     else:
         result = benchmark(FLAGS.config, FLAGS.steps)
     logging.info("%s", result)

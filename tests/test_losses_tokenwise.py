@@ -226,13 +226,13 @@ def test_bench_reports_the_token_wise_loss_memory_of_both_forms():
     grows (its blocks grow with b², the all-gather's with b·B), and at a global batch of 1,024,
     where the similarities outweigh the rest, it is under a quarter (the issue's target at
     32,768)."""
-    from clipjax import bench
+    from clipjax.tools import loss_memory
     from tests.tiny import tiny_config
 
     config = tiny_config("filip_vitb32")  # 16-px images of 8-px patches: 4 patches; 16 tokens
     config.filip.top_k = 4
     mesh = sharding.make_mesh(config.mesh)
-    result = bench.token_loss_memory(config, mesh, [256, 1024])
+    result = loss_memory.token_loss_memory(config, mesh, [256, 1024])
     assert result["filip_tokens"] == {"patches": 4, "text": 16, "dim": 16, "top_k": 4}
     ring, gathered = result["filip_ring"], result["filip_allgather"]
     assert all(g >= f for g, f in zip(gathered, result["floor_filip_allgather_bytes"], strict=True))
