@@ -303,15 +303,10 @@ def profile(config, steps: int, trace_dir: str) -> dict:
     """Trace `steps` train steps (after a warm-up) into `trace_dir`, and where the time went:
     thunk seconds per step by category and the costliest HLO instructions
     (`clipjax.tools.step_profile`)."""
-    compiled, state, batch, _ = compiled_step(config)
-
-    def run():
-        nonlocal state
-        state, metrics = compiled(state, batch)
-        jax.block_until_ready((state, metrics))
-
-    run()  # warm-up
-    summary = step_profile.profile(run, steps, trace_dir, compiled.as_text())
+    run, _, compiled = _stepper(config)
+    summary = step_profile.profile(
+        lambda: jax.block_until_ready(run()), steps, trace_dir, compiled.as_text()
+    )
     return {"trace_dir": trace_dir, **summary}
 
 
